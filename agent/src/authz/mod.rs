@@ -1,0 +1,18 @@
+//! The authorization engine: Istio AuthorizationPolicy semantics, compiled per change and
+//! evaluated per request without re-parsing.
+//!
+//! [`compile`] turns loaded policies into a [`PolicySet`]; [`PolicySet::for_workload`] picks the
+//! ones that apply to a workload; [`WorkloadPolicies::evaluate`] decides a [`Request`];
+//! [`explain`] says why, clause by clause.
+
+pub mod attribute;
+pub mod compile;
+pub mod eval;
+pub mod explain;
+pub mod matcher;
+pub mod path;
+
+pub use compile::{CompiledPolicy, PolicySet, WorkloadPolicies};
+pub use eval::{AuthInfo, Decision, Http, Peer, Reason, Request, DENIED_BODY};
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,439 @@
+//! Table-driven tests: each row names the Istio behaviour it pins.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde_json::json;
+use test_case::test_case;
+
+use super::path::{normalize, Normalization};
+use super::{AuthInfo, Decision, Http, Peer, PolicySet, Reason, Request};
+use crate::policy::load_str;
+
+/// A request as a test describes it; defaults: HTTP GET / to foo/httpbin on port 80 from an
+/// unknown source.
+#[derive(Clone)]
+struct R {
+    method: &'static str,
+    path: &'static str,
+    host: &'static str,
+    port: u16,
+    headers: Vec<(&'static str, &'static str)>,
+    principal: Option<&'static str>,
+    source_ip: Option<&'static str>,
+    remote_ip: Option<&'static str>,
+    dest_ip: Option<&'static str>,
+    sni: Option<&'static str>,
+    claims: Option<serde_json::Value>,
+    tcp: bool,
+}
+
+fn get(path: &'static str) -> R {
+    R {
+        method: "GET",
+        path,
+        host: "httpbin.foo",
+        port: 80,
+        headers: Vec::new(),
+        principal: None,
+        source_ip: None,
+        remote_ip: None,
+        dest_ip: None,
+        sni: None,
+        claims: None,
+        tcp: false,
+    }
+}
+
+impl R {
+    fn method(mut self, m: &'static str) -> Self {
+        self.method = m;
+        self
+    }
+    fn host(mut self, h: &'static str) -> Self {
+        self.host = h;
+        self
+    }
+    fn port(mut self, p: u16) -> Self {
+        self.port = p;
+        self
+    }
+    fn header(mut self, n: &'static str, v: &'static str) -> Self {
+        self.headers.push((n, v));
+        self
+    }
+    fn from(mut self, principal: &'static str) -> Self {
+        self.principal = Some(principal);
+        self
+    }
+    fn ip(mut self, ip: &'static str) -> Self {
+        self.source_ip = Some(ip);
+        self
+    }
+    fn remote(mut self, ip: &'static str) -> Self {
+        self.remote_ip = Some(ip);
+        self
+    }
+    fn dest(mut self, ip: &'static str) -> Self {
+        self.dest_ip = Some(ip);
+        self
+    }
+    fn sni(mut self, s: &'static str) -> Self {
+        self.sni = Some(s);
+        self
+    }
+    fn token(mut self, claims: serde_json::Value) -> Self {
+        self.claims = Some(claims);
+        self
+    }
+    fn tcp(mut self) -> Self {
+        self.tcp = true;
+        self
+    }
+}
+
+fn demo_token() -> serde_json::Value {
+    json!({"iss": "testing@secure.istio.io", "sub": "testing@secure.istio.io", "groups": ["group1", "group2"], "scope": "read write", "aud": ["app-a", "app-b"], "azp": "web", "org": {"team": "blue", "size": 3, "admin": true}})
+}
+
+fn compile(yaml: &str) -> PolicySet {
+    let loaded = load_str(Path::new("test.yaml"), yaml);
+    assert!(
+        loaded.errors.is_empty(),
+        "policy did not load: {:?}",
+        loaded.errors
+    );
+    PolicySet::compile(&loaded.authorization_policies, "istio-system")
+}
+
+fn decide_in(yaml: &str, namespace: &str, labels: &[(&str, &str)], r: &R) -> Decision {
+    let set = compile(yaml);
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let policies = set.for_workload(namespace, &labels);
+    let mut headers = http::HeaderMap::new();
+    for (n, v) in &r.headers {
+        headers.append(
+            http::HeaderName::from_static(n),
+            http::HeaderValue::from_static(v),
+        );
+    }
+    let auth = r
+        .claims
+        .clone()
+        .map(|c| AuthInfo::from_claims(c.as_object().expect("claims object").clone(), &[]));
+    let target = normalize(r.path, Normalization::Base).expect("test path normalizes");
+    let parse = |s: Option<&str>| s.map(|s| s.parse::<IpAddr>().expect("test IP"));
+    let (namespace_of, sa_of) = match r
+        .principal
+        .map(|p| p.split('/').collect::<Vec<_>>())
+        .as_deref()
+    {
+        Some([_, "ns", ns, "sa", sa]) => (Some((*ns).to_owned()), Some(format!("{ns}/{sa}"))),
+        _ => (None, None),
+    };
+    let req = Request {
+        source: Peer {
+            ip: parse(r.source_ip),
+            remote_ip: parse(r.remote_ip),
+            principal: r.principal,
+            namespace: namespace_of.as_deref(),
+            service_account: sa_of.as_deref(),
+        },
+        destination_ip: parse(r.dest_ip),
+        destination_port: r.port,
+        sni: r.sni,
+        http: (!r.tcp).then_some(Http {
+            method: r.method,
+            path: &target.path,
+            host: r.host,
+            headers: &headers,
+            auth: auth.as_ref(),
+        }),
+    };
+    policies.evaluate(&req)
+}
+
+/// Status for foo/httpbin (labels app=httpbin, version=v1).
+fn status(yaml: &str, r: &R) -> u16 {
+    decide_in(yaml, "foo", &[("app", "httpbin"), ("version", "v1")], r).status()
+}
+
+/// An ALLOW policy in foo for app=httpbin with the given rules (YAML flow or block).
+fn allow(rules: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  action: ALLOW\n  rules: {rules}\n"
+    )
+}
+
+fn deny(rules: &str) -> String {
+    allow(rules).replace("action: ALLOW", "action: DENY")
+}
+
+// ---------------------------------------------------------------------------------------
+// Which policies apply, and in which order.
+
+#[test_case("", 200 ; "no policy at all: allowed")]
+#[test_case("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-nothing, namespace: foo}\nspec: {}\n", 403 ; "spec {} is allow-nothing: denied")]
+#[test_case(&allow("[{}]"), 200 ; "ALLOW with one empty rule allows everything")]
+#[test_case(&deny("[{}]"), 403 ; "DENY with one empty rule denies everything")]
+#[test_case(&format!("{}---\n{}", allow("[{}]"), deny("[{}]").replace("name: p", "name: d")), 403 ; "DENY is evaluated before ALLOW")]
+#[test_case(&allow("[{to: [{operation: {paths: [/other]}}]}]"), 403 ; "ALLOW policies apply and none matches: denied")]
+#[test_case(&allow("[{}]").replace("app: httpbin", "app: other"), 200 ; "selector that does not match the labels: policy does not apply")]
+#[test_case(&allow("[{}]").replace("{app: httpbin}", "{app: httpbin, version: v2}"), 200 ; "selector is a subset match: every label must match")]
+#[test_case(&allow("[{to: [{operation: {paths: [/x]}}]}]").replace("  selector: {matchLabels: {app: httpbin}}\n", ""), 403 ; "no selector applies to the whole namespace")]
+#[test_case(&deny("[{}]").replace("namespace: foo", "namespace: istio-system").replace("  selector: {matchLabels: {app: httpbin}}\n", ""), 403 ; "a root-namespace policy applies mesh-wide")]
+#[test_case(&deny("[{}]").replace("namespace: foo", "namespace: istio-system"), 403 ; "a root-namespace policy with a selector applies to matching workloads of every namespace")]
+#[test_case(&deny("[{}]").replace("namespace: foo", "namespace: bar"), 200 ; "a policy of another namespace does not apply")]
+#[test_case(&deny("[{}]").replace("  selector: {matchLabels: {app: httpbin}}\n", "  targetRefs: [{kind: Service, group: \"\", name: httpbin}]\n"), 200 ; "targetRefs policies apply to gateways and waypoints, not workloads")]
+fn applicability_and_order(yaml: &str, expected: u16) {
+    assert_eq!(status(yaml, &get("/")), expected);
+}
+
+#[test]
+fn custom_policy_that_matches_is_denied_fail_closed() {
+    let yaml = deny("[{to: [{operation: {paths: [/ext*]}}]}]").replace(
+        "action: DENY",
+        "action: CUSTOM\n  provider: {name: my-authz}",
+    );
+    let d = decide_in(&yaml, "foo", &[("app", "httpbin")], &get("/ext/a"));
+    assert_eq!(
+        (d.allow, d.reason, d.provider.as_deref()),
+        (false, Reason::CustomNotSupported, Some("my-authz"))
+    );
+    assert!(d.describe().contains("fail closed"), "{}", d.describe());
+    // CUSTOM runs before DENY/ALLOW; a CUSTOM policy that does not match lets evaluation go on.
+    assert!(decide_in(&yaml, "foo", &[("app", "httpbin")], &get("/other")).allow);
+}
+
+#[test]
+fn audit_only_marks() {
+    let yaml = format!(
+        "{}---\n{}",
+        allow("[{}]").replace("action: ALLOW", "action: AUDIT"),
+        deny("[{to: [{operation: {methods: [POST]}}]}]").replace("name: p", "name: d")
+    );
+    let d = decide_in(&yaml, "foo", &[("app", "httpbin")], &get("/"));
+    assert!(d.allow, "AUDIT never changes the decision");
+    assert_eq!(d.audit, vec!["foo/p".to_owned()]);
+    let no_rules = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: foo}\nspec: {action: AUDIT}\n";
+    let d = decide_in(no_rules, "foo", &[], &get("/"));
+    assert!(
+        d.allow && d.audit.is_empty(),
+        "AUDIT without rules never matches, and is not an ALLOW policy"
+    );
+}
+
+#[test]
+fn dry_run_is_evaluated_and_reported_never_enforced() {
+    let dry = |y: String| {
+        y.replace(
+            "metadata: {name: p, namespace: foo}",
+            "metadata: {name: p, namespace: foo, annotations: {istio.io/dry-run: \"true\"}}",
+        )
+    };
+    let d = decide_in(&dry(deny("[{}]")), "foo", &[("app", "httpbin")], &get("/"));
+    assert!(d.allow, "a dry-run DENY does not deny");
+    assert_eq!(d.dry_run.len(), 1);
+    assert_eq!(d.dry_run[0].rule, Some(0));
+    assert_eq!(d.shadow[0].result, "denied");
+    let d = decide_in(
+        &dry(allow("[{to: [{operation: {paths: [/x]}}]}]")),
+        "foo",
+        &[("app", "httpbin")],
+        &get("/"),
+    );
+    assert!(d.allow, "a dry-run ALLOW does not count as an ALLOW policy");
+    assert_eq!((d.dry_run[0].rule, d.shadow[0].result), (None, "denied"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Source fields. Principals come from the registry of pods by IP at the node.
+
+#[test_case("[{from: [{source: {principals: [cluster.local/ns/foo/sa/sleep]}}]}]", &get("/").from("cluster.local/ns/foo/sa/sleep"), 200 ; "principals exact")]
+#[test_case("[{from: [{source: {principals: [cluster.local/ns/foo/sa/sleep]}}]}]", &get("/").from("cluster.local/ns/foo/sa/other"), 403 ; "principals exact mismatch")]
+#[test_case("[{from: [{source: {principals: [cluster.local/ns/foo/*]}}]}]", &get("/").from("cluster.local/ns/foo/sa/any"), 200 ; "principals prefix abc*")]
+#[test_case("[{from: [{source: {principals: [\"*/sa/sleep\"]}}]}]", &get("/").from("cluster.local/ns/bar/sa/sleep"), 200 ; "principals suffix *abc")]
+#[test_case("[{from: [{source: {principals: [\"*\"]}}]}]", &get("/").from("cluster.local/ns/bar/sa/x"), 200 ; "principals * matches any known workload")]
+#[test_case("[{from: [{source: {principals: [\"*\"]}}]}]", &get("/"), 403 ; "principals * does not match an unknown source (like plaintext in Istio)")]
+#[test_case("[{from: [{source: {notPrincipals: [\"*\"]}}]}]", &get("/"), 200 ; "notPrincipals * matches only unknown sources")]
+#[test_case("[{from: [{source: {principals: [\"cluster.local/ns/foo/sa/a*b\"]}}]}]", &get("/").from("cluster.local/ns/foo/sa/aXb"), 403 ; "a star in the middle is a literal exact match")]
+#[test_case("[{from: [{source: {principals: [spiffe://cluster.local/ns/foo/sa/sleep]}}]}]", &get("/").from("cluster.local/ns/foo/sa/sleep"), 200 ; "principals accept the spiffe scheme")]
+#[test_case("[{from: [{source: {namespaces: [foo]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 200 ; "namespaces exact")]
+#[test_case("[{from: [{source: {namespaces: [fo*]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 200 ; "namespaces prefix")]
+#[test_case("[{from: [{source: {notNamespaces: [foo]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 403 ; "notNamespaces excludes")]
+#[test_case("[{from: [{source: {serviceAccounts: [foo/sleep]}}]}]", &get("/").from("cluster.local/ns/foo/sa/sleep"), 200 ; "serviceAccounts namespace/name")]
+#[test_case("[{from: [{source: {serviceAccounts: [sleep]}}]}]", &get("/").from("cluster.local/ns/foo/sa/sleep"), 200 ; "serviceAccounts bare name is in the policy's namespace")]
+#[test_case("[{from: [{source: {serviceAccounts: [sleep]}}]}]", &get("/").from("cluster.local/ns/bar/sa/sleep"), 403 ; "serviceAccounts bare name does not match another namespace")]
+#[test_case("[{from: [{source: {notServiceAccounts: [foo/sleep]}}]}]", &get("/").from("cluster.local/ns/foo/sa/sleep"), 403 ; "notServiceAccounts excludes")]
+#[test_case("[{from: [{source: {ipBlocks: [10.1.0.0/16]}}]}]", &get("/").ip("10.1.2.3"), 200 ; "ipBlocks CIDR")]
+#[test_case("[{from: [{source: {ipBlocks: [10.1.2.3]}}]}]", &get("/").ip("10.1.2.4"), 403 ; "ipBlocks single address")]
+#[test_case("[{from: [{source: {ipBlocks: [10.1.2.3/8]}}]}]", &get("/").ip("10.9.9.9"), 200 ; "ipBlocks host bits are masked like Go's ParseCIDR")]
+#[test_case("[{from: [{source: {notIpBlocks: [10.1.0.0/16]}}]}]", &get("/").ip("10.2.0.1"), 200 ; "notIpBlocks")]
+#[test_case("[{from: [{source: {remoteIpBlocks: [192.168.0.0/16]}}]}]", &get("/").ip("10.0.0.1").remote("192.168.1.1"), 200 ; "remoteIpBlocks use the original client")]
+#[test_case("[{from: [{source: {remoteIpBlocks: [10.0.0.1]}}]}]", &get("/").ip("10.0.0.1"), 200 ; "remote ip is the peer when no proxy is trusted")]
+#[test_case("[{from: [{source: {requestPrincipals: [\"*\"]}}]}]", &get("/"), 403 ; "requestPrincipals * requires a token")]
+#[test_case("[{from: [{source: {requestPrincipals: [\"*\"]}}]}]", &get("/").token(demo_token()), 200 ; "requestPrincipals * matches any validated token")]
+#[test_case("[{from: [{source: {requestPrincipals: [\"testing@secure.istio.io/*\"]}}]}]", &get("/").token(demo_token()), 200 ; "requestPrincipals issuer with any subject")]
+#[test_case("[{from: [{source: {requestPrincipals: [\"testing@secure.istio.io/testing@secure.istio.io\"]}}]}]", &get("/").token(demo_token()), 200 ; "requestPrincipals exact iss/sub")]
+#[test_case("[{from: [{source: {requestPrincipals: [\"other/testing@secure.istio.io\"]}}]}]", &get("/").token(demo_token()), 403 ; "requestPrincipals other issuer")]
+#[test_case("[{from: [{source: {requestPrincipals: [\"*@secure.istio.io/*\"]}}]}]", &get("/").token(demo_token()), 200 ; "requestPrincipals issuer suffix")]
+#[test_case("[{from: [{source: {requestPrincipals: [\"testing@secure.istio.io\"]}}]}]", &get("/").token(demo_token()), 403 ; "requestPrincipals without a slash needs an empty subject: never matches")]
+#[test_case("[{from: [{source: {notRequestPrincipals: [\"*\"]}}]}]", &get("/"), 200 ; "notRequestPrincipals * matches requests without a token")]
+#[test_case("[{from: [{source: {principals: [\"*\"], namespaces: [bar]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 403 ; "fields of one source are ANDed")]
+#[test_case("[{from: [{source: {namespaces: [bar]}}, {source: {namespaces: [foo]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 200 ; "from entries are ORed")]
+#[test_case("[{from: [{source: {namespaces: [\"*\"], notNamespaces: [foo]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 403 ; "a field and its not-field are ANDed")]
+fn source_fields(rules: &str, r: &R, expected: u16) {
+    assert_eq!(status(&allow(rules), r), expected);
+}
+
+// ---------------------------------------------------------------------------------------
+// Operation fields.
+
+#[test_case("[{to: [{operation: {hosts: [HTTPBIN.foo]}}]}]", &get("/"), 200 ; "hosts are case-insensitive")]
+#[test_case("[{to: [{operation: {hosts: [\"*.FOO\"]}}]}]", &get("/").host("httpbin.foo"), 200 ; "hosts suffix is case-insensitive")]
+#[test_case("[{to: [{operation: {hosts: [httpbin.foo]}}]}]", &get("/").host("httpbin.foo:8000"), 403 ; "hosts do not strip the port")]
+#[test_case("[{to: [{operation: {hosts: [httpbin.foo, \"httpbin.foo:*\"]}}]}]", &get("/").host("httpbin.foo:8000"), 200 ; "hosts with a port prefix")]
+#[test_case("[{to: [{operation: {notHosts: [httpbin.foo]}}]}]", &get("/"), 403 ; "notHosts")]
+#[test_case("[{to: [{operation: {ports: [\"8000\"]}}]}]", &get("/").port(8000), 200 ; "ports")]
+#[test_case("[{to: [{operation: {ports: [\"8000\"]}}]}]", &get("/").port(80), 403 ; "ports mismatch")]
+#[test_case("[{to: [{operation: {notPorts: [\"80\"]}}]}]", &get("/").port(80), 403 ; "notPorts")]
+#[test_case("[{to: [{operation: {methods: [GET, HEAD]}}]}]", &get("/"), 200 ; "methods")]
+#[test_case("[{to: [{operation: {methods: [get]}}]}]", &get("/"), 403 ; "methods are case-sensitive")]
+#[test_case("[{to: [{operation: {notMethods: [POST]}}]}]", &get("/").method("POST"), 403 ; "notMethods")]
+#[test_case("[{to: [{operation: {paths: [/ip]}}]}]", &get("/ip?x=1"), 200 ; "paths ignore the query string")]
+#[test_case("[{to: [{operation: {paths: [/ip]}}]}]", &get("/ip/"), 403 ; "paths exact")]
+#[test_case("[{to: [{operation: {paths: [/api/*]}}]}]", &get("/api/v1/x"), 200 ; "paths prefix")]
+#[test_case("[{to: [{operation: {paths: [\"*.html\"]}}]}]", &get("/a/index.html"), 200 ; "paths suffix")]
+#[test_case("[{to: [{operation: {paths: [\"*\"]}}]}]", &get("/anything"), 200 ; "paths presence")]
+#[test_case("[{to: [{operation: {paths: [/admin]}}]}]", &get("/public/../admin"), 200 ; "paths are matched after dot-segment normalization")]
+#[test_case("[{to: [{operation: {paths: [/admin]}}]}]", &get("/%61dmin"), 200 ; "paths are matched after decoding unreserved characters")]
+#[test_case("[{to: [{operation: {paths: [\"/users/{*}/orders\"]}}]}]", &get("/users/42/orders"), 200 ; "path template {*} is one segment")]
+#[test_case("[{to: [{operation: {paths: [\"/users/{*}/orders\"]}}]}]", &get("/users/4/2/orders"), 403 ; "path template {*} is not two segments")]
+#[test_case("[{to: [{operation: {paths: [\"/users/{*}\"]}}]}]", &get("/users/"), 403 ; "path template {*} is not an empty segment")]
+#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files/a/b/c.txt"), 200 ; "path template {**} is one or more segments")]
+#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files"), 403 ; "path template {**} needs at least one segment")]
+#[test_case("[{to: [{operation: {paths: [\"/files/{**}/meta\"]}}]}]", &get("/files/a/b/meta"), 200 ; "path template literal after {**}")]
+#[test_case("[{to: [{operation: {notPaths: [/healthz]}}]}]", &get("/healthz"), 403 ; "notPaths")]
+#[test_case("[{to: [{operation: {methods: [POST]}}, {operation: {paths: [/ip]}}]}]", &get("/ip"), 200 ; "to entries are ORed")]
+#[test_case("[{to: [{operation: {methods: [GET], paths: [/x]}}]}]", &get("/ip"), 403 ; "fields of one operation are ANDed")]
+#[test_case("[{from: [{source: {namespaces: [foo]}}], to: [{operation: {methods: [GET]}}]}]", &get("/"), 403 ; "from and to of a rule are ANDed")]
+#[test_case("[{to: [{operation: {methods: [POST]}}]}, {to: [{operation: {methods: [GET]}}]}]", &get("/"), 200 ; "rules are ORed")]
+fn operation_fields(rules: &str, r: &R, expected: u16) {
+    assert_eq!(status(&allow(rules), r), expected);
+}
+
+// ---------------------------------------------------------------------------------------
+// `when` conditions.
+
+fn when(key: &str, values: &str) -> String {
+    allow(&format!("[{{when: [{{key: \"{key}\", {values}}}]}}]"))
+}
+
+#[test_case("request.headers[x-user]", "values: [alice]", &get("/").header("x-user", "alice"), 200 ; "request.headers exact")]
+#[test_case("request.headers[X-User]", "values: [alice]", &get("/").header("x-user", "alice"), 200 ; "header names are case-insensitive")]
+#[test_case("request.headers[x-user]", "values: [ali*]", &get("/").header("x-user", "alice"), 200 ; "request.headers prefix")]
+#[test_case("request.headers[x-user]", "values: [alice]", &get("/").header("x-user", "alice").header("x-user", "bob"), 403 ; "repeated headers are joined with commas before matching")]
+#[test_case("request.headers[x-user]", "values: [\"alice,bob\"]", &get("/").header("x-user", "alice").header("x-user", "bob"), 200 ; "joined header value matches exactly")]
+#[test_case("request.experimental.inline.headers[x-user]", "values: [bob]", &get("/").header("x-user", "alice").header("x-user", "bob"), 200 ; "inline headers match any comma element")]
+#[test_case("request.headers[x-user]", "values: [\"*\"]", &get("/"), 403 ; "request.headers * needs the header")]
+#[test_case("request.headers[x-user]", "notValues: [alice]", &get("/"), 200 ; "notValues match when the header is absent")]
+#[test_case("request.headers[x-user]", "values: [\"*\"], notValues: [mallory]", &get("/").header("x-user", "mallory"), 403 ; "values and notValues are ANDed")]
+#[test_case("source.ip", "values: [10.0.0.0/8]", &get("/").ip("10.3.3.3"), 200 ; "source.ip CIDR")]
+#[test_case("remote.ip", "values: [192.168.1.1]", &get("/").ip("10.0.0.1").remote("192.168.1.1"), 200 ; "remote.ip")]
+#[test_case("source.namespace", "values: [foo]", &get("/").from("cluster.local/ns/foo/sa/a"), 200 ; "source.namespace")]
+#[test_case("source.principal", "values: [cluster.local/ns/foo/sa/a]", &get("/").from("cluster.local/ns/foo/sa/a"), 200 ; "source.principal")]
+#[test_case("source.serviceAccount", "values: [foo/a]", &get("/").from("cluster.local/ns/foo/sa/a"), 200 ; "source.serviceAccount")]
+#[test_case("request.auth.principal", "values: [testing@secure.istio.io/testing@secure.istio.io]", &get("/").token(demo_token()), 200 ; "request.auth.principal")]
+#[test_case("request.auth.audiences", "values: [app-b]", &get("/").token(demo_token()), 200 ; "request.auth.audiences any of the list")]
+#[test_case("request.auth.presenter", "values: [web]", &get("/").token(demo_token()), 200 ; "request.auth.presenter is azp")]
+#[test_case("request.auth.claims[groups]", "values: [group1]", &get("/").token(demo_token()), 200 ; "claims list matches any element")]
+#[test_case("request.auth.claims[groups]", "values: [group3]", &get("/").token(demo_token()), 403 ; "claims list mismatch")]
+#[test_case("request.auth.claims[org][team]", "values: [blue]", &get("/").token(demo_token()), 200 ; "nested claims")]
+#[test_case("request.auth.claims[org][size]", "values: [\"3\"]", &get("/").token(demo_token()), 403 ; "non-string claims do not match")]
+#[test_case("request.auth.claims[scope]", "values: [write]", &get("/").token(demo_token()), 200 ; "scope is always space-delimited")]
+#[test_case("request.auth.claims[groups]", "values: [group1]", &get("/"), 403 ; "claims need a token")]
+#[test_case("destination.ip", "values: [10.0.0.12]", &get("/").dest("10.0.0.12"), 200 ; "destination.ip")]
+#[test_case("destination.port", "values: [\"8080\"]", &get("/").port(8080), 200 ; "destination.port")]
+#[test_case("connection.sni", "values: [\"*.foo.svc\"]", &get("/").sni("httpbin.foo.svc"), 200 ; "connection.sni suffix")]
+fn conditions(key: &str, values: &str, r: &R, expected: u16) {
+    assert_eq!(status(&when(key, values), r), expected);
+}
+
+#[test]
+fn when_entries_are_anded() {
+    let yaml = allow("[{when: [{key: source.ip, values: [10.0.0.1]}, {key: \"request.headers[x]\", values: [y]}]}]");
+    assert_eq!(status(&yaml, &get("/").ip("10.0.0.1")), 403);
+    assert_eq!(
+        status(&yaml, &get("/").ip("10.0.0.1").header("x", "y")),
+        200
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Plain TCP connections: Istio's handling of HTTP-only fields.
+
+#[test_case(&allow("[{to: [{operation: {methods: [GET]}}]}]"), &get("/").tcp(), 403 ; "TCP: an ALLOW rule with HTTP-only fields is dropped")]
+#[test_case(&allow("[{to: [{operation: {ports: [\"80\"]}}]}]"), &get("/").tcp(), 200 ; "TCP: an ALLOW rule with only TCP fields applies")]
+#[test_case(&allow("[{to: [{operation: {methods: [GET]}}]}, {from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]"), &get("/").tcp().ip("10.0.0.1"), 200 ; "TCP: other ALLOW rules still apply")]
+#[test_case(&deny("[{to: [{operation: {methods: [POST]}}]}]"), &get("/").tcp(), 403 ; "TCP: a DENY rule ignores HTTP-only fields and denies all")]
+#[test_case(&deny("[{to: [{operation: {methods: [POST], ports: [\"8080\"]}}]}]"), &get("/").tcp().port(80), 200 ; "TCP: a DENY rule keeps its TCP fields")]
+#[test_case(&deny("[{to: [{operation: {methods: [POST], ports: [\"8080\"]}}]}]"), &get("/").tcp().port(8080), 403 ; "TCP: DENY on the named port")]
+#[test_case(&deny("[{from: [{source: {requestPrincipals: [\"*\"]}}]}]"), &get("/").tcp(), 403 ; "TCP: DENY with only requestPrincipals denies all TCP")]
+#[test_case(&allow("[{from: [{source: {principals: [\"*\"]}}]}]"), &get("/").tcp().from("cluster.local/ns/a/sa/b"), 200 ; "TCP: principals work without HTTP")]
+fn tcp_semantics(yaml: &str, r: &R, expected: u16) {
+    assert_eq!(status(yaml, r), expected);
+}
+
+#[test_case(&allow("[{when: [{key: \"experimental.envoy.filters.network.mysql_proxy[db.table]\", values: [\"[update]\"]}]}]"), 403 ; "Envoy filter metadata: the ALLOW rule never matches")]
+#[test_case(&deny("[{when: [{key: \"experimental.envoy.filters.network.mysql_proxy[db.table]\", values: [\"[update]\"]}]}]"), 403 ; "Envoy filter metadata: the DENY rule ignores it (fails closed)")]
+fn untranslatable_attributes(yaml: &str, expected: u16) {
+    assert_eq!(status(yaml, &get("/")), expected);
+}
+
+// ---------------------------------------------------------------------------------------
+// Path normalization (Istio's BASE default and the other modes).
+
+#[test_case("/a/./b/../c", Normalization::Base, "/a/c" ; "dot segments are resolved")]
+#[test_case("/a/%2e%2E/b", Normalization::Base, "/b" ; "encoded dot segments are resolved")]
+#[test_case("/%7Euser/%41", Normalization::Base, "/~user/A" ; "unreserved characters are decoded")]
+#[test_case("/a%2fb", Normalization::Base, "/a%2Fb" ; "encoded slash is kept, hex upper-cased")]
+#[test_case("/a\\b", Normalization::Base, "/a/b" ; "backslash becomes a slash")]
+#[test_case("/a//b", Normalization::Base, "/a//b" ; "BASE keeps double slashes")]
+#[test_case("/a//b", Normalization::MergeSlashes, "/a/b" ; "MERGE_SLASHES merges")]
+#[test_case("/a%2F%2fb", Normalization::DecodeAndMergeSlashes, "/a/b" ; "DECODE_AND_MERGE_SLASHES decodes and merges")]
+#[test_case("/a/../../..", Normalization::Base, "/" ; "cannot climb above the root")]
+#[test_case("/a/./b/..", Normalization::None, "/a/./b/.." ; "NONE leaves the path alone")]
+#[test_case("/x?q=/../y#frag", Normalization::Base, "/x" ; "query is split off and fragment dropped")]
+fn path_normalization(input: &str, how: Normalization, expected: &str) {
+    assert_eq!(normalize(input, how).expect("normalizes").path, expected);
+}
+
+#[test_case("a/b" ; "not absolute")]
+#[test_case("/a%zz" ; "bad escape")]
+#[test_case("/a%00b" ; "encoded NUL")]
+fn path_normalization_refuses(input: &str) {
+    assert!(normalize(input, Normalization::Base).is_err());
+}
+
+#[test]
+fn exact_lists_are_hashed_not_scanned() {
+    // 10,000 principals in one policy: the match is a hash lookup (see benches/authz.rs).
+    let list: Vec<String> = (0..10_000)
+        .map(|i| format!("cluster.local/ns/n{i}/sa/s{i}"))
+        .collect();
+    let yaml = allow(&format!(
+        "[{{from: [{{source: {{principals: {list:?}}}}}]}}]"
+    ));
+    assert_eq!(
+        status(&yaml, &get("/").from("cluster.local/ns/n9999/sa/s9999")),
+        200
+    );
+    assert_eq!(
+        status(&yaml, &get("/").from("cluster.local/ns/n9999/sa/s0")),
+        403
+    );
+}
