@@ -1,0 +1,10 @@
+//! nodeward: Istio's end-user security (RequestAuthentication, AuthorizationPolicy) enforced
+//! at the node.
+//!
+//! Data path: datapath (eBPF loader) -> enforcer (proxy) -> authn (JWT) -> [`authz`] (policy)
+//! -> upstream. Sources of truth ([`policy`] files, later Kubernetes) feed one state store.
+
+pub mod authz;
+pub mod cli;
+pub mod datapath;
+pub mod policy;

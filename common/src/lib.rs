@@ -1,0 +1,20 @@
+//! Types shared by nodeward's kernel programs (`nodeward-ebpf`) and its agent (`nodeward`).
+//!
+//! Everything here crosses the user/kernel boundary through a BPF map, so layout is part of the
+//! contract: structs are `#[repr(C)]`, `Copy`, have explicit padding fields and a compile-time size
+//! assertion; codes are plain `u32` constants whose numbers never change meaning (a retired number
+//! stays reserved, as in cilium's `drop_reasons.h`).
+//!
+//! The crate is `no_std` so the eBPF crate can use it. The `user` feature, for the agent, adds
+//! `aya::Pod` implementations so the types can be read from and written to maps.
+//!
+//! - [`endpoint`]: the key of the `PROTECTED_ENDPOINTS` map (which destinations nodeward enforces).
+//! - [`reason`]: why the TC classifier decided what it decided.
+//! - [`counter`]: slots of the `COUNTERS` per-CPU array.
+#![no_std]
+
+pub mod counter;
+pub mod endpoint;
+pub mod reason;
+
+pub use endpoint::{EndpointKey, ENDPOINT_FLAGS_NONE};

@@ -1,0 +1,34 @@
+//! nodeward's kernel programs, one module per attach point.
+//!
+//! - [`tc`]: `steer`, a TC classifier on the host side of pods' veths: judges whether a packet is
+//!   for a protected endpoint.
+//! - [`maps`]: the maps shared with the agent (`agent/src/datapath`).
+//!
+//! Built by `agent/build.rs` (aya-build, nightly, `-Z build-std=core`) for `bpfel-unknown-none`;
+//! the agent embeds the object. On the host (`cargo check/clippy/build --workspace`) this crate
+//! builds as an empty program so workspace-wide commands work; the kernel code is still compiled
+//! and linted there, only never run.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod maps;
+mod tc;
+
+/// Kernel programs cannot unwind. The programs have no panicking paths (no indexing, no unwrap);
+/// should one slip in, this loop makes the verifier reject the program at load time (it refuses
+/// infinite loops), so the mistake is loud instead of silent.
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// License of the programs; GPL-compatible so the kernel allows GPL-only helpers.
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Host builds only: the programs run in the kernel, never as a host process.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
