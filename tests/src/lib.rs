@@ -1,0 +1,45 @@
+//! Shared helpers of nodeward's end-to-end tests: finding the built `nodeward` binary and the
+//! repository's example files.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The repository root.
+#[must_use]
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `nodeward` binary of the same build as this test (`target/<profile>/nodeward`).
+///
+/// # Panics
+/// When it has not been built: run `cargo build -p nodeward` (the README's test command does).
+#[must_use]
+pub fn nodeward_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/nodeward
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>");
+    let bin = profile_dir.join("nodeward");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: build the agent first (`cargo build -p nodeward`, or `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `nodeward` with `args` from the repository root.
+#[must_use]
+pub fn nodeward(args: &[&str]) -> Output {
+    Command::new(nodeward_bin())
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("nodeward runs")
+}

@@ -1,0 +1,187 @@
+//! `cargo xtask demo`: the README's main job. Sets up, builds the agent, and shows Istio's
+//! reference scenarios (`examples/policies`) decided by the real `nodeward check`.
+//!
+//! Until the enforcer and the kernel data path land (issues 4 and 5), the answers come from
+//! the policy engine through the CLI; the same table will then be produced by real HTTP
+//! through the steered data path.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{setup, system};
+
+const PRINCIPAL: &str = "testing@secure.istio.io/testing@secure.istio.io";
+const SLEEP: &str = "cluster.local/ns/foo/sa/sleep";
+
+/// One row: what is asked and the status Istio answers.
+struct Scenario {
+    name: &'static str,
+    request: &'static str,
+    args: &'static [&'static str],
+    expected: u16,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "authz-jwt: require-jwt",
+        request: "GET /, no token",
+        args: &["--labels", "app=httpbin-jwt"],
+        expected: 403,
+    },
+    Scenario {
+        name: "authz-jwt: require-jwt",
+        request: "GET /, token testing@secure.istio.io",
+        args: &[
+            "--labels",
+            "app=httpbin-jwt",
+            "--request-principal",
+            PRINCIPAL,
+        ],
+        expected: 200,
+    },
+    Scenario {
+        name: "authz-jwt: require-group",
+        request: "GET /, token with groups [group1]",
+        args: &[
+            "--labels",
+            "app=httpbin-groups",
+            "--request-principal",
+            PRINCIPAL,
+            "--claims",
+            r#"{"groups":["group1","group2"]}"#,
+        ],
+        expected: 200,
+    },
+    Scenario {
+        name: "authz-jwt: require-group",
+        request: "GET /, token without groups",
+        args: &[
+            "--labels",
+            "app=httpbin-groups",
+            "--request-principal",
+            PRINCIPAL,
+        ],
+        expected: 403,
+    },
+    Scenario {
+        name: "authz-http: get-only",
+        request: "GET / from foo/sleep",
+        args: &["--labels", "app=httpbin-get", "--source-principal", SLEEP],
+        expected: 200,
+    },
+    Scenario {
+        name: "authz-http: get-only",
+        request: "POST / from foo/sleep",
+        args: &[
+            "--labels",
+            "app=httpbin-get",
+            "--source-principal",
+            SLEEP,
+            "--method",
+            "POST",
+        ],
+        expected: 403,
+    },
+    Scenario {
+        name: "authz-http: get-only",
+        request: "GET / from an unknown source",
+        args: &["--labels", "app=httpbin-get", "--source-ip", "10.9.9.9"],
+        expected: 403,
+    },
+    Scenario {
+        name: "mesh-wide deny-admin",
+        request: "GET /public/../admin from foo/sleep",
+        args: &[
+            "--labels",
+            "app=httpbin-get",
+            "--source-principal",
+            SLEEP,
+            "--path",
+            "/public/../admin",
+        ],
+        expected: 403,
+    },
+    Scenario {
+        name: "no AuthorizationPolicy",
+        request: "GET /, no token",
+        args: &["--labels", "app=httpbin"],
+        expected: 200,
+    },
+];
+
+pub fn run() -> Result<()> {
+    setup::run()?;
+    let root = workspace_root()?;
+    let path = system::path_with_cargo_bin()?;
+    let mut build = Command::new("cargo");
+    build
+        .args(["build", "-p", "nodeward"])
+        .env("PATH", &path)
+        .current_dir(&root);
+    println!("==> {}", system::describe(&build));
+    system::run(&mut build)?;
+    let bin = target_dir(&root).join("debug").join("nodeward");
+
+    println!("\nIstio's reference scenarios (examples/policies), decided by `nodeward check`:\n");
+    println!(
+        "{:<26} {:<40} {:>8} {:>4}  decided by",
+        "scenario", "request", "expected", "got"
+    );
+    let mut failed = 0;
+    for s in SCENARIOS {
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "check",
+            "--policies",
+            "examples/policies",
+            "--namespace",
+            "foo",
+            "--output",
+            "json",
+        ])
+        .args(s.args)
+        .current_dir(&root);
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "nodeward check gave no JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let got = json["status"].as_u64().unwrap_or_default();
+        let by = json["policy"].as_str().unwrap_or("-");
+        let mark = if got == u64::from(s.expected) {
+            ""
+        } else {
+            "  <-- MISMATCH"
+        };
+        if !mark.is_empty() {
+            failed += 1;
+        }
+        println!(
+            "{:<26} {:<40} {:>8} {:>4}  {by}{mark}",
+            s.name, s.request, s.expected, got
+        );
+    }
+    println!("\n{} passed, {failed} failed", SCENARIOS.len() - failed);
+    println!("Explain any row: target/debug/nodeward check --policies examples/policies --namespace foo <args>");
+    if failed > 0 {
+        bail!("{failed} scenario(s) did not get Istio's answer");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
