@@ -4,6 +4,7 @@
 //! Data path: datapath (eBPF loader) -> enforcer (proxy) -> authn (JWT) -> [`authz`] (policy)
 //! -> upstream. Sources of truth ([`policy`] files, later Kubernetes) feed one state store.
 
+pub mod authn;
 pub mod authz;
 pub mod cli;
 pub mod datapath;

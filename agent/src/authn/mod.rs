@@ -1,0 +1,3 @@
+//! JWT authentication: Istio RequestAuthentication as Envoy's jwt_authn enforces it.
+
+pub mod jwks;
