@@ -1,9 +1,9 @@
 //! JSON Web Key Sets: parsed once per fetch into keys ready to verify with.
 //!
-//! Envoy's rules (jwt_verify_lib): a key is a candidate for a token when its `kid` (if both
+//! Envoy's rules (`jwt_verify_lib`): a key is a candidate for a token when its `kid` (if both
 //! have one) equals the token's, its `alg` (if it has one) equals the token's, and its type fits
 //! the token's algorithm (RSA for RS*/PS*, EC P-256/P-384 for ES256/ES384, OKP Ed25519 for
-//! EdDSA, `oct` for HS*). Keys that cannot be used are reported and left out; the rest serve.
+//! `EdDSA`, `oct` for HS*). Keys that cannot be used are reported and left out; the rest serve.
 
 use std::fmt;
 
@@ -40,7 +40,10 @@ impl KeyType {
     pub fn fits(self, alg: Algorithm) -> bool {
         use Algorithm as A;
         match self {
-            Self::Rsa => matches!(alg, A::RS256 | A::RS384 | A::RS512 | A::PS256 | A::PS384 | A::PS512),
+            Self::Rsa => matches!(
+                alg,
+                A::RS256 | A::RS384 | A::RS512 | A::PS256 | A::PS384 | A::PS512
+            ),
             Self::EcP256 => alg == A::ES256,
             Self::EcP384 => alg == A::ES384,
             Self::Ed25519 => alg == A::EdDSA,
@@ -62,7 +65,11 @@ pub struct Key {
 impl fmt::Debug for Key {
     // Never print key material.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Key").field("kid", &self.kid).field("alg", &self.alg).field("type", &self.key_type).finish_non_exhaustive()
+        f.debug_struct("Key")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("type", &self.key_type)
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,20 +96,27 @@ pub struct KeySet {
 impl KeySet {
     /// Parses a JWKS document. Fails when it is not a key set or has no usable key.
     pub fn parse(document: &[u8]) -> Result<Self, JwksError> {
-        let value: serde_json::Value = serde_json::from_slice(document).map_err(|e| JwksError::Json(e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(document).map_err(|e| JwksError::Json(e.to_string()))?;
         let Some(serde_json::Value::Array(entries)) = value.get("keys") else {
             return Err(JwksError::NoKeys);
         };
         let mut set = Self::default();
         for (index, entry) in entries.iter().enumerate() {
-            let name = entry.get("kid").and_then(serde_json::Value::as_str).map_or_else(|| format!("key {index}"), |k| format!("kid {k:?}"));
+            let name = entry
+                .get("kid")
+                .and_then(serde_json::Value::as_str)
+                .map_or_else(|| format!("key {index}"), |k| format!("kid {k:?}"));
             match parse_key(entry) {
                 Ok(key) => set.keys.push(key),
                 Err(why) => set.skipped.push(format!("{name}: {why}")),
             }
         }
         if set.keys.is_empty() {
-            return Err(JwksError::NoUsableKey { total: entries.len(), reasons: set.skipped.join("; ") });
+            return Err(JwksError::NoUsableKey {
+                total: entries.len(),
+                reasons: set.skipped.join("; "),
+            });
         }
         Ok(set)
     }
@@ -110,12 +124,19 @@ impl KeySet {
     /// The key ids, for operators (`/debug/state`, `nodeward check`); never key material.
     #[must_use]
     pub fn kids(&self) -> Vec<String> {
-        self.keys.iter().map(|k| k.kid.clone().unwrap_or_else(|| "(no kid)".into())).collect()
+        self.keys
+            .iter()
+            .map(|k| k.kid.clone().unwrap_or_else(|| "(no kid)".into()))
+            .collect()
     }
 }
 
 fn parse_key(entry: &serde_json::Value) -> Result<Key, String> {
-    if entry.get("use").and_then(serde_json::Value::as_str).is_some_and(|u| u != "sig") {
+    if entry
+        .get("use")
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|u| u != "sig")
+    {
         return Err("\"use\" is not \"sig\"".into());
     }
     let jwk: Jwk = serde_json::from_value(entry.clone()).map_err(|e| format!("not a JWK: {e}"))?;
@@ -135,7 +156,10 @@ fn parse_key(entry: &serde_json::Value) -> Result<Key, String> {
     };
     let alg = match entry.get("alg").and_then(serde_json::Value::as_str) {
         None => None,
-        Some(text) => Some(text.parse::<Algorithm>().map_err(|_| format!("unsupported alg {text:?}"))?),
+        Some(text) => Some(
+            text.parse::<Algorithm>()
+                .map_err(|_| format!("unsupported alg {text:?}"))?,
+        ),
     };
     if let Some(alg) = alg {
         if !key_type.fits(alg) {
@@ -143,7 +167,12 @@ fn parse_key(entry: &serde_json::Value) -> Result<Key, String> {
         }
     }
     let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| format!("unusable key: {e}"))?;
-    Ok(Key { kid: jwk.common.key_id.clone(), alg, key_type, decoding })
+    Ok(Key {
+        kid: jwk.common.key_id.clone(),
+        alg,
+        key_type,
+        decoding,
+    })
 }
 
 #[cfg(test)]
@@ -157,11 +186,23 @@ mod tests {
         let set = KeySet::parse(ISTIO_JWKS.as_bytes()).expect("Istio's sample JWKS");
         assert_eq!(set.kids(), ["DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ"]);
         assert_eq!(set.keys[0].key_type, KeyType::Rsa);
-        assert!(set.keys[0].is_candidate(Some("DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ"), Algorithm::RS256));
-        assert!(set.keys[0].is_candidate(None, Algorithm::PS384), "no kid in the token: keys of a fitting type");
+        assert!(set.keys[0].is_candidate(
+            Some("DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ"),
+            Algorithm::RS256
+        ));
+        assert!(
+            set.keys[0].is_candidate(None, Algorithm::PS384),
+            "no kid in the token: keys of a fitting type"
+        );
         assert!(!set.keys[0].is_candidate(Some("other"), Algorithm::RS256));
-        assert!(!set.keys[0].is_candidate(None, Algorithm::ES256), "the key type must fit alg");
-        assert!(!format!("{:?}", set.keys[0]).contains("AQAB"), "Debug never prints key material");
+        assert!(
+            !set.keys[0].is_candidate(None, Algorithm::ES256),
+            "the key type must fit alg"
+        );
+        assert!(
+            !format!("{:?}", set.keys[0]).contains("AQAB"),
+            "Debug never prints key material"
+        );
     }
 
     #[test]
@@ -177,7 +218,13 @@ mod tests {
     #[test]
     fn malformed_documents_are_refused() {
         assert!(matches!(KeySet::parse(b"<html>"), Err(JwksError::Json(_))));
-        assert_eq!(KeySet::parse(b"{\"kty\":\"RSA\"}").err(), Some(JwksError::NoKeys));
-        assert!(matches!(KeySet::parse(b"{\"keys\":[]}"), Err(JwksError::NoUsableKey { total: 0, .. })));
+        assert_eq!(
+            KeySet::parse(b"{\"kty\":\"RSA\"}").err(),
+            Some(JwksError::NoKeys)
+        );
+        assert!(matches!(
+            KeySet::parse(b"{\"keys\":[]}"),
+            Err(JwksError::NoUsableKey { total: 0, .. })
+        ));
     }
 }

@@ -1,3 +1,28 @@
-//! JWT authentication: Istio RequestAuthentication as Envoy's jwt_authn enforces it.
+//! JWT authentication: Istio RequestAuthentication as Envoy's `jwt_authn` enforces it.
+//!
+//! [`rules::AuthnSet`] compiles RequestAuthentications and picks the merged jwtRules of a
+//! workload; [`rules::JwtRules::authenticate`] finds tokens, decodes them ([`token`]), checks
+//! issuer, time, audience and signature against key sets ([`jwks`], inline or fetched by
+//! [`fetch`]) and remembers verified tokens ([`cache`]). Failures carry Envoy's answers
+//! ([`error`]).
 
+pub mod cache;
+pub mod error;
+pub mod fetch;
 pub mod jwks;
+pub mod rules;
+pub mod token;
+
+pub use error::JwtError;
+pub use rules::{AuthnSet, JwtRules, Outcome, RequestParts};
+
+/// `WWW-Authenticate` for a 401, as Envoy writes it: `Bearer realm="<url>"`, plus
+/// `error="invalid_token"` when a token was present and refused.
+#[must_use]
+pub fn www_authenticate(realm: &str, invalid_token: bool) -> String {
+    if invalid_token {
+        format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+    } else {
+        format!("Bearer realm=\"{realm}\"")
+    }
+}

@@ -1,0 +1,225 @@
+//! One token: split, decoded and checked in Envoy's order: format, issuer, time, audience,
+//! keys, signature. A token is decoded once; the signature check is the only costly step and
+//! the verified-token cache ([`super::cache`]) saves it on repeat.
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::{alphabet, Engine as _};
+use jsonwebtoken::Algorithm;
+
+use super::error::JwtError;
+use super::jwks::KeySet;
+
+/// Envoy's default clock skew for `exp` and `nbf`.
+pub const CLOCK_SKEW_SECS: u64 = 60;
+
+/// base64url, padding optional (tokens omit it; some issuers add it).
+pub const B64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// A token split and decoded, not yet verified.
+#[derive(Debug, Clone)]
+pub struct Decoded<'t> {
+    pub alg: Algorithm,
+    pub kid: Option<String>,
+    pub header: serde_json::Map<String, serde_json::Value>,
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    pub issuer: String,
+    pub subject: String,
+    pub audiences: Vec<String>,
+    pub exp: Option<u64>,
+    pub nbf: Option<u64>,
+    pub iat: Option<u64>,
+    /// `header.payload`: what the signature covers.
+    pub signed: &'t str,
+    pub signature: &'t str,
+    /// The payload as sent (base64url), for `outputPayloadToHeader`.
+    pub payload_b64: &'t str,
+}
+
+fn object(bytes: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_slice(bytes) {
+        Ok(serde_json::Value::Object(map)) => Some(map),
+        _ => None,
+    }
+}
+
+fn time_claim(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<Option<u64>, JwtError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or(JwtError::TimeNotInteger),
+    }
+}
+
+/// Splits and decodes `token`; no key is involved.
+pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(payload_b64), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::BadFormat);
+    };
+    if header_b64.is_empty() || payload_b64.is_empty() {
+        return Err(JwtError::BadFormat);
+    }
+    let header_bytes = B64
+        .decode(header_b64)
+        .map_err(|_| JwtError::HeaderBadBase64)?;
+    let header = object(&header_bytes).ok_or(JwtError::HeaderBadJson)?;
+    let alg = match header.get("alg") {
+        Some(serde_json::Value::String(alg)) => alg
+            .parse::<Algorithm>()
+            .map_err(|_| JwtError::HeaderUnsupportedAlg)?,
+        _ => return Err(JwtError::HeaderBadAlg),
+    };
+    let kid = match header.get("kid") {
+        None => None,
+        Some(serde_json::Value::String(kid)) => Some(kid.clone()),
+        Some(_) => return Err(JwtError::HeaderBadKid),
+    };
+    let payload_bytes = B64
+        .decode(payload_b64)
+        .map_err(|_| JwtError::PayloadBadBase64)?;
+    let claims = object(&payload_bytes).ok_or(JwtError::PayloadBadJson)?;
+    if B64.decode(signature).is_err() {
+        return Err(JwtError::SignatureBadBase64);
+    }
+    let string = |name: &str, error| match claims.get(name) {
+        None => Ok(String::new()),
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(error),
+    };
+    let issuer = string("iss", JwtError::IssNotString)?;
+    let subject = string("sub", JwtError::SubNotString)?;
+    let audiences = match claims.get("aud") {
+        None => Vec::new(),
+        Some(serde_json::Value::String(a)) => vec![a.clone()],
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(JwtError::AudNotString)?,
+        Some(_) => return Err(JwtError::AudNotString),
+    };
+    let (exp, nbf, iat) = (
+        time_claim(&claims, "exp")?,
+        time_claim(&claims, "nbf")?,
+        time_claim(&claims, "iat")?,
+    );
+    let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
+    Ok(Decoded {
+        alg,
+        kid,
+        header,
+        claims,
+        issuer,
+        subject,
+        audiences,
+        exp,
+        nbf,
+        iat,
+        signed,
+        signature,
+        payload_b64,
+    })
+}
+
+/// `exp`/`nbf` against `now` (Unix seconds) with Envoy's 60 s skew. No `exp`: never expires.
+pub fn check_time(exp: Option<u64>, nbf: Option<u64>, now: u64) -> Result<(), JwtError> {
+    if exp.is_some_and(|exp| now > exp.saturating_add(CLOCK_SKEW_SECS)) {
+        return Err(JwtError::Expired);
+    }
+    if nbf.is_some_and(|nbf| nbf > now.saturating_add(CLOCK_SKEW_SECS)) {
+        return Err(JwtError::NotYetValid);
+    }
+    Ok(())
+}
+
+impl Decoded<'_> {
+    /// `exp`/`nbf` against `now` (Unix seconds) with Envoy's 60 s skew. No `exp`: never expires.
+    pub fn check_time(&self, now: u64) -> Result<(), JwtError> {
+        if self
+            .exp
+            .is_some_and(|exp| now > exp.saturating_add(CLOCK_SKEW_SECS))
+        {
+            return Err(JwtError::Expired);
+        }
+        if self
+            .nbf
+            .is_some_and(|nbf| nbf > now.saturating_add(CLOCK_SKEW_SECS))
+        {
+            return Err(JwtError::NotYetValid);
+        }
+        Ok(())
+    }
+
+    /// `aud` against a rule's `audiences` (none configured: any). Compared as Envoy does, with
+    /// an `http://`/`https://` scheme and a trailing `/` ignored.
+    pub fn check_audience(&self, allowed: &[String]) -> Result<(), JwtError> {
+        if allowed.is_empty() {
+            return Ok(());
+        }
+        let norm = |a: &str| {
+            let a = a
+                .strip_prefix("https://")
+                .or_else(|| a.strip_prefix("http://"))
+                .unwrap_or(a);
+            a.strip_suffix('/').unwrap_or(a).to_owned()
+        };
+        let allowed: Vec<String> = allowed.iter().map(|a| norm(a)).collect();
+        if self.audiences.iter().any(|a| allowed.contains(&norm(a))) {
+            Ok(())
+        } else {
+            Err(JwtError::AudienceNotAllowed)
+        }
+    }
+
+    /// The signature against the set's candidate keys (Envoy: `kid` and `alg` must fit; none
+    /// fits -> [`JwtError::KidAlgMismatch`]; some fit and none verifies ->
+    /// [`JwtError::VerificationFailed`]).
+    pub fn check_signature(&self, keys: &KeySet) -> Result<(), JwtError> {
+        let mut tried = false;
+        for key in keys
+            .keys
+            .iter()
+            .filter(|k| k.is_candidate(self.kid.as_deref(), self.alg))
+        {
+            tried = true;
+            if jsonwebtoken::crypto::verify(
+                self.signature,
+                self.signed.as_bytes(),
+                &key.decoding,
+                self.alg,
+            )
+            .unwrap_or(false)
+            {
+                return Ok(());
+            }
+        }
+        Err(if tried {
+            JwtError::VerificationFailed
+        } else {
+            JwtError::KidAlgMismatch
+        })
+    }
+
+    /// What operators may see of a token: never the token or the signature.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        format!(
+            "iss={:?} sub={:?} kid={:?} alg={:?} exp={:?}",
+            self.issuer,
+            self.subject,
+            self.kid.as_deref().unwrap_or("-"),
+            self.alg,
+            self.exp
+        )
+    }
+}
