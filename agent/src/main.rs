@@ -16,5 +16,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => ExitCode::from(nodeward::cli::check::run(&args)),
+        Command::Jwt(command) => ExitCode::from(nodeward::cli::jwt::run(&command)),
     }
 }

@@ -279,3 +279,328 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+fn sample(file: &str) -> String {
+    std::fs::read_to_string(
+        nodeward_tests::repo_root()
+            .join("testdata/istio-samples")
+            .join(file),
+    )
+    .expect("Istio sample token")
+    .trim()
+    .to_owned()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}")
+}
+
+#[test]
+fn request_authentication_alone_with_istio_sample_tokens() {
+    // Istio authn-policy: RequestAuthentication only. No token -> 200, garbage -> 401, demo.jwt -> 200.
+    let (code, json) = check_json(&["--labels", "app=httpbin"]);
+    assert_eq!(
+        (code, &json["status"], &json["authn"]["result"]),
+        (0, &200.into(), &"no_token".into()),
+        "{json}"
+    );
+
+    let (code, json) = check_json(&["--labels", "app=httpbin", "-H", &bearer("garbage")]);
+    assert_eq!(
+        (code, &json["status"], &json["decision"]),
+        (1, &401.into(), &"deny".into()),
+        "{json}"
+    );
+    assert_eq!(
+        json["body"],
+        "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
+    );
+    assert_eq!(
+        json["www_authenticate"],
+        "Bearer realm=\"http:///\", error=\"invalid_token\""
+    );
+
+    let (code, json) = check_json(&[
+        "--labels",
+        "app=httpbin",
+        "-H",
+        &bearer(&sample("demo.jwt")),
+    ]);
+    assert_eq!((code, &json["status"]), (0, &200.into()), "{json}");
+    assert_eq!(json["authn"]["principal"], ISTIO_PRINCIPAL);
+    assert_eq!(json["principal"], ISTIO_PRINCIPAL);
+    assert_eq!(json["authn"]["rule"], "foo/jwt-example[0]");
+}
+
+#[test]
+fn groups_condition_with_istio_sample_tokens() {
+    let groups = ["--labels", "app=httpbin-groups"];
+    let (code, json) =
+        check_json(&[&groups[..], &["-H", &bearer(&sample("groups-scope.jwt"))]].concat());
+    assert_eq!(
+        (code, &json["status"], &json["policy"]),
+        (0, &200.into(), &"foo/require-group".into()),
+        "{json}"
+    );
+    let (code, json) = check_json(&[&groups[..], &["-H", &bearer(&sample("demo.jwt"))]].concat());
+    assert_eq!(
+        (code, &json["status"]),
+        (1, &403.into()),
+        "demo.jwt has no groups claim: {json}"
+    );
+    let (code, json) = check_json(&groups);
+    assert_eq!((code, &json["status"]), (1, &403.into()), "{json}");
+}
+
+#[test]
+fn token_time_is_judged_at_now() {
+    // demo.jwt expires at 4685989700; judged a day after, it is expired (401).
+    let token = bearer(&sample("demo.jwt"));
+    let (code, json) = check_json(&[
+        "--labels",
+        "app=httpbin",
+        "-H",
+        &token,
+        "--now",
+        "4686076100",
+    ]);
+    assert_eq!(
+        (code, &json["status"], &json["body"]),
+        (1, &401.into(), &"Jwt is expired".into()),
+        "{json}"
+    );
+    let (_, json) = check_json(&[
+        "--labels",
+        "app=httpbin",
+        "--path",
+        &format!("/ip?access_token={}", sample("demo.jwt")),
+    ]);
+    assert_eq!(
+        json["authn"]["result"], "authenticated",
+        "the access_token query parameter is read: {json}"
+    );
+}
+
+#[test]
+fn what_if_flags_conflict_with_a_real_token() {
+    let out = nodeward(&[
+        "check",
+        "--policies",
+        POLICIES,
+        "--namespace",
+        "foo",
+        "--labels",
+        "app=httpbin",
+        "-H",
+        &bearer(&sample("demo.jwt")),
+        "--request-principal",
+        "a/b",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn jwt_decode_and_verify() {
+    let out = nodeward(&["jwt", "decode", &sample("groups-scope.jwt")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text.starts_with("NOT VERIFIED"),
+        "decode says it does not verify: {text}"
+    );
+    assert!(
+        text.contains("principal: testing@secure.istio.io/testing@secure.istio.io"),
+        "{text}"
+    );
+    assert!(text.contains("expires:   2082-02-04T00:38:24Z"), "{text}");
+
+    let jwks = "testdata/istio-samples/jwks.json";
+    let out = nodeward(&["jwt", "verify", &sample("demo.jwt"), "--jwks", jwks]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = nodeward(&[
+        "jwt",
+        "verify",
+        &sample("demo.jwt"),
+        "--jwks",
+        jwks,
+        "--issuer",
+        "someone-else",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Jwt issuer is not configured"));
+    let out = nodeward(&[
+        "jwt",
+        "verify",
+        &sample("demo.jwt"),
+        "--jwks",
+        jwks,
+        "--audience",
+        "api",
+        "--output",
+        "json",
+    ]);
+    let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (&json["valid"], &json["status"]),
+        (&false.into(), &403.into())
+    );
+    let out = nodeward(&[
+        "jwt",
+        "verify",
+        &sample("demo.jwt"),
+        "--jwks",
+        "testdata/istio-samples/README.md",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a file that is not a JWKS is bad input"
+    );
+}
+
+/// A JWKS server on 127.0.0.1: answers every request with `status` and `body`, until dropped.
+struct JwksServer {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl JwksServer {
+    fn start(status: &'static str, body: String) -> Self {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+            while !flag.load(std::sync::atomic::Ordering::SeqCst)
+                && std::time::Instant::now() < deadline
+            {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+                        let mut buf = [0u8; 4096];
+                        let _ = conn.read(&mut buf);
+                        let response = format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = conn.write_all(response.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+        });
+        Self {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn remote_policies(dir: &TempDir, port: u16) -> String {
+    let yaml = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: remote, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: testing@secure.istio.io\n    jwksUri: http://127.0.0.1:{port}/jwks.json\n    timeout: 2s\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-group, namespace: foo}}\nspec:\n  rules:\n  - from:\n    - source:\n        requestPrincipals: [testing@secure.istio.io/testing@secure.istio.io]\n    when:\n    - key: request.auth.claims[groups]\n      values: [group1]\n"
+    );
+    let file = dir.0.join("remote.yaml");
+    std::fs::write(&file, yaml).expect("write policy");
+    file.to_str().expect("utf-8").to_owned()
+}
+
+fn check_remote(policies: &str, token: Option<&str>) -> (i32, Value) {
+    let header = token.map(bearer);
+    let mut args = vec![
+        "check",
+        "--policies",
+        policies,
+        "--namespace",
+        "foo",
+        "--output",
+        "json",
+    ];
+    if let Some(h) = &header {
+        args.extend(["-H", h.as_str()]);
+    }
+    let out = nodeward(&args);
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().expect("exit code"), json)
+}
+
+#[test]
+fn jwks_fetched_over_http_from_jwks_uri() {
+    let jwks = std::fs::read_to_string(
+        nodeward_tests::repo_root().join("testdata/istio-samples/jwks.json"),
+    )
+    .expect("jwks");
+    let server = JwksServer::start("200 OK", jwks);
+    let dir = TempDir::new("nodeward-remote-jwks");
+    let policies = remote_policies(&dir, server.port);
+    let (code, json) = check_remote(&policies, Some(&sample("groups-scope.jwt")));
+    assert_eq!((code, &json["status"]), (0, &200.into()), "{json}");
+    assert!(
+        json["authn"]["jwks"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ready (kids DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ)"),
+        "{json}"
+    );
+    let (code, json) = check_remote(&policies, Some(&sample("demo.jwt")));
+    assert_eq!((code, &json["status"]), (1, &403.into()), "{json}");
+    let (code, json) = check_remote(&policies, None);
+    assert_eq!(
+        (code, &json["status"]),
+        (1, &403.into()),
+        "no token: denied by the ALLOW policy: {json}"
+    );
+    let (code, json) = check_remote(&policies, Some("garbage"));
+    assert_eq!((code, &json["status"]), (1, &401.into()), "{json}");
+}
+
+#[test]
+fn failing_jwks_server_fails_closed_for_tokens_only() {
+    let server = JwksServer::start("500 Internal Server Error", "oops".into());
+    let dir = TempDir::new("nodeward-failing-jwks");
+    let policies = remote_policies(&dir, server.port);
+    let (code, json) = check_remote(&policies, Some(&sample("groups-scope.jwt")));
+    assert_eq!(
+        (code, &json["status"], &json["body"]),
+        (1, &401.into(), &"Jwks remote fetch is failed".into()),
+        "{json}"
+    );
+    assert!(
+        json["authn"]["jwks"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("500"),
+        "the fetch error says why: {json}"
+    );
+    let (_, json) = check_remote(&policies, None);
+    assert_eq!(
+        json["authn"]["result"], "no_token",
+        "a request without a token is not affected: {json}"
+    );
+}

@@ -12,7 +12,6 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{setup, system};
 
-const PRINCIPAL: &str = "testing@secure.istio.io/testing@secure.istio.io";
 const SLEEP: &str = "cluster.local/ns/foo/sa/sleep";
 
 /// One row: what is asked and the status Istio answers.
@@ -20,55 +19,79 @@ struct Scenario {
     name: &'static str,
     request: &'static str,
     args: &'static [&'static str],
+    /// A token sent as `Authorization: Bearer`: Istio's sample token file, or literal text.
+    token: Option<Token>,
     expected: u16,
+}
+
+#[derive(Clone, Copy)]
+enum Token {
+    File(&'static str),
+    Text(&'static str),
 }
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
+        name: "authn: jwt-example",
+        request: "GET /, no token",
+        args: &["--labels", "app=httpbin"],
+        token: None,
+        expected: 200,
+    },
+    Scenario {
+        name: "authn: jwt-example",
+        request: "GET /, garbage token",
+        args: &["--labels", "app=httpbin"],
+        token: Some(Token::Text("garbage")),
+        expected: 401,
+    },
+    Scenario {
+        name: "authn: jwt-example",
+        request: "GET /, demo.jwt",
+        args: &["--labels", "app=httpbin"],
+        token: Some(Token::File("demo.jwt")),
+        expected: 200,
+    },
+    Scenario {
         name: "authz-jwt: require-jwt",
         request: "GET /, no token",
         args: &["--labels", "app=httpbin-jwt"],
+        token: None,
         expected: 403,
     },
     Scenario {
         name: "authz-jwt: require-jwt",
-        request: "GET /, token testing@secure.istio.io",
-        args: &[
-            "--labels",
-            "app=httpbin-jwt",
-            "--request-principal",
-            PRINCIPAL,
-        ],
+        request: "GET /, demo.jwt",
+        args: &["--labels", "app=httpbin-jwt"],
+        token: Some(Token::File("demo.jwt")),
         expected: 200,
     },
     Scenario {
         name: "authz-jwt: require-group",
-        request: "GET /, token with groups [group1]",
-        args: &[
-            "--labels",
-            "app=httpbin-groups",
-            "--request-principal",
-            PRINCIPAL,
-            "--claims",
-            r#"{"groups":["group1","group2"]}"#,
-        ],
+        request: "GET /, groups-scope.jwt",
+        args: &["--labels", "app=httpbin-groups"],
+        token: Some(Token::File("groups-scope.jwt")),
         expected: 200,
     },
     Scenario {
         name: "authz-jwt: require-group",
-        request: "GET /, token without groups",
-        args: &[
-            "--labels",
-            "app=httpbin-groups",
-            "--request-principal",
-            PRINCIPAL,
-        ],
+        request: "GET /, demo.jwt (no groups)",
+        args: &["--labels", "app=httpbin-groups"],
+        token: Some(Token::File("demo.jwt")),
+        expected: 403,
+    },
+    Scenario {
+        name: "authz-jwt: require-group",
+        request: "GET /, no token",
+        args: &["--labels", "app=httpbin-groups"],
+        token: None,
         expected: 403,
     },
     Scenario {
         name: "authz-http: get-only",
         request: "GET / from foo/sleep",
         args: &["--labels", "app=httpbin-get", "--source-principal", SLEEP],
+        token: None,
         expected: 200,
     },
     Scenario {
@@ -82,12 +105,14 @@ const SCENARIOS: &[Scenario] = &[
             "--method",
             "POST",
         ],
+        token: None,
         expected: 403,
     },
     Scenario {
         name: "authz-http: get-only",
         request: "GET / from an unknown source",
         args: &["--labels", "app=httpbin-get", "--source-ip", "10.9.9.9"],
+        token: None,
         expected: 403,
     },
     Scenario {
@@ -101,13 +126,8 @@ const SCENARIOS: &[Scenario] = &[
             "--path",
             "/public/../admin",
         ],
+        token: None,
         expected: 403,
-    },
-    Scenario {
-        name: "no AuthorizationPolicy",
-        request: "GET /, no token",
-        args: &["--labels", "app=httpbin"],
-        expected: 200,
     },
 ];
 
@@ -126,7 +146,7 @@ pub fn run() -> Result<()> {
 
     println!("\nIstio's reference scenarios (examples/policies), decided by `nodeward check`:\n");
     println!(
-        "{:<26} {:<40} {:>8} {:>4}  decided by",
+        "{:<26} {:<36} {:>8} {:>4}  decided by",
         "scenario", "request", "expected", "got"
     );
     let mut failed = 0;
@@ -143,6 +163,19 @@ pub fn run() -> Result<()> {
         ])
         .args(s.args)
         .current_dir(&root);
+        if let Some(token) = s.token {
+            let token = match token {
+                Token::Text(text) => text.to_owned(),
+                Token::File(file) => {
+                    let path = root.join("testdata/istio-samples").join(file);
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                        .trim()
+                        .to_owned()
+                }
+            };
+            cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
+        }
         let out = cmd
             .output()
             .with_context(|| format!("running {}", bin.display()))?;
@@ -153,7 +186,12 @@ pub fn run() -> Result<()> {
             )
         })?;
         let got = json["status"].as_u64().unwrap_or_default();
-        let by = json["policy"].as_str().unwrap_or("-");
+        let by = json["policy"].as_str().map(str::to_owned).or_else(|| {
+            json["authn"]["error"]
+                .as_str()
+                .map(|_| format!("authn: {}", json["body"].as_str().unwrap_or_default()))
+        });
+        let by = by.as_deref().unwrap_or("-");
         let mark = if got == u64::from(s.expected) {
             ""
         } else {
@@ -163,7 +201,7 @@ pub fn run() -> Result<()> {
             failed += 1;
         }
         println!(
-            "{:<26} {:<40} {:>8} {:>4}  {by}{mark}",
+            "{:<26} {:<36} {:>8} {:>4}  {by}{mark}",
             s.name, s.request, s.expected, got
         );
     }

@@ -13,7 +13,14 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::authz::eval::Outcome;
+use std::time::Duration;
+
+use crate::authn::cache::TokenCache;
+use crate::authn::fetch::{FetchConfig, JwksSource, JwksStore, DEFAULT_TIMEOUT};
+use crate::authn::rules::{KeyLookup, KeySource, Keys, NoRemoteKeys};
+use crate::authn::JwtRules;
+use crate::authn::{www_authenticate, AuthnSet, JwtError, Outcome, RequestParts};
+use crate::authz::eval::Outcome as ClauseOutcome;
 use crate::authz::explain::{explain, Explanation};
 use crate::authz::path::{normalize, Normalization};
 use crate::authz::{AuthInfo, Decision, Http, Peer, PolicySet, Request, DENIED_BODY};
@@ -133,6 +140,15 @@ pub enum CheckError {
     /// `--request-principal` has no `/` between issuer and subject.
     #[error("--request-principal {0:?}: expected ISS/SUB")]
     RequestPrincipal(String),
+    /// A token in the request decides the identity; what-if flags would contradict it.
+    #[error("the request carries a token, which is validated for real; --request-principal and --claims are for requests without one")]
+    WhatIfWithToken,
+    /// The runtime for fetching JWKS could not start.
+    #[error("starting the runtime to fetch JWKS: {0}")]
+    Runtime(std::io::Error),
+    /// The JWKS fetcher could not be built.
+    #[error("{0}")]
+    Jwks(crate::authn::fetch::FetchError),
     /// `--path` cannot be normalized.
     #[error("--path: {0}")]
     Path(#[from] crate::authz::path::PathError),
@@ -188,12 +204,18 @@ pub fn check(args: &CheckArgs) -> Result<(String, bool), CheckError> {
         .collect();
     let policies = set.for_workload(&args.namespace, &labels);
 
-    let auth = auth_info(args)?;
     let target = normalize(&args.path, args.path_normalization)?;
     let mut headers = http::HeaderMap::new();
     for (name, value) in &args.headers {
         headers.append(name.clone(), value.clone());
     }
+    let authn = authenticate(args, &loaded, &labels, &headers, &target)?;
+    let what_if = auth_info(args)?;
+    let auth = match (&authn.auth, what_if) {
+        (Some(_), Some(_)) => return Err(CheckError::WhatIfWithToken),
+        (Some(real), None) => Some(real.clone()),
+        (None, what_if) => what_if,
+    };
     let host = args
         .host
         .clone()
@@ -234,13 +256,14 @@ pub fn check(args: &CheckArgs) -> Result<(String, bool), CheckError> {
     };
     let decision = policies.evaluate(&request);
     let explanation = explain(&policies, &request);
-    let allowed = decision.allow;
+    let allowed = decision.allow && authn.error.is_none();
     let out = match args.output {
         Output::Json => render_json(
             args,
             &labels,
             &target.path,
             auth.as_ref(),
+            &authn,
             &decision,
             &explanation,
         ),
@@ -249,6 +272,7 @@ pub fn check(args: &CheckArgs) -> Result<(String, bool), CheckError> {
             &labels,
             &target.path,
             auth.as_ref(),
+            &authn,
             &decision,
             &explanation,
         ),
@@ -281,18 +305,22 @@ fn render_json(
     labels: &BTreeMap<String, String>,
     path: &str,
     auth: Option<&AuthInfo>,
+    authn: &AuthnReport,
     decision: &Decision,
     explanation: &Explanation,
 ) -> String {
+    let rejected = authn.error.is_some();
     let value = json!({
-        "decision": if decision.allow { "allow" } else { "deny" },
-        "status": decision.status(),
-        "reason": decision.describe(),
-        "reason_code": decision.reason,
-        "body": (!decision.allow).then_some(DENIED_BODY),
-        "policy": decision.decided_by.as_ref().map(|m| &m.policy),
-        "action": decision.decided_by.as_ref().map(|m| m.action),
-        "rule": decision.decided_by.as_ref().map(|m| m.rule),
+        "decision": if decision.allow && !rejected { "allow" } else { "deny" },
+        "status": authn.error.map_or_else(|| decision.status(), JwtError::status),
+        "reason": authn.error.map_or_else(|| decision.describe(), |e| format!("authentication failed: {e}{}", authn.rule.as_ref().map(|r| format!(" (jwtRules {r})")).unwrap_or_default())),
+        "reason_code": if rejected { json!("authentication_failed") } else { json!(decision.reason) },
+        "body": authn.error.map(JwtError::body).or_else(|| (!decision.allow).then(|| DENIED_BODY.to_owned())),
+        "www_authenticate": authn.www_authenticate,
+        "authn": authn,
+        "policy": (!rejected).then(|| decision.decided_by.as_ref().map(|m| &m.policy)).flatten(),
+        "action": (!rejected).then(|| decision.decided_by.as_ref().map(|m| m.action)).flatten(),
+        "rule": (!rejected).then(|| decision.decided_by.as_ref().map(|m| m.rule)).flatten(),
         "principal": auth.map(AuthInfo::principal),
         "source_principal": args.source_principal,
         "audit": decision.audit,
@@ -316,6 +344,7 @@ fn render_text(
     labels: &BTreeMap<String, String>,
     path: &str,
     auth: Option<&AuthInfo>,
+    authn: &AuthnReport,
     decision: &Decision,
     explanation: &Explanation,
 ) -> String {
@@ -351,12 +380,16 @@ fn render_text(
         args.source_ip
             .map_or_else(|| "(none)".to_owned(), |ip| ip.to_string())
     );
+    let _ = writeln!(out, "authn:     {}", authn.describe());
+    for line in &authn.jwks {
+        let _ = writeln!(out, "jwks:      {line}");
+    }
     let _ = writeln!(
         out,
-        "token:     {}",
+        "identity:  {}",
         auth.map_or_else(
-            || "(none)".to_owned(),
-            |a| format!("principal {}", a.principal())
+            || "(no request principal)".to_owned(),
+            |a| format!("request principal {}", a.principal())
         )
     );
     if explanation.policies.is_empty() {
@@ -385,6 +418,14 @@ fn render_text(
                 .map(|p| format!(" ({p})"))
                 .unwrap_or_default()
         );
+    }
+    if let Some(error) = authn.error {
+        let _ = write!(
+            out,
+            "decision:  DENY {} - authentication failed: {error}; authorization was not evaluated (Envoy's jwt_authn runs first)",
+            error.status()
+        );
+        return out;
     }
     let _ = write!(
         out,
@@ -434,12 +475,228 @@ fn render_policies(out: &mut String, explanation: &Explanation) {
             }
             for c in &rule.clauses {
                 let mark = match c.outcome {
-                    Outcome::Matched => "ok  ",
-                    Outcome::NotMatched => "FAIL",
-                    Outcome::Ignored => "skip",
+                    ClauseOutcome::Matched => "ok  ",
+                    ClauseOutcome::NotMatched => "FAIL",
+                    ClauseOutcome::Ignored => "skip",
                 };
                 let _ = writeln!(out, "           {mark} {}", c.field);
             }
         }
     }
+}
+
+/// What authentication made of the request, for both outputs.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AuthnReport {
+    /// `no_rules`, `no_token`, `preflight`, `authenticated` or `rejected`.
+    pub result: &'static str,
+    /// The jwtRules entry (`ns/name[index]`) that validated or refused the token.
+    pub rule: Option<String>,
+    /// Where the token was found.
+    pub location: Option<String>,
+    pub principal: Option<String>,
+    pub error: Option<JwtError>,
+    /// The header a 401 carries.
+    pub www_authenticate: Option<String>,
+    /// Rules that apply to the workload: issuer and where its keys come from.
+    pub issuers: Vec<String>,
+    /// Fetched key sets: source, state, key ids or the fetch error.
+    pub jwks: Vec<String>,
+    #[serde(skip)]
+    pub auth: Option<AuthInfo>,
+}
+
+impl AuthnReport {
+    fn describe(&self) -> String {
+        let rule = self
+            .rule
+            .as_ref()
+            .map(|r| format!(" by jwtRules {r}"))
+            .unwrap_or_default();
+        let at = self
+            .location
+            .as_ref()
+            .map(|l| format!(" (token in {l})"))
+            .unwrap_or_default();
+        match (self.result, self.error) {
+            (_, Some(e)) => format!("REJECTED {} {e:?}: {e}{rule}{at}", e.status()),
+            ("authenticated", None) => format!(
+                "token valid{rule}{at}: {}",
+                self.principal.as_deref().unwrap_or_default()
+            ),
+            ("no_rules", None) => "no RequestAuthentication applies to the workload".into(),
+            ("preflight", None) => "CORS preflight: not asked for a token".into(),
+            _ => format!(
+                "no token; the request goes on without identity (rules: {})",
+                self.issuers.join(", ")
+            ),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The real JWT step: tokens in the described request validated against the workload's
+/// jwtRules, keys inline or fetched.
+fn authenticate(
+    args: &CheckArgs,
+    loaded: &crate::policy::Loaded,
+    labels: &BTreeMap<String, String>,
+    headers: &http::HeaderMap,
+    target: &crate::authz::path::NormalizedPath,
+) -> Result<AuthnReport, CheckError> {
+    let set = AuthnSet::compile(&loaded.request_authentications, &args.root_namespace);
+    let rules = set.for_workload(&args.namespace, labels);
+    let issuers = rules
+        .rules
+        .iter()
+        .map(|r| {
+            format!(
+                "{} ({})",
+                r.issuer,
+                r.jwks_uri.as_deref().unwrap_or("inline jwks")
+            )
+        })
+        .collect();
+    if args.tcp {
+        return Ok(AuthnReport {
+            result: "no_rules",
+            issuers,
+            ..AuthnReport::default()
+        });
+    }
+    let method = http::Method::from_bytes(args.method.as_bytes()).unwrap_or(http::Method::GET);
+    let parts = RequestParts {
+        method: &method,
+        headers,
+        query: target.query.as_deref(),
+    };
+    let (keys, jwks) = remote_keys(&rules, &parts)?;
+    let outcome = rules.authenticate(
+        &parts,
+        keys.as_ref(),
+        &TokenCache::new(16),
+        args.now.unwrap_or_else(unix_now),
+    );
+    let host = args
+        .host
+        .clone()
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let realm = format!("http://{host}{}", target.path);
+    Ok(match outcome {
+        Outcome::NoRules => AuthnReport {
+            result: "no_rules",
+            ..AuthnReport::default()
+        },
+        Outcome::Preflight => AuthnReport {
+            result: "preflight",
+            issuers,
+            ..AuthnReport::default()
+        },
+        Outcome::NoToken => AuthnReport {
+            result: "no_token",
+            issuers,
+            ..AuthnReport::default()
+        },
+        Outcome::Authenticated(a) => AuthnReport {
+            result: "authenticated",
+            jwks,
+            rule: Some(a.rule.origin.clone()),
+            location: Some(a.location.to_string()),
+            principal: Some(a.verified.auth.principal()),
+            auth: Some(a.verified.auth.clone()),
+            issuers,
+            ..AuthnReport::default()
+        },
+        Outcome::Rejected {
+            error,
+            rule,
+            location,
+        } => AuthnReport {
+            result: "rejected",
+            jwks,
+            rule: rule.map(|r| r.origin.clone()),
+            location: Some(location.to_string()),
+            error: Some(error),
+            www_authenticate: (error.status() == 401).then(|| www_authenticate(&realm, true)),
+            issuers,
+            ..AuthnReport::default()
+        },
+    })
+}
+
+/// Key sets of the rules' remote sources, fetched once, only when the request carries a
+/// token (as the enforcer's store would have them: last good keys, fail closed otherwise).
+struct RemoteKeys {
+    store: JwksStore,
+    /// Keeps the store's refresh tasks alive while the request is judged.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Keys for RemoteKeys {
+    fn lookup(&self, source: &str) -> KeyLookup {
+        self.store.lookup(source)
+    }
+}
+
+fn remote_keys(
+    rules: &JwtRules,
+    parts: &RequestParts<'_>,
+) -> Result<(Box<dyn Keys>, Vec<String>), CheckError> {
+    let sources: Vec<(JwksSource, Option<Duration>, String)> = rules
+        .rules
+        .iter()
+        .filter_map(|r| match &r.keys {
+            KeySource::Remote { source, .. } => Some((source.clone(), r.timeout, r.issuer.clone())),
+            _ => None,
+        })
+        .collect();
+    if sources.is_empty() || rules.extract(parts).is_empty() {
+        return Ok((Box::new(NoRemoteKeys), Vec::new()));
+    }
+    let wait = sources
+        .iter()
+        .filter_map(|(_, t, _)| *t)
+        .max()
+        .unwrap_or(DEFAULT_TIMEOUT)
+        + Duration::from_secs(1);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CheckError::Runtime)?;
+    let store = JwksStore::new(FetchConfig::default()).map_err(CheckError::Jwks)?;
+    runtime.block_on(async {
+        store.set_sources(sources);
+        store.wait_ready(wait).await
+    });
+    let status = store
+        .status()
+        .into_iter()
+        .map(|s| match s.last_error {
+            Some(error) if s.kids.is_empty() => format!("{}: {}: {error}", s.key, s.state.as_str()),
+            _ => format!(
+                "{}: {} (kids {})",
+                s.key,
+                s.state.as_str(),
+                s.kids.join(", ")
+            ),
+        })
+        .collect();
+    Ok((
+        Box::new(RemoteKeys {
+            store,
+            _runtime: runtime,
+        }),
+        status,
+    ))
 }

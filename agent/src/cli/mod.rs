@@ -1,6 +1,7 @@
 //! The `nodeward` command line: one subcommand per module.
 
 pub mod check;
+pub mod jwt;
 
 use clap::{Parser, Subcommand};
 
@@ -17,5 +18,8 @@ pub enum Command {
     /// Decide a described request against policy files and explain the decision.
     ///
     /// Exit status: 0 allowed, 1 denied, 2 bad input.
-    Check(check::CheckArgs),
+    Check(Box<check::CheckArgs>),
+    /// Look inside a JWT, or verify one against a JWKS.
+    #[command(subcommand)]
+    Jwt(jwt::JwtCommand),
 }
