@@ -8,4 +8,7 @@ pub mod authn;
 pub mod authz;
 pub mod cli;
 pub mod datapath;
+pub mod enforcer;
+pub mod metrics;
 pub mod policy;
+pub mod state;

@@ -2,6 +2,8 @@
 //! for them. Shared by the integration tests and the benchmarks (`#[path]`).
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod node;
+
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,0 +1,246 @@
+//! The enforcer: the userspace half of the data path. Connections the kernel programs steer
+//! to the agent arrive on a transparent listener; the accepted socket's local address is the
+//! original destination (pod IP and port), which selects the workload. Each HTTP request is
+//! authenticated ([`crate::authn`]), authorized ([`crate::authz`]) and answered 401/403 here or
+//! forwarded to the pod; other protocols get Istio's TCP semantics and are spliced or closed.
+//!
+//! One task per connection; no lock is held across an await; the state is a lock-free
+//! snapshot loaded per request.
+
+mod http;
+mod inspect;
+pub mod sniff;
+mod tcp;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::authn::cache::TokenCache;
+use crate::authn::rules::Keys;
+use crate::authz::path::Normalization;
+use crate::metrics::{Metrics, ProtocolLabels, ReasonLabels};
+use crate::state::StateStore;
+use sniff::Protocol;
+use upstream::Upstream;
+
+/// Limits against hostile or broken clients; each refusal is counted in
+/// `nodeward_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head (request line and headers), bytes. Envoy's default: 60 KiB.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request. Envoy's default: 100.
+    pub max_headers: usize,
+    /// Time allowed to send a request head, also while a keep-alive connection waits for the
+    /// next request (slowloris).
+    pub header_read_timeout: Duration,
+    /// Time allowed to say what protocol a connection speaks (first bytes); after it the
+    /// connection is treated as plain TCP.
+    pub detect_timeout: Duration,
+    /// HTTP/2 connections: ping interval for idle detection.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 60 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            detect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_mins(1),
+        }
+    }
+}
+
+/// How the enforcer runs.
+#[derive(Debug, Clone)]
+pub struct EnforcerConfig {
+    pub limits: Limits,
+    pub path_normalization: Normalization,
+    pub connect_timeout: Duration,
+    /// How long in-flight requests may take to finish after shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+impl Default for EnforcerConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            path_normalization: Normalization::Base,
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Everything a connection needs; shared by all connection tasks.
+pub struct Enforcer {
+    pub(crate) store: Arc<StateStore>,
+    pub(crate) keys: Arc<dyn Keys + Send + Sync>,
+    pub(crate) cache: TokenCache,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) config: EnforcerConfig,
+    pub(crate) upstream: Upstream,
+}
+
+/// One accepted connection as the enforcer sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionInfo {
+    /// The client.
+    pub peer: SocketAddr,
+    /// Where the client was going: the pod's address and port.
+    pub original_dst: SocketAddr,
+}
+
+/// Seconds since the Unix epoch, for token times.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Enforcer {
+    #[must_use]
+    pub fn new(
+        store: Arc<StateStore>,
+        keys: Arc<dyn Keys + Send + Sync>,
+        cache: TokenCache,
+        metrics: Arc<Metrics>,
+        config: EnforcerConfig,
+    ) -> Arc<Self> {
+        let upstream = Upstream::new(config.connect_timeout, config.limits.idle_timeout);
+        Arc::new(Self {
+            store,
+            keys,
+            cache,
+            metrics,
+            config,
+            upstream,
+        })
+    }
+
+    /// Serves one connection whose original destination is known. The listener path calls
+    /// this with the accepted socket's local address.
+    pub async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        info: ConnectionInfo,
+        shutdown: CancellationToken,
+    ) {
+        let _ = stream.set_nodelay(true);
+        self.metrics.connections_open.inc();
+        let _open = OpenGuard(self.metrics.clone());
+        let protocol = match sniff::detect(&stream, self.config.limits.detect_timeout).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(peer = %info.peer, error = %e, "connection closed before its protocol was known");
+                return;
+            }
+        };
+        self.metrics
+            .connections
+            .get_or_create(&ProtocolLabels {
+                protocol: protocol.label(),
+            })
+            .inc();
+        let span = tracing::debug_span!("conn", peer = %info.peer, dst = %info.original_dst, protocol = protocol.label());
+        match protocol {
+            Protocol::Http1 | Protocol::H2c => {
+                http::serve(self, stream, info, protocol, shutdown)
+                    .instrument(span)
+                    .await;
+            }
+            Protocol::Tls { sni } => {
+                tcp::serve(self, stream, info, sni, shutdown)
+                    .instrument(span)
+                    .await;
+            }
+            Protocol::Tcp => {
+                tcp::serve(self, stream, info, None, shutdown)
+                    .instrument(span)
+                    .await;
+            }
+        }
+    }
+
+    /// Accepts connections until `shutdown`, each served on its own task tracked by
+    /// `tracker` (so shutdown can wait for them).
+    pub async fn run_listener(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    self.metrics
+                        .refused
+                        .get_or_create(&ReasonLabels {
+                            reason: "accept_error",
+                        })
+                        .inc();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // Transparent steering: the local address is where the client was going.
+            let original_dst = match stream.local_addr() {
+                Ok(addr) => addr,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "no local address");
+                    continue;
+                }
+            };
+            let info = ConnectionInfo { peer, original_dst };
+            tracker.spawn(
+                self.clone()
+                    .serve_connection(stream, info, shutdown.clone()),
+            );
+        }
+    }
+}
+
+struct OpenGuard(Arc<Metrics>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.connections_open.dec();
+    }
+}
+
+/// A listener for steered connections: `IP_TRANSPARENT` so it accepts connections addressed to
+/// pods (assigned to it by `bpf_sk_assign`), whose local address is then the pod's.
+pub fn transparent_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_ip_transparent_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}

@@ -1,0 +1,182 @@
+//! The state store: one immutable [`Snapshot`] of everything the enforcer reads (workloads,
+//! compiled policies, per-workload views), swapped atomically on every change. Sources of
+//! truth (standalone files in [`standalone`], Kubernetes later) build snapshots; readers never
+//! lock.
+
+pub mod standalone;
+pub mod workloads;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use crate::authn::{AuthnSet, JwtRules};
+use crate::authz::{PolicySet, WorkloadPolicies};
+pub use workloads::Workload;
+
+/// What the enforcer needs about one destination workload, computed once per snapshot.
+#[derive(Debug)]
+pub struct WorkloadView {
+    pub workload: Arc<Workload>,
+    /// `namespace/name`, the metric and log label.
+    pub id: String,
+    pub authz: WorkloadPolicies,
+    pub authn: JwtRules,
+}
+
+impl WorkloadView {
+    /// A workload is protected when any RequestAuthentication or AuthorizationPolicy applies.
+    #[must_use]
+    pub fn is_protected(&self) -> bool {
+        !self.authn.is_empty() || !self.authz.is_empty() || !self.authz.dry_run.is_empty()
+    }
+}
+
+/// Source identity of a peer address: a known workload's namespace, service account and
+/// principal.
+#[derive(Debug, Clone)]
+pub struct SourceIdentity {
+    pub namespace: String,
+    /// `<ns>/<sa>`.
+    pub service_account: String,
+    /// `<trust-domain>/ns/<ns>/sa/<sa>`.
+    pub principal: String,
+}
+
+/// One consistent view of the node's configuration.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Increments with every swap.
+    pub generation: u64,
+    pub loaded_at: SystemTime,
+    pub trust_domain: String,
+    pub root_namespace: String,
+    pub workloads: Vec<Arc<Workload>>,
+    pub authz: PolicySet,
+    pub authn: AuthnSet,
+    /// Destination views by workload IP.
+    pub by_ip: HashMap<IpAddr, Arc<WorkloadView>>,
+    /// Source identities by workload IP (every known workload, local or not).
+    pub sources: HashMap<IpAddr, SourceIdentity>,
+    /// Problems with the inputs right now (the last good content of each bad file serves).
+    pub errors: Vec<String>,
+}
+
+impl Snapshot {
+    /// Builds the per-workload views and source identities.
+    #[must_use]
+    pub fn build(
+        generation: u64,
+        trust_domain: &str,
+        root_namespace: &str,
+        workloads: Vec<Arc<Workload>>,
+        authorization: PolicySet,
+        authentication: AuthnSet,
+        errors: Vec<String>,
+    ) -> Self {
+        let mut by_ip = HashMap::new();
+        let mut sources = HashMap::new();
+        for w in &workloads {
+            let view = WorkloadView {
+                workload: w.clone(),
+                id: format!("{}/{}", w.namespace, w.name),
+                authz: authorization.for_workload(&w.namespace, &w.labels),
+                authn: authentication.for_workload(&w.namespace, &w.labels),
+            };
+            by_ip.insert(w.ip, Arc::new(view));
+            sources.insert(
+                w.ip,
+                SourceIdentity {
+                    namespace: w.namespace.clone(),
+                    service_account: format!("{}/{}", w.namespace, w.service_account),
+                    principal: format!(
+                        "{trust_domain}/ns/{}/sa/{}",
+                        w.namespace, w.service_account
+                    ),
+                },
+            );
+        }
+        Self {
+            generation,
+            loaded_at: SystemTime::now(),
+            trust_domain: trust_domain.to_owned(),
+            root_namespace: root_namespace.to_owned(),
+            workloads,
+            authz: authorization,
+            authn: authentication,
+            by_ip,
+            sources,
+            errors,
+        }
+    }
+
+    /// An empty snapshot: nothing known, nothing protected.
+    #[must_use]
+    pub fn empty(trust_domain: &str, root_namespace: &str) -> Self {
+        Self::build(
+            0,
+            trust_domain,
+            root_namespace,
+            Vec::new(),
+            PolicySet::default(),
+            AuthnSet::default(),
+            Vec::new(),
+        )
+    }
+
+    /// The view of the destination workload at `ip`.
+    #[must_use]
+    pub fn destination(&self, ip: IpAddr) -> Option<&Arc<WorkloadView>> {
+        self.by_ip.get(&normalize_ip(ip))
+    }
+
+    /// The identity of a source address, when it is a known workload.
+    #[must_use]
+    pub fn source(&self, ip: IpAddr) -> Option<&SourceIdentity> {
+        self.sources.get(&normalize_ip(ip))
+    }
+
+    /// Labels of a workload, for `check --admin`.
+    #[must_use]
+    pub fn labels_of(&self, ip: IpAddr) -> Option<&BTreeMap<String, String>> {
+        self.destination(ip).map(|v| &v.workload.labels)
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (from dual-stack sockets) as IPv4.
+#[must_use]
+pub fn normalize_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// The live state: readers `load()` a snapshot without locking; writers `publish()` a new one.
+#[derive(Debug)]
+pub struct StateStore {
+    current: ArcSwap<Snapshot>,
+}
+
+impl StateStore {
+    #[must_use]
+    pub fn new(initial: Snapshot) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(initial),
+        }
+    }
+
+    /// The current snapshot.
+    #[must_use]
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Swaps in a new snapshot atomically.
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.current.store(Arc::new(snapshot));
+    }
+}
