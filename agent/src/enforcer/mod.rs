@@ -68,6 +68,8 @@ pub struct EnforcerConfig {
     pub connect_timeout: Duration,
     /// How long in-flight requests may take to finish after shutdown begins.
     pub drain_timeout: Duration,
+    /// `SO_MARK` on every connection to a pod, so the kernel's guard lets it in (0: none).
+    pub upstream_mark: u32,
 }
 
 impl Default for EnforcerConfig {
@@ -77,6 +79,7 @@ impl Default for EnforcerConfig {
             path_normalization: Normalization::Base,
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(20),
+            upstream_mark: 0,
         }
     }
 }
@@ -116,7 +119,11 @@ impl Enforcer {
         metrics: Arc<Metrics>,
         config: EnforcerConfig,
     ) -> Arc<Self> {
-        let upstream = Upstream::new(config.connect_timeout, config.limits.idle_timeout);
+        let upstream = Upstream::new(
+            config.connect_timeout,
+            config.limits.idle_timeout,
+            config.upstream_mark,
+        );
         Arc::new(Self {
             store,
             keys,

@@ -79,23 +79,19 @@ pub(super) async fn serve(
     if !allow {
         return; // dropping the stream closes it
     }
-    let connect = tokio::time::timeout(
+    let connect = super::upstream::connect(
+        info.original_dst,
+        enforcer.config.upstream_mark,
         enforcer.config.connect_timeout,
-        TcpStream::connect(info.original_dst),
     )
     .await;
     let mut upstream = match connect {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+        Ok(s) => s,
+        Err(e) => {
             tracing::warn!(dst = %info.original_dst, error = %e, "upstream connect failed");
             return;
         }
-        Err(_) => {
-            tracing::warn!(dst = %info.original_dst, "upstream connect timed out");
-            return;
-        }
     };
-    let _ = upstream.set_nodelay(true);
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => {
             if let Err(e) = r {

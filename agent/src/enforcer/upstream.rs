@@ -1,7 +1,9 @@
 //! Connections from the enforcer to pods. HTTP/1.1 goes through hyper-util's pooled client,
 //! keyed by the pod's address (the client's Host header is kept as is). HTTP/2 (h2c) keeps one
 //! multiplexed connection per pod address, with the client's `:authority` in the request, so
-//! two pods behind the same host name never share a connection.
+//! two pods behind the same host name never share a connection. Every upstream socket carries
+//! `SO_MARK` = the upstream mark, by which the kernel's guard program tells the enforcer's own
+//! traffic into a protected pod from a bypass.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +13,6 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -52,20 +53,85 @@ pub enum UpstreamError {
     },
 }
 
+/// Opens a TCP connection to a pod: `SO_MARK` set (when `mark` is not 0), `TCP_NODELAY`,
+/// bounded by `timeout`.
+pub async fn connect(
+    addr: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> Result<TcpStream, UpstreamError> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|source| UpstreamError::Connect { addr, source })?;
+    if mark != 0 {
+        socket2::SockRef::from(&socket)
+            .set_mark(mark)
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+    }
+    socket
+        .set_nodelay(true)
+        .map_err(|source| UpstreamError::Connect { addr, source })?;
+    tokio::time::timeout(timeout, socket.connect(addr))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout { addr, timeout })?
+        .map_err(|source| UpstreamError::Connect { addr, source })
+}
+
+/// hyper-util's connector for the HTTP/1.1 pool: the URI's authority is the pod's address.
+#[derive(Debug, Clone, Copy)]
+struct MarkedConnector {
+    mark: u32,
+    timeout: Duration,
+}
+
+impl tower_service::Service<hyper::Uri> for MarkedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = UpstreamError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let Self { mark, timeout } = *self;
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or(UpstreamError::Connect {
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source: std::io::ErrorKind::InvalidInput.into(),
+                })?;
+            connect(addr, mark, timeout).await.map(TokioIo::new)
+        })
+    }
+}
+
 /// The enforcer's connections to pods.
 pub struct Upstream {
-    http1: Client<HttpConnector, Incoming>,
+    http1: Client<MarkedConnector, Incoming>,
     http2: Mutex<HashMap<SocketAddr, SendRequest<Incoming>>>,
     connect_timeout: Duration,
+    mark: u32,
 }
 
 impl Upstream {
+    /// `mark`: `SO_MARK` of every upstream socket (0: none).
     #[must_use]
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, mark: u32) -> Self {
+        let connector = MarkedConnector {
+            mark,
+            timeout: connect_timeout,
+        };
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle_timeout)
             .pool_max_idle_per_host(MAX_IDLE_PER_POD)
@@ -77,6 +143,7 @@ impl Upstream {
             http1,
             http2: Mutex::new(HashMap::new()),
             connect_timeout,
+            mark,
         }
     }
 
@@ -127,14 +194,7 @@ impl Upstream {
         if let Some(sender) = self.lock().get(&dst).filter(|s| !s.is_closed()).cloned() {
             return Ok(sender);
         }
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout {
-                addr: dst,
-                timeout: self.connect_timeout,
-            })?
-            .map_err(|source| UpstreamError::Connect { addr: dst, source })?;
-        let _ = stream.set_nodelay(true);
+        let stream = connect(dst, self.mark, self.connect_timeout).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
