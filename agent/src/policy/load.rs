@@ -150,15 +150,30 @@ pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Loaded {
 }
 
 fn collect_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut visited = std::collections::HashSet::new();
+    walk(path, &mut files, &mut visited)?;
+    Ok(files)
+}
+
+/// Depth-first, each directory once (a symlink loop is not followed twice).
+fn walk(
+    path: &Path,
+    files: &mut Vec<PathBuf>,
+    visited: &mut std::collections::HashSet<PathBuf>,
+) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;
     if !meta.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
+        files.push(path.to_path_buf());
+        return Ok(());
+    }
+    if !visited.insert(std::fs::canonicalize(path)?) {
+        return Ok(());
     }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
     entries.sort();
-    let mut files = Vec::new();
     for entry in entries {
         let name = entry
             .file_name()
@@ -168,7 +183,7 @@ fn collect_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
             continue;
         }
         if entry.is_dir() {
-            files.extend(collect_files(&entry)?);
+            walk(&entry, files, visited)?;
         } else if matches!(
             entry.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml" | "json")
@@ -176,7 +191,7 @@ fn collect_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
             files.push(entry);
         }
     }
-    Ok(files)
+    Ok(())
 }
 
 /// Reads one multi-document YAML text; `file` only names where it came from.

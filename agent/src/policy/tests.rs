@@ -181,6 +181,13 @@ fn directories_are_read_recursively_in_name_order() {
         .collect();
     assert_eq!(names, ["foo/b", "foo/a"]);
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    std::os::unix::fs::symlink(&dir, dir.join("sub/loop")).expect("symlink");
+    let looped = super::load_paths(&[&dir]);
+    assert_eq!(
+        looped.authorization_policies.len(),
+        2,
+        "a symlink loop is followed once"
+    );
     let missing = super::load_paths(&[dir.join("nope")]);
     assert!(
         missing.errors[0].to_string().starts_with("cannot read "),
