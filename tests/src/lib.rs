@@ -1,5 +1,7 @@
 //! Shared helpers of nodeward's end-to-end tests: finding the built `nodeward` binary and the
-//! repository's example files.
+//! repository's example files; [`netns`] builds a node out of network namespaces.
+
+pub mod netns;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -20,7 +20,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::system::{self, output, run as run_cmd};
 
 /// Debian packages, with what needs them.
-const DEBIAN_PACKAGES: [(&str, &str); 2] = [
+const DEBIAN_PACKAGES: [(&str, &str); 4] = [
     (
         "iproute2",
         "`ip`: the datapath tests build network namespaces and veths",
@@ -28,6 +28,14 @@ const DEBIAN_PACKAGES: [(&str, &str); 2] = [
     (
         "build-essential",
         "`cc`: links host binaries, build scripts and bpf-linker",
+    ),
+    (
+        "curl",
+        "the HTTP client of the end-to-end tests' client pods",
+    ),
+    (
+        "util-linux",
+        "`nsenter`: runs the agent and pods inside test namespaces",
     ),
 ];
 
