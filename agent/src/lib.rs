@@ -3,7 +3,9 @@
 //!
 //! Data path: datapath (eBPF loader) -> enforcer (proxy) -> authn (JWT) -> [`authz`] (policy)
 //! -> upstream. Sources of truth ([`policy`] files, later Kubernetes) feed one state store.
+//! [`admin`] serves health, readiness, metrics, state and checks off the data plane.
 
+pub mod admin;
 pub mod authn;
 pub mod authz;
 pub mod cli;

@@ -3,19 +3,19 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use nodeward::cli::{Cli, Command};
+use nodeward::cli::{init_logging, Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NODEWARD_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Check(args) => ExitCode::from(nodeward::cli::check::run(&args)),
-        Command::Jwt(command) => ExitCode::from(nodeward::cli::jwt::run(&command)),
+    match &cli.command {
+        Command::Run(args) => init_logging(args.log_format, "info", true),
+        _ => init_logging(LogFormat::Text, "warn", false),
     }
+    let code = match cli.command {
+        Command::Run(args) => nodeward::cli::run::run(&args),
+        Command::Status(args) => nodeward::cli::status::run(&args),
+        Command::Check(args) => nodeward::cli::check::run(&args),
+        Command::Jwt(command) => nodeward::cli::jwt::run(&command),
+    };
+    ExitCode::from(code)
 }

@@ -455,6 +455,11 @@ impl PolicySet {
         &self.root_namespace
     }
 
+    /// Every compiled policy, in no particular order (the admin server's `/debug/state`).
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<CompiledPolicy>> {
+        self.by_namespace.values().flatten()
+    }
+
     /// Number of compiled policies.
     #[must_use]
     pub fn len(&self) -> usize {

@@ -1,22 +1,29 @@
-//! `nodeward check`: "why was this request denied?" answered from policy files.
+//! `nodeward check`: "why was this request denied?" answered from policy files, or from the
+//! live state of a running agent (`--admin ADDR`).
 //!
 //! The interface is fixed (tooling calls it): exit 0 allow, 1 deny, 2 bad input; `--output
 //! json` prints one object with `decision`, `status`, `reason`, `policy`, `action`, `rule`,
 //! `principal`, `audit` and `dry_run` at least.
+//!
+//! One core, [`decide`], judges a [`CheckRequest`] against [`Inputs`]: policy files (keys
+//! fetched on demand) or the agent's live snapshot, JWKS store and token cache. The agent's
+//! `POST /check` runs the same function and returns the same rendering, so `check --admin`
+//! prints exactly what the file-based check would for the same policies.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
-
-use clap::{Args, ValueEnum};
-use serde_json::json;
-
 use std::time::Duration;
 
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::admin::client::{self, ClientError};
 use crate::authn::cache::TokenCache;
-use crate::authn::fetch::{FetchConfig, JwksSource, JwksStore, DEFAULT_TIMEOUT};
+use crate::authn::fetch::{FetchConfig, JwksSource, JwksStore, SourceStatus, DEFAULT_TIMEOUT};
 use crate::authn::rules::{KeyLookup, KeySource, Keys, NoRemoteKeys};
 use crate::authn::JwtRules;
 use crate::authn::{www_authenticate, AuthnSet, JwtError, Outcome, RequestParts};
@@ -25,22 +32,38 @@ use crate::authz::explain::{explain, Explanation};
 use crate::authz::path::{normalize, Normalization};
 use crate::authz::{AuthInfo, Decision, Http, Peer, PolicySet, Request, DENIED_BODY};
 use crate::policy::load_paths;
+use crate::state::Snapshot;
 
 /// Output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Output {
+    #[default]
     Text,
     Json,
 }
 
+/// The root namespace `check` assumes when reading files (Istio's default).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Policy file or directory (YAML, multi-document); repeatable.
-    #[arg(long = "policies", required = true, value_name = "PATH")]
+    /// Policy file or directory (YAML, multi-document); repeatable. Not with --admin.
+    #[arg(
+        long = "policies",
+        value_name = "PATH",
+        required_unless_present = "admin",
+        conflicts_with = "admin"
+    )]
     pub policies: Vec<PathBuf>,
+    /// Ask the running agent whose admin server is at ADDR (`nodeward run --admin`): its live
+    /// policies, registry and JWKS decide. --dest-ip of a known workload may stand for
+    /// --namespace/--labels, and --source-ip of one gives its identity.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
     /// Namespace of the destination workload.
-    #[arg(long)]
-    pub namespace: String,
+    #[arg(long, required_unless_present = "admin")]
+    pub namespace: Option<String>,
     /// Labels of the destination workload: k=v[,k=v]...; repeatable.
     #[arg(long, value_name = "K=V[,K=V]...", value_parser = parse_labels)]
     pub labels: Vec<BTreeMap<String, String>>,
@@ -77,9 +100,10 @@ pub struct CheckArgs {
     /// What-if: the claims (a JSON object) a validated token would carry.
     #[arg(long, value_name = "JSON")]
     pub claims: Option<String>,
-    /// Namespace whose policies apply mesh-wide.
-    #[arg(long, default_value = "istio-system", value_name = "NS")]
-    pub root_namespace: String,
+    /// Namespace whose policies apply mesh-wide [default: istio-system]. Not with --admin
+    /// (the agent's is used).
+    #[arg(long, value_name = "NS", conflicts_with = "admin")]
+    pub root_namespace: Option<String>,
     /// The time to judge tokens at (exp/nbf), Unix seconds; default now.
     #[arg(long, value_name = "UNIX_SECONDS")]
     pub now: Option<u64>,
@@ -89,12 +113,13 @@ pub struct CheckArgs {
     /// TLS server name of the connection (`connection.sni`).
     #[arg(long, value_name = "NAME")]
     pub sni: Option<String>,
-    /// Path normalization, as Istio's meshConfig.pathNormalization.
-    #[arg(long, value_enum, default_value_t = Normalization::Base)]
-    pub path_normalization: Normalization,
+    /// Path normalization, as Istio's meshConfig.pathNormalization [default: base; with
+    /// --admin: the agent's].
+    #[arg(long, value_enum)]
+    pub path_normalization: Option<Normalization>,
     /// Evaluate with the valid objects when some are invalid (as the daemon does), instead of
-    /// exiting 2.
-    #[arg(long)]
+    /// exiting 2. Not with --admin (the agent always does).
+    #[arg(long, conflicts_with = "admin")]
     pub skip_invalid: bool,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -128,6 +153,13 @@ pub const EXIT_ALLOW: u8 = 0;
 pub const EXIT_DENY: u8 = 1;
 pub const EXIT_BAD_INPUT: u8 = 2;
 
+/// The response header of `POST /check` that carries the decision (`allow` or `deny`), so the
+/// client sets its exit status without reading the rendering.
+pub const DECISION_HEADER: &str = "nodeward-decision";
+/// The response header of `POST /check` with the number of configuration errors the agent
+/// reports (its last good state serves meanwhile).
+pub const CONFIG_ERRORS_HEADER: &str = "nodeward-config-errors";
+
 /// Bad input to `check`, reported with exit status 2.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -152,16 +184,169 @@ pub enum CheckError {
     /// `--path` cannot be normalized.
     #[error("--path: {0}")]
     Path(#[from] crate::authz::path::PathError),
+    /// A header of a `POST /check` body is not `Name: value`.
+    #[error("-H: {0}")]
+    Header(String),
+    /// `path_normalization` of a `POST /check` body is not one of the known names.
+    #[error("--path-normalization {0:?}: expected none, base, merge-slashes or decode-and-merge-slashes")]
+    PathNormalization(String),
+    /// No destination workload: neither a namespace nor (with the live state) a destination IP.
+    #[error("no destination workload: give --namespace (and --labels), or with --admin a --dest-ip of a workload the agent knows")]
+    NoDestination,
+    /// The destination IP is not in the agent's registry.
+    #[error("--dest-ip {0}: no workload at this address in the agent's registry; give --namespace and --labels, or see `nodeward status`")]
+    UnknownDestination(IpAddr),
+    /// Labels without a namespace would be silently replaced by the registry's.
+    #[error("--labels needs --namespace (without them, --dest-ip's workload is used)")]
+    LabelsWithoutNamespace,
+    /// The agent could not be asked.
+    #[error("{0}")]
+    Admin(#[from] ClientError),
+    /// The agent refused the described request (its message says why).
+    #[error("{0}")]
+    Refused(String),
+    /// The agent answered something `check` does not understand.
+    #[error("unexpected answer from the agent at {addr}: HTTP {status}: {body}")]
+    Answer {
+        addr: String,
+        status: u16,
+        body: String,
+    },
+}
+
+/// A described request: what `check`'s flags say, and the JSON body of the agent's
+/// `POST /check` (every field optional, defaults as the flags'; unknown fields refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckRequest {
+    /// Namespace of the destination workload; with the live state, optional when `dest_ip`
+    /// is a known workload's.
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub method: String,
+    pub path: String,
+    pub host: Option<String>,
+    pub port: u16,
+    pub dest_ip: Option<IpAddr>,
+    /// `Name: value`, as `-H` takes them.
+    pub headers: Vec<String>,
+    pub source_ip: Option<IpAddr>,
+    pub source_principal: Option<String>,
+    pub source_namespace: Option<String>,
+    pub request_principal: Option<String>,
+    /// A JSON object, or its text (as `--claims` takes it).
+    pub claims: Option<serde_json::Value>,
+    pub now: Option<u64>,
+    pub tcp: bool,
+    pub sni: Option<String>,
+    /// `none`, `base`, `merge-slashes` or `decode-and-merge-slashes`; default `base` for files,
+    /// the agent's own for the live state.
+    pub path_normalization: Option<String>,
+    pub output: Output,
+}
+
+impl Default for CheckRequest {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            labels: BTreeMap::new(),
+            method: "GET".into(),
+            path: "/".into(),
+            host: None,
+            port: 80,
+            dest_ip: None,
+            headers: Vec::new(),
+            source_ip: None,
+            source_principal: None,
+            source_namespace: None,
+            request_principal: None,
+            claims: None,
+            now: None,
+            tcp: false,
+            sni: None,
+            path_normalization: None,
+            output: Output::Json,
+        }
+    }
+}
+
+impl CheckRequest {
+    /// The request `check`'s flags describe.
+    #[must_use]
+    pub fn from_args(args: &CheckArgs) -> Self {
+        Self {
+            namespace: args.namespace.clone(),
+            labels: args
+                .labels
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            method: args.method.clone(),
+            path: args.path.clone(),
+            host: args.host.clone(),
+            port: args.port,
+            dest_ip: args.dest_ip,
+            headers: args
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    format!("{name}: {}", String::from_utf8_lossy(value.as_bytes()))
+                })
+                .collect(),
+            source_ip: args.source_ip,
+            source_principal: args.source_principal.clone(),
+            source_namespace: args.source_namespace.clone(),
+            request_principal: args.request_principal.clone(),
+            claims: args.claims.clone().map(serde_json::Value::String),
+            now: args.now,
+            tcp: args.tcp,
+            sni: args.sni.clone(),
+            path_normalization: args
+                .path_normalization
+                .and_then(|n| n.to_possible_value())
+                .map(|v| v.get_name().to_owned()),
+            output: args.output,
+        }
+    }
+}
+
+/// What [`decide`] judges with.
+pub enum Inputs<'a> {
+    /// Policies read from files; remote JWKS fetched once when the request carries a token.
+    Files {
+        authz: &'a PolicySet,
+        authn: &'a AuthnSet,
+    },
+    /// A running agent's state: its snapshot (policies and registry), JWKS store and token
+    /// cache, and the path normalization its enforcer applies.
+    Live {
+        snapshot: &'a Snapshot,
+        jwks: &'a JwksStore,
+        cache: &'a TokenCache,
+        normalization: Normalization,
+    },
+}
+
+/// A judged request: the rendering asked for, and the decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub output: String,
+    pub allowed: bool,
 }
 
 /// Runs the command; returns the exit status.
 #[must_use]
 pub fn run(args: &CheckArgs) -> u8 {
-    match check(args) {
-        Ok((text, allowed)) => {
+    let result = match &args.admin {
+        Some(addr) => check_remote(addr, args),
+        None => check(args),
+    };
+    match result {
+        Ok(checked) => {
             // A closed pipe (`| head`) is not an error worth a panic.
-            let _ = writeln!(std::io::stdout(), "{text}");
-            if allowed {
+            let _ = writeln!(std::io::stdout(), "{}", checked.output);
+            if checked.allowed {
                 EXIT_ALLOW
             } else {
                 EXIT_DENY
@@ -174,17 +359,8 @@ pub fn run(args: &CheckArgs) -> u8 {
     }
 }
 
-fn source_parts(principal: &str) -> (Option<String>, Option<String>) {
-    // `<td>/ns/<ns>/sa/<sa>`
-    let parts: Vec<&str> = principal.split('/').collect();
-    match parts.as_slice() {
-        [_, "ns", ns, "sa", sa] => (Some((*ns).to_owned()), Some(format!("{ns}/{sa}"))),
-        _ => (None, None),
-    }
-}
-
-/// Decides and renders; `Ok((output, allowed))`.
-pub fn check(args: &CheckArgs) -> Result<(String, bool), CheckError> {
+/// Decides from policy files and renders.
+pub fn check(args: &CheckArgs) -> Result<Checked, CheckError> {
     let loaded = load_paths(&args.policies);
     for skipped in &loaded.skipped {
         eprintln!("notice: {skipped}");
@@ -195,28 +371,161 @@ pub fn check(args: &CheckArgs) -> Result<(String, bool), CheckError> {
     if !loaded.errors.is_empty() && !args.skip_invalid {
         return Err(CheckError::Policies(loaded.errors.len()));
     }
-    let set = PolicySet::compile(&loaded.authorization_policies, &args.root_namespace);
-    let labels: BTreeMap<String, String> = args
-        .labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let policies = set.for_workload(&args.namespace, &labels);
+    let root = args
+        .root_namespace
+        .as_deref()
+        .unwrap_or(DEFAULT_ROOT_NAMESPACE);
+    let policy_set = PolicySet::compile(&loaded.authorization_policies, root);
+    let jwt_set = AuthnSet::compile(&loaded.request_authentications, root);
+    decide(
+        &CheckRequest::from_args(args),
+        &Inputs::Files {
+            authz: &policy_set,
+            authn: &jwt_set,
+        },
+    )
+}
 
-    let target = normalize(&args.path, args.path_normalization)?;
-    let mut headers = http::HeaderMap::new();
-    for (name, value) in &args.headers {
-        headers.append(name.clone(), value.clone());
+/// Asks the agent at `addr` (`POST /check`) and returns its rendering and decision.
+fn check_remote(addr: &str, args: &CheckArgs) -> Result<Checked, CheckError> {
+    let body = serde_json::to_string(&CheckRequest::from_args(args)).unwrap_or_default();
+    let answer = client::post_json(addr, "/check", body)?;
+    let errors = answer
+        .header(CONFIG_ERRORS_HEADER)
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    if errors > 0 {
+        eprintln!("notice: the agent reports {errors} configuration error(s) and serves its last good state for them; see `nodeward status --admin {addr}`");
     }
-    let authn = authenticate(args, &loaded, &labels, &headers, &target)?;
-    let what_if = auth_info(args)?;
-    let auth = match (&authn.auth, what_if) {
-        (Some(_), Some(_)) => return Err(CheckError::WhatIfWithToken),
-        (Some(real), None) => Some(real.clone()),
-        (None, what_if) => what_if,
+    match (answer.status, answer.header(DECISION_HEADER)) {
+        (200, Some(decision)) => Ok(Checked {
+            allowed: decision == "allow",
+            output: answer.body.trim_end_matches('\n').to_owned(),
+        }),
+        (400, _) => Err(CheckError::Refused(
+            answer
+                .body
+                .trim_end()
+                .trim_start_matches("error: ")
+                .to_owned(),
+        )),
+        (status, _) => Err(CheckError::Answer {
+            addr: addr.to_owned(),
+            status,
+            body: answer.body.trim_end().to_owned(),
+        }),
+    }
+}
+
+fn source_parts(principal: &str) -> (Option<String>, Option<String>) {
+    // `<td>/ns/<ns>/sa/<sa>`
+    let parts: Vec<&str> = principal.split('/').collect();
+    match parts.as_slice() {
+        [_, "ns", ns, "sa", sa] => (Some((*ns).to_owned()), Some(format!("{ns}/{sa}"))),
+        _ => (None, None),
+    }
+}
+
+/// The source of the request as judged.
+struct Source {
+    /// As shown (`source_principal` in the JSON).
+    shown: Option<String>,
+    /// As matched (without `spiffe://`).
+    principal: Option<String>,
+    namespace: Option<String>,
+    service_account: Option<String>,
+}
+
+fn source(req: &CheckRequest, inputs: &Inputs<'_>) -> Source {
+    let registry = match (inputs, &req.source_principal, req.source_ip) {
+        (Inputs::Live { snapshot, .. }, None, Some(ip)) => snapshot.source(ip),
+        _ => None,
     };
-    let host = args
+    if let Some(known) = registry {
+        return Source {
+            shown: Some(known.principal.clone()),
+            principal: Some(known.principal.clone()),
+            namespace: req
+                .source_namespace
+                .clone()
+                .or_else(|| Some(known.namespace.clone())),
+            service_account: Some(known.service_account.clone()),
+        };
+    }
+    let (principal_ns, service_account) = req
+        .source_principal
+        .as_deref()
+        .map_or((None, None), source_parts);
+    Source {
+        shown: req.source_principal.clone(),
+        principal: req
+            .source_principal
+            .as_deref()
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_owned()),
+        namespace: req.source_namespace.clone().or(principal_ns),
+        service_account,
+    }
+}
+
+/// The destination workload's namespace and labels.
+fn destination(
+    req: &CheckRequest,
+    inputs: &Inputs<'_>,
+) -> Result<(String, BTreeMap<String, String>), CheckError> {
+    if let Some(namespace) = &req.namespace {
+        return Ok((namespace.clone(), req.labels.clone()));
+    }
+    if !req.labels.is_empty() {
+        return Err(CheckError::LabelsWithoutNamespace);
+    }
+    match (inputs, req.dest_ip) {
+        (Inputs::Live { snapshot, .. }, Some(ip)) => snapshot
+            .destination(ip)
+            .map(|view| {
+                (
+                    view.workload.namespace.clone(),
+                    view.workload.labels.clone(),
+                )
+            })
+            .ok_or(CheckError::UnknownDestination(ip)),
+        _ => Err(CheckError::NoDestination),
+    }
+}
+
+fn normalization(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Normalization, CheckError> {
+    match (&req.path_normalization, inputs) {
+        (Some(name), _) => Normalization::from_str(name, true)
+            .map_err(|_| CheckError::PathNormalization(name.clone())),
+        (None, Inputs::Live { normalization, .. }) => Ok(*normalization),
+        (None, Inputs::Files { .. }) => Ok(Normalization::Base),
+    }
+}
+
+/// The request as the renderers show it.
+struct Shown<'a> {
+    req: &'a CheckRequest,
+    namespace: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    path: &'a str,
+    source_principal: Option<&'a str>,
+}
+
+/// Decides a described request with `inputs` and renders it as `req.output` asks.
+pub fn decide(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Checked, CheckError> {
+    let (namespace, labels) = destination(req, inputs)?;
+    let (policy_set, jwt_set) = match inputs {
+        Inputs::Files { authz, authn } => (*authz, *authn),
+        Inputs::Live { snapshot, .. } => (&snapshot.authz, &snapshot.authn),
+    };
+    let policies = policy_set.for_workload(&namespace, &labels);
+
+    let target = normalize(&req.path, normalization(req, inputs)?)?;
+    let mut headers = http::HeaderMap::new();
+    for text in &req.headers {
+        let (name, value) = parse_header(text).map_err(CheckError::Header)?;
+        headers.append(name, value);
+    }
+    let host = req
         .host
         .clone()
         .or_else(|| {
@@ -226,28 +535,28 @@ pub fn check(args: &CheckArgs) -> Result<(String, bool), CheckError> {
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    let (principal_ns, service_account) = args
-        .source_principal
-        .as_deref()
-        .map_or((None, None), source_parts);
-    let source_namespace = args.source_namespace.clone().or(principal_ns);
-    let source_principal = args
-        .source_principal
-        .as_deref()
-        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+    let rules = jwt_set.for_workload(&namespace, &labels);
+    let authn = authenticate(req, inputs, &rules, &headers, &target, &host)?;
+    let what_if = auth_info(req)?;
+    let auth = match (&authn.auth, what_if) {
+        (Some(_), Some(_)) => return Err(CheckError::WhatIfWithToken),
+        (Some(real), None) => Some(real.clone()),
+        (None, what_if) => what_if,
+    };
+    let source = source(req, inputs);
     let request = Request {
         source: Peer {
-            ip: args.source_ip,
-            remote_ip: args.source_ip,
-            principal: source_principal,
-            namespace: source_namespace.as_deref(),
-            service_account: service_account.as_deref(),
+            ip: req.source_ip,
+            remote_ip: req.source_ip,
+            principal: source.principal.as_deref(),
+            namespace: source.namespace.as_deref(),
+            service_account: source.service_account.as_deref(),
         },
-        destination_ip: args.dest_ip,
-        destination_port: args.port,
-        sni: args.sni.as_deref(),
-        http: (!args.tcp).then_some(Http {
-            method: &args.method,
+        destination_ip: req.dest_ip,
+        destination_port: req.port,
+        sni: req.sni.as_deref(),
+        http: (!req.tcp).then_some(Http {
+            method: &req.method,
             path: &target.path,
             host: &host,
             headers: &headers,
@@ -257,39 +566,34 @@ pub fn check(args: &CheckArgs) -> Result<(String, bool), CheckError> {
     let decision = policies.evaluate(&request);
     let explanation = explain(&policies, &request);
     let allowed = decision.allow && authn.error.is_none();
-    let out = match args.output {
-        Output::Json => render_json(
-            args,
-            &labels,
-            &target.path,
-            auth.as_ref(),
-            &authn,
-            &decision,
-            &explanation,
-        ),
-        Output::Text => render_text(
-            args,
-            &labels,
-            &target.path,
-            auth.as_ref(),
-            &authn,
-            &decision,
-            &explanation,
-        ),
+    let shown = Shown {
+        req,
+        namespace: &namespace,
+        labels: &labels,
+        path: &target.path,
+        source_principal: source.shown.as_deref(),
     };
-    Ok((out, allowed))
+    let output = match req.output {
+        Output::Json => render_json(&shown, auth.as_ref(), &authn, &decision, &explanation),
+        Output::Text => render_text(&shown, auth.as_ref(), &authn, &decision, &explanation),
+    };
+    Ok(Checked { output, allowed })
 }
 
-fn auth_info(args: &CheckArgs) -> Result<Option<AuthInfo>, CheckError> {
-    let mut claims = match &args.claims {
-        Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(serde_json::Value::Object(map)) => Some(map),
-            Ok(_) => return Err(CheckError::Claims("expected an object".into())),
-            Err(e) => return Err(CheckError::Claims(e.to_string())),
-        },
+fn auth_info(req: &CheckRequest) -> Result<Option<AuthInfo>, CheckError> {
+    let mut claims = match &req.claims {
         None => None,
+        Some(serde_json::Value::Object(map)) => Some(map.clone()),
+        Some(serde_json::Value::String(text)) => {
+            match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(serde_json::Value::Object(map)) => Some(map),
+                Ok(_) => return Err(CheckError::Claims("expected an object".into())),
+                Err(e) => return Err(CheckError::Claims(e.to_string())),
+            }
+        }
+        Some(_) => return Err(CheckError::Claims("expected an object".into())),
     };
-    if let Some(principal) = &args.request_principal {
+    if let Some(principal) = &req.request_principal {
         let (iss, sub) = principal
             .rsplit_once('/')
             .ok_or_else(|| CheckError::RequestPrincipal(principal.clone()))?;
@@ -301,14 +605,13 @@ fn auth_info(args: &CheckArgs) -> Result<Option<AuthInfo>, CheckError> {
 }
 
 fn render_json(
-    args: &CheckArgs,
-    labels: &BTreeMap<String, String>,
-    path: &str,
+    shown: &Shown<'_>,
     auth: Option<&AuthInfo>,
     authn: &AuthnReport,
     decision: &Decision,
     explanation: &Explanation,
 ) -> String {
+    let req = shown.req;
     let rejected = authn.error.is_some();
     let value = json!({
         "decision": if decision.allow && !rejected { "allow" } else { "deny" },
@@ -322,16 +625,16 @@ fn render_json(
         "action": (!rejected).then(|| decision.decided_by.as_ref().map(|m| m.action)).flatten(),
         "rule": (!rejected).then(|| decision.decided_by.as_ref().map(|m| m.rule)).flatten(),
         "principal": auth.map(AuthInfo::principal),
-        "source_principal": args.source_principal,
+        "source_principal": shown.source_principal,
         "audit": decision.audit,
         "dry_run": decision.dry_run,
         "dry_run_result": decision.shadow,
-        "workload": { "namespace": args.namespace, "labels": labels },
+        "workload": { "namespace": shown.namespace, "labels": shown.labels },
         "request": {
-            "protocol": if args.tcp { "tcp" } else { "http" },
-            "method": (!args.tcp).then_some(&args.method),
-            "path": (!args.tcp).then_some(path),
-            "port": args.port,
+            "protocol": if req.tcp { "tcp" } else { "http" },
+            "method": (!req.tcp).then_some(&req.method),
+            "path": (!req.tcp).then_some(shown.path),
+            "port": req.port,
         },
         "policies": explanation.policies,
         "not_applied": explanation.not_applied,
@@ -340,28 +643,31 @@ fn render_json(
 }
 
 fn render_text(
-    args: &CheckArgs,
-    labels: &BTreeMap<String, String>,
-    path: &str,
+    shown: &Shown<'_>,
     auth: Option<&AuthInfo>,
     authn: &AuthnReport,
     decision: &Decision,
     explanation: &Explanation,
 ) -> String {
+    let req = shown.req;
     let mut out = String::new();
-    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let labels: Vec<String> = shown
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     let _ = writeln!(
         out,
         "workload:  {} {{{}}}",
-        args.namespace,
+        shown.namespace,
         labels.join(",")
     );
-    if args.tcp {
+    if req.tcp {
         let _ = writeln!(
             out,
             "request:   TCP port {}{}",
-            args.port,
-            args.sni
+            req.port,
+            req.sni
                 .as_ref()
                 .map(|s| format!(" sni={s}"))
                 .unwrap_or_default()
@@ -370,14 +676,14 @@ fn render_text(
         let _ = writeln!(
             out,
             "request:   {} {} port {}",
-            args.method, path, args.port
+            req.method, shown.path, req.port
         );
     }
     let _ = writeln!(
         out,
         "source:    principal={} ip={}",
-        args.source_principal.as_deref().unwrap_or("(none)"),
-        args.source_ip
+        shown.source_principal.unwrap_or("(none)"),
+        req.source_ip
             .map_or_else(|| "(none)".to_owned(), |ip| ip.to_string())
     );
     let _ = writeln!(out, "authn:     {}", authn.describe());
@@ -541,16 +847,15 @@ fn unix_now() -> u64 {
 }
 
 /// The real JWT step: tokens in the described request validated against the workload's
-/// jwtRules, keys inline or fetched.
+/// jwtRules, keys inline, fetched (files) or from the agent's store (live).
 fn authenticate(
-    args: &CheckArgs,
-    loaded: &crate::policy::Loaded,
-    labels: &BTreeMap<String, String>,
+    req: &CheckRequest,
+    inputs: &Inputs<'_>,
+    rules: &JwtRules,
     headers: &http::HeaderMap,
     target: &crate::authz::path::NormalizedPath,
+    host: &str,
 ) -> Result<AuthnReport, CheckError> {
-    let set = AuthnSet::compile(&loaded.request_authentications, &args.root_namespace);
-    let rules = set.for_workload(&args.namespace, labels);
     let issuers = rules
         .rules
         .iter()
@@ -562,36 +867,38 @@ fn authenticate(
             )
         })
         .collect();
-    if args.tcp {
+    if req.tcp {
         return Ok(AuthnReport {
             result: "no_rules",
             issuers,
             ..AuthnReport::default()
         });
     }
-    let method = http::Method::from_bytes(args.method.as_bytes()).unwrap_or(http::Method::GET);
+    let method = http::Method::from_bytes(req.method.as_bytes()).unwrap_or(http::Method::GET);
     let parts = RequestParts {
         method: &method,
         headers,
         query: target.query.as_deref(),
     };
-    let (keys, jwks) = remote_keys(&rules, &parts)?;
+    let fresh;
+    let (keys, cache, jwks): (Box<dyn Keys + '_>, &TokenCache, Vec<String>) = match inputs {
+        Inputs::Files { .. } => {
+            let (keys, jwks) = remote_keys(rules, &parts)?;
+            fresh = TokenCache::new(16);
+            (keys, &fresh, jwks)
+        }
+        Inputs::Live { jwks, cache, .. } => (
+            Box::new(LiveKeys(jwks)),
+            *cache,
+            live_jwks_status(jwks, rules, &parts),
+        ),
+    };
     let outcome = rules.authenticate(
         &parts,
         keys.as_ref(),
-        &TokenCache::new(16),
-        args.now.unwrap_or_else(unix_now),
+        cache,
+        req.now.unwrap_or_else(unix_now),
     );
-    let host = args
-        .host
-        .clone()
-        .or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
     let realm = format!("http://{host}{}", target.path);
     Ok(match outcome {
         Outcome::NoRules => AuthnReport {
@@ -649,18 +956,63 @@ impl Keys for RemoteKeys {
     }
 }
 
-fn remote_keys(
-    rules: &JwtRules,
-    parts: &RequestParts<'_>,
-) -> Result<(Box<dyn Keys>, Vec<String>), CheckError> {
-    let sources: Vec<(JwksSource, Option<Duration>, String)> = rules
+/// The agent's own store, borrowed.
+struct LiveKeys<'a>(&'a JwksStore);
+
+impl Keys for LiveKeys<'_> {
+    fn lookup(&self, source: &str) -> KeyLookup {
+        self.0.lookup(source)
+    }
+}
+
+/// The rules' remote sources, as the store wants them.
+fn remote_sources(rules: &JwtRules) -> Vec<(JwksSource, Option<Duration>, String)> {
+    rules
         .rules
         .iter()
         .filter_map(|r| match &r.keys {
             KeySource::Remote { source, .. } => Some((source.clone(), r.timeout, r.issuer.clone())),
             _ => None,
         })
+        .collect()
+}
+
+/// One line per fetched key set: source, state, key ids or the fetch error.
+fn describe_source(s: SourceStatus) -> String {
+    match s.last_error {
+        Some(error) if s.kids.is_empty() => format!("{}: {}: {error}", s.key, s.state.as_str()),
+        _ => format!(
+            "{}: {} (kids {})",
+            s.key,
+            s.state.as_str(),
+            s.kids.join(", ")
+        ),
+    }
+}
+
+/// The agent's key sets for the rules' remote sources, reported as the file-based check
+/// reports its own fetches: only when the request carries a token.
+fn live_jwks_status(store: &JwksStore, rules: &JwtRules, parts: &RequestParts<'_>) -> Vec<String> {
+    let wanted: HashSet<String> = remote_sources(rules)
+        .into_iter()
+        .map(|(source, _, _)| source.key())
         .collect();
+    if wanted.is_empty() || rules.extract(parts).is_empty() {
+        return Vec::new();
+    }
+    store
+        .status()
+        .into_iter()
+        .filter(|s| wanted.contains(&s.key))
+        .map(describe_source)
+        .collect()
+}
+
+fn remote_keys(
+    rules: &JwtRules,
+    parts: &RequestParts<'_>,
+) -> Result<(Box<dyn Keys>, Vec<String>), CheckError> {
+    let sources = remote_sources(rules);
     if sources.is_empty() || rules.extract(parts).is_empty() {
         return Ok((Box::new(NoRemoteKeys), Vec::new()));
     }
@@ -679,19 +1031,7 @@ fn remote_keys(
         store.set_sources(sources);
         store.wait_ready(wait).await
     });
-    let status = store
-        .status()
-        .into_iter()
-        .map(|s| match s.last_error {
-            Some(error) if s.kids.is_empty() => format!("{}: {}: {error}", s.key, s.state.as_str()),
-            _ => format!(
-                "{}: {} (kids {})",
-                s.key,
-                s.state.as_str(),
-                s.kids.join(", ")
-            ),
-        })
-        .collect();
+    let status = store.status().into_iter().map(describe_source).collect();
     Ok((
         Box::new(RemoteKeys {
             store,

@@ -55,11 +55,7 @@ async fn answer(
         return Response::new(Full::new(jwks));
     }
     let (parts, body) = req.into_parts();
-    let body_len = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes().len())
-        .unwrap_or(0);
+    let body_len = body.collect().await.map_or(0, |b| b.to_bytes().len());
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()

@@ -1,0 +1,496 @@
+//! `nodeward run`: the agent in standalone mode. Policies and the registry of pods come from
+//! files that are watched; the enforcer serves steered connections on a transparent listener;
+//! the admin server answers health, readiness, metrics, state and checks.
+//!
+//! Runtimes (ztunnel's rule: admin off the data plane):
+//!
+//! | thread / runtime | runs |
+//! | --- | --- |
+//! | data plane: multi-thread tokio (`nodeward-data`) | transparent listener, one task per connection; file watcher; JWKS refresh |
+//! | admin: current-thread tokio on its own OS thread (`nodeward-admin`) | `/healthz`, `/readyz`, `/metrics`, `/debug/state`, `POST /check` |
+//!
+//! Startup order: metrics, state store and JWKS store (every published snapshot tells the
+//! JWKS store its sources), the standalone source (a configuration that cannot start exits 2),
+//! its watcher, the enforcer's listener (exit 1 when it cannot bind), the admin server.
+//!
+//! Shutdown (SIGTERM or SIGINT): `/readyz` turns 503, the listener stops accepting, HTTP
+//! connections finish their in-flight requests (graceful shutdown) within `--drain-timeout`,
+//! then the process exits 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::LogFormat;
+use crate::admin::{Admin, AdminServer, AgentConfig, JwksMetrics, Readiness};
+use crate::authn::cache::TokenCache;
+use crate::authn::fetch::{FetchConfig, FetchError, JwksSource, JwksStore, SourceState};
+use crate::authn::rules::KeySource;
+use crate::authz::path::Normalization;
+use crate::enforcer::{transparent_listener, Enforcer, EnforcerConfig, Limits};
+use crate::metrics::Metrics;
+use crate::state::standalone::{
+    OnPublish, Standalone, StandaloneConfig, StartError, DEFAULT_ROOT_NAMESPACE,
+    DEFAULT_TRUST_DOMAIN,
+};
+use crate::state::{Snapshot, StateStore};
+
+/// What the kernel datapath does with traffic to a protected workload while the enforcer
+/// cannot take it (agent stopped or restarting). Carried in the configuration and shown by
+/// `/debug/state` and `nodeward status`; the datapath applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Refuse it: nothing reaches a protected pod unjudged.
+    Closed,
+    /// Let it through unjudged: availability over enforcement.
+    Open,
+}
+
+impl FailureMode {
+    /// `closed` or `open`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Policy file or directory (YAML, read recursively); repeatable. Watched: a change is
+    /// applied at once, a bad edit is reported and the file's last good content keeps serving.
+    #[arg(long = "policies", required = true, value_name = "DIR")]
+    pub policies: Vec<PathBuf>,
+    /// The registry of pods (`workloads:` list; see examples/workloads.yaml). Watched.
+    #[arg(long, value_name = "FILE")]
+    pub workloads: PathBuf,
+    /// Admin server address (/healthz, /readyz, /metrics, /debug/state, /check). It has no
+    /// authentication: keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000", value_name = "ADDR")]
+    pub admin: SocketAddr,
+    /// The enforcer's transparent listener, where the datapath steers pod-bound connections
+    /// (`IP_TRANSPARENT`: needs `CAP_NET_ADMIN`).
+    #[arg(long, default_value = "0.0.0.0:15006", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// What steered traffic gets while the enforcer cannot take it.
+    #[arg(long, value_enum, default_value_t = FailureMode::Closed)]
+    pub failure_mode: FailureMode,
+    /// Namespace whose policies apply mesh-wide.
+    #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE, value_name = "NS")]
+    pub root_namespace: String,
+    /// Trust domain of source principals (`<td>/ns/<ns>/sa/<sa>`).
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN")]
+    pub trust_domain: String,
+    /// Path normalization, as Istio's meshConfig.pathNormalization; the normalized path is
+    /// what the pod receives.
+    #[arg(long, value_enum, default_value_t = Normalization::Base)]
+    pub path_normalization: Normalization,
+    /// Largest request head (request line and headers), bytes.
+    #[arg(long, default_value_t = Limits::default().max_header_bytes, value_name = "BYTES")]
+    pub max_header_bytes: usize,
+    /// Most header fields in a request.
+    #[arg(long, default_value_t = Limits::default().max_headers, value_name = "N")]
+    pub max_headers: usize,
+    /// Time a client has to send a request head (also between keep-alive requests).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub header_read_timeout: Duration,
+    /// Time a connection has to show its protocol; after it, it is treated as plain TCP.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub detect_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish before the agent exits.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+    /// Log format of every log line, the access log (target `access`) included. Filter with
+    /// `NODEWARD_LOG` (default `info`; the access log stays on unless the filter names `access`,
+    /// e.g. `warn,access=off`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Why the agent could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A tokio runtime could not be built (thread or file-descriptor limits).
+    #[error("starting the data-plane runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The JWKS fetcher could not be built (TLS roots).
+    #[error("{0}")]
+    Jwks(#[source] FetchError),
+    /// The standalone configuration cannot be used at all.
+    #[error("{0}")]
+    Config(#[source] StartError),
+    /// The enforcer's transparent listener could not be opened.
+    #[error("cannot listen on {addr} (--listen): {source}{}", listen_hint(source))]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin server could not bind or start.
+    #[error("cannot serve the admin API on {addr} (--admin): {source}")]
+    Admin {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// SIGTERM/SIGINT handlers could not be installed.
+    #[error("installing the SIGTERM handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+fn listen_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            "; the transparent listener sets IP_TRANSPARENT, which needs CAP_NET_ADMIN (run as root or grant the capability)"
+        }
+        std::io::ErrorKind::AddrInUse => "; another process listens there",
+        std::io::ErrorKind::AddrNotAvailable => "; the address is not one of this host's",
+        _ => "",
+    }
+}
+
+impl RunError {
+    /// 2 for a configuration that cannot start, 1 for everything else.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT; returns the exit status.
+#[must_use]
+pub fn run(args: &RunArgs) -> u8 {
+    match run_agent(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            error!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Every remote key source of the snapshot's jwtRules, as the JWKS store takes them.
+#[must_use]
+pub fn jwks_sources(snapshot: &Snapshot) -> Vec<(JwksSource, Option<Duration>, String)> {
+    snapshot
+        .authn
+        .rules()
+        .filter_map(|rule| match &rule.keys {
+            KeySource::Remote { source, .. } => {
+                Some((source.clone(), rule.timeout, rule.issuer.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn agent_config(args: &RunArgs) -> AgentConfig {
+    let name = |n: Normalization| {
+        n.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    };
+    AgentConfig {
+        failure_mode: args.failure_mode,
+        listen: args.listen,
+        admin: args.admin,
+        root_namespace: args.root_namespace.clone(),
+        trust_domain: args.trust_domain.clone(),
+        policies: args
+            .policies
+            .iter()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+            .collect(),
+        workloads: std::path::absolute(&args.workloads).unwrap_or_else(|_| args.workloads.clone()),
+        path_normalization: name(args.path_normalization),
+        drain_timeout: humantime::format_duration(args.drain_timeout).to_string(),
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+        header_read_timeout: humantime::format_duration(args.header_read_timeout).to_string(),
+        detect_timeout: humantime::format_duration(args.detect_timeout).to_string(),
+    }
+}
+
+/// The readiness checks of the standalone agent: `config`, `jwks`, `listener`, `running`.
+/// Returns the flags of the last two.
+fn readiness_checks(
+    readiness: &Readiness,
+    store: &Arc<StateStore>,
+    jwks: &JwksStore,
+) -> (Arc<AtomicBool>, Arc<AtomicBool>) {
+    let config = Arc::clone(store);
+    readiness.add_check("config", move || {
+        let snapshot = config.load();
+        if snapshot.generation >= 1 {
+            Ok(format!(
+                "generation {}, {} error(s)",
+                snapshot.generation,
+                snapshot.errors.len()
+            ))
+        } else {
+            Err("no configuration published yet".into())
+        }
+    });
+    let keys = jwks.clone();
+    readiness.add_check("jwks", move || {
+        let status = keys.status();
+        if keys.ready() {
+            let failed = status
+                .iter()
+                .filter(|s| s.state == SourceState::Failed)
+                .count();
+            Ok(format!(
+                "{} source(s) answered, {failed} without keys",
+                status.len()
+            ))
+        } else {
+            let pending: Vec<&str> = status
+                .iter()
+                .filter(|s| s.state == SourceState::Pending)
+                .map(|s| s.key.as_str())
+                .collect();
+            Err(format!(
+                "waiting for the first answer of {}",
+                pending.join(", ")
+            ))
+        }
+    });
+    let listening = readiness.add_flag("listener", "the enforcer is not listening yet");
+    let stopping = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&stopping);
+    readiness.add_check("running", move || {
+        if seen.load(Ordering::Acquire) {
+            Err("shutting down: draining connections".into())
+        } else {
+            Ok("ok".into())
+        }
+    });
+    (listening, stopping)
+}
+
+/// The state side of the agent: metrics, the state store fed by the standalone source, and
+/// the JWKS store fed by every published snapshot.
+struct State {
+    metrics: Arc<Metrics>,
+    jwks: JwksStore,
+    jwks_metrics: JwksMetrics,
+    store: Arc<StateStore>,
+    standalone: Standalone,
+}
+
+/// Metrics first (every part registers or counts into them), then the stores, then the
+/// standalone source's first snapshot.
+fn start_state(args: &RunArgs, handle: &tokio::runtime::Handle) -> Result<State, RunError> {
+    let mut metrics = Metrics::new();
+    let jwks = {
+        let _in_runtime = handle.enter();
+        JwksStore::new(FetchConfig::default()).map_err(RunError::Jwks)?
+    };
+    let jwks_metrics = JwksMetrics::new(jwks.clone());
+    metrics
+        .registry_mut()
+        .register_collector(Box::new(jwks_metrics.clone()));
+    let metrics = Arc::new(metrics);
+
+    // Every published snapshot tells the JWKS store its sources. The hook runs on the thread
+    // that reloaded (this one at start, a blocking-pool thread later): enter the data-plane
+    // runtime, where the refresh tasks live.
+    let store = Arc::new(StateStore::new(Snapshot::empty(
+        &args.trust_domain,
+        &args.root_namespace,
+    )));
+    let on_publish: OnPublish = {
+        let jwks = jwks.clone();
+        let handle = handle.clone();
+        Arc::new(move |snapshot: &Arc<Snapshot>| {
+            let _in_runtime = handle.enter();
+            jwks.set_sources(jwks_sources(snapshot));
+        })
+    };
+    let config = StandaloneConfig {
+        root_namespace: args.root_namespace.clone(),
+        trust_domain: args.trust_domain.clone(),
+        ..StandaloneConfig::new(args.policies.clone(), args.workloads.clone())
+    };
+    let standalone =
+        Standalone::start(config, Arc::clone(&store), Arc::clone(&metrics), on_publish)
+            .map_err(RunError::Config)?;
+    let first = store.load();
+    info!(
+        generation = first.generation,
+        workloads = first.workloads.len(),
+        authorization_policies = first.authz.len(),
+        errors = first.errors.len(),
+        "configuration loaded"
+    );
+    Ok(State {
+        metrics,
+        jwks,
+        jwks_metrics,
+        store,
+        standalone,
+    })
+}
+
+fn enforcer_config(args: &RunArgs) -> EnforcerConfig {
+    EnforcerConfig {
+        limits: Limits {
+            max_header_bytes: args.max_header_bytes,
+            max_headers: args.max_headers,
+            header_read_timeout: args.header_read_timeout,
+            detect_timeout: args.detect_timeout,
+            ..Limits::default()
+        },
+        path_normalization: args.path_normalization,
+        drain_timeout: args.drain_timeout,
+        ..EnforcerConfig::default()
+    }
+}
+
+/// What shutdown stops, in order.
+struct Running {
+    shutdown: CancellationToken,
+    accepting: tokio::task::JoinHandle<()>,
+    tracker: TaskTracker,
+    watcher: tokio::task::JoinHandle<()>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// Waits for SIGTERM or SIGINT, then: `/readyz` 503, no more accepting, in-flight requests
+/// finish within `drain`, the watcher stops.
+async fn drain_on_signal(
+    mut terminate: Signal,
+    mut interrupt: Signal,
+    running: Running,
+    drain: Duration,
+) {
+    let name = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    running.stopping.store(true, Ordering::Release);
+    info!(
+        signal = name,
+        open = running.tracker.len(),
+        drain_timeout = %humantime::format_duration(drain),
+        "shutting down: no longer accepting; letting in-flight requests finish"
+    );
+    running.shutdown.cancel();
+    if let Err(e) = running.accepting.await {
+        warn!(error = %e, "the listener task ended abnormally");
+    }
+    running.tracker.close();
+    if tokio::time::timeout(drain, running.tracker.wait())
+        .await
+        .is_ok()
+    {
+        info!("every connection finished");
+    } else {
+        warn!(
+            cut = running.tracker.len(),
+            "drain timeout reached; closing the connections still open"
+        );
+    }
+    if let Err(e) = running.watcher.await {
+        warn!(error = %e, "the file watcher ended abnormally");
+    }
+}
+
+fn run_agent(args: &RunArgs) -> Result<(), RunError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nodeward-data")
+        .build()
+        .map_err(RunError::Runtime)?;
+    let handle = runtime.handle().clone();
+    // Handlers first, so a SIGTERM during startup is a clean shutdown too.
+    let (terminate, interrupt) = {
+        let _in_runtime = handle.enter();
+        (
+            signal(SignalKind::terminate()).map_err(RunError::Signal)?,
+            signal(SignalKind::interrupt()).map_err(RunError::Signal)?,
+        )
+    };
+
+    let state = start_state(args, &handle)?;
+    let readiness = Arc::new(Readiness::new());
+    let (listening, stopping) = readiness_checks(&readiness, &state.store, &state.jwks);
+
+    let shutdown = CancellationToken::new();
+    let watcher = runtime.spawn(state.standalone.watch(shutdown.clone()));
+
+    let listener = {
+        let _in_runtime = handle.enter();
+        transparent_listener(args.listen).map_err(|source| RunError::Listen {
+            addr: args.listen,
+            source,
+        })?
+    };
+    let listen_addr = listener.local_addr().unwrap_or(args.listen);
+    let cache = TokenCache::default();
+    let enforcer = Enforcer::new(
+        Arc::clone(&state.store),
+        Arc::new(state.jwks.clone()),
+        cache.clone(),
+        Arc::clone(&state.metrics),
+        enforcer_config(args),
+    );
+    let tracker = TaskTracker::new();
+    let accepting =
+        runtime.spawn(enforcer.run_listener(listener, shutdown.clone(), tracker.clone()));
+    listening.store(true, Ordering::Release);
+    info!(listen = %listen_addr, failure_mode = args.failure_mode.as_str(), "enforcer listening");
+
+    let admin_error = |source| RunError::Admin {
+        addr: args.admin,
+        source,
+    };
+    let admin_listener = std::net::TcpListener::bind(args.admin).map_err(admin_error)?;
+    let admin = AdminServer::start(
+        admin_listener,
+        Arc::new(Admin {
+            store: state.store,
+            jwks: state.jwks,
+            jwks_metrics: state.jwks_metrics,
+            cache,
+            metrics: state.metrics,
+            readiness,
+            config: agent_config(args),
+            normalization: args.path_normalization,
+        }),
+    )
+    .map_err(admin_error)?;
+    info!(admin = %admin.local_addr(), "admin server listening");
+
+    runtime.block_on(drain_on_signal(
+        terminate,
+        interrupt,
+        Running {
+            shutdown,
+            accepting,
+            tracker,
+            watcher,
+            stopping,
+        },
+        args.drain_timeout,
+    ));
+    admin.stop();
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    info!("nodeward stopped");
+    Ok(())
+}
