@@ -1,9 +1,11 @@
-//! `cargo xtask demo`: the README's main job. Sets up, builds the agent, and shows Istio's
-//! reference scenarios (`examples/policies`) decided by the real `nodeward check`.
+//! `cargo xtask demo`: the README's main job. Sets up, builds the agent, starts it in
+//! standalone mode on the examples (`nodeward run --policies examples/policies --workloads
+//! examples/workloads.yaml`), and shows Istio's reference scenarios decided by the running
+//! agent (`nodeward check --admin`: its live state, its JWKS, its token cache), then its
+//! `nodeward status`, then stops it with SIGTERM.
 //!
-//! Until the enforcer and the kernel data path land (issues 4 and 5), the answers come from
-//! the policy engine through the CLI; the same table will then be produced by real HTTP
-//! through the steered data path.
+//! Until the kernel data path lands (issue 5), the scenarios are asked through the admin API;
+//! the same table will then come from real HTTP through the steered data path.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -144,7 +146,29 @@ pub fn run() -> Result<()> {
     system::run(&mut build)?;
     let bin = target_dir(&root).join("debug").join("nodeward");
 
-    println!("\nIstio's reference scenarios (examples/policies), decided by `nodeward check`:\n");
+    let admin = format!("127.0.0.1:{}", free_port()?);
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml --admin {admin} --listen {listen}");
+    let agent = Agent(
+        Command::new(&bin)
+            .args([
+                "run",
+                "--policies",
+                "examples/policies",
+                "--workloads",
+                "examples/workloads.yaml",
+            ])
+            .args(["--admin", &admin, "--listen", &listen])
+            .current_dir(&root)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting nodeward run (needs root: the listener is IP_TRANSPARENT)")?,
+    );
+    wait_ready(&bin, &admin)?;
+
+    println!("\nIstio's reference scenarios (examples/policies), decided by the running agent (`nodeward check --admin {admin}`):\n");
     println!(
         "{:<26} {:<36} {:>8} {:>4}  decided by",
         "scenario", "request", "expected", "got"
@@ -154,8 +178,8 @@ pub fn run() -> Result<()> {
         let mut cmd = Command::new(&bin);
         cmd.args([
             "check",
-            "--policies",
-            "examples/policies",
+            "--admin",
+            &admin,
             "--namespace",
             "foo",
             "--output",
@@ -206,11 +230,63 @@ pub fn run() -> Result<()> {
         );
     }
     println!("\n{} passed, {failed} failed", SCENARIOS.len() - failed);
-    println!("Explain any row: target/debug/nodeward check --policies examples/policies --namespace foo <args>");
+    println!("\n==> nodeward status --admin {admin}\n");
+    let mut status = Command::new(&bin);
+    status
+        .args(["status", "--admin", &admin])
+        .current_dir(&root);
+    let _ = status.status();
+    agent.stop();
+    println!("Explain any row with the same files: target/debug/nodeward check --policies examples/policies --namespace foo <args>");
     if failed > 0 {
         bail!("{failed} scenario(s) did not get Istio's answer");
     }
     Ok(())
+}
+
+/// The agent process: SIGTERM on `stop`, killed if the demo fails before.
+struct Agent(std::process::Child);
+
+impl Agent {
+    fn stop(mut self) {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.0.wait();
+        println!("\nagent stopped (SIGTERM)");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Waits (at most 15 s) for `nodeward status` to report the agent ready.
+fn wait_ready(bin: &Path, admin: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        let ok = Command::new(bin)
+            .args(["status", "--admin", admin])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    bail!("the agent did not become ready on {admin} within 15 s; run it by hand to see why: target/debug/nodeward run --policies examples/policies --workloads examples/workloads.yaml --admin {admin}")
 }
 
 fn workspace_root() -> Result<PathBuf> {
