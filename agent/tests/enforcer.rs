@@ -452,3 +452,33 @@ spec:
         }
     }
 }
+
+#[tokio::test]
+async fn pipelined_requests_are_each_judged_in_order() {
+    let node = node_with(&policies(), Limits::default()).await;
+    let mut stream = connect_from(&node, KNOWN_CLIENT).await;
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\nGET /third HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while text.matches("HTTP/1.1 ").count() < 3 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => break,
+        }
+    }
+    let statuses: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "403", "200"], "{text}");
+    let uris: Vec<String> = node.upstream.seen().iter().map(|s| s.uri.clone()).collect();
+    assert_eq!(
+        uris,
+        ["/first", "/third"],
+        "the denied one in the middle never reached the pod"
+    );
+}
