@@ -133,6 +133,7 @@ const SCENARIOS: &[Scenario] = &[
     },
 ];
 
+#[expect(clippy::too_many_lines, reason = "the demo's script, step by step")]
 pub fn run() -> Result<()> {
     setup::run()?;
     let root = workspace_root()?;
