@@ -1,26 +1,17 @@
-//! Privileged test of the datapath loader against the real kernel.
+//! Privileged tests of the datapath's setup against the real kernel, without steering traffic
+//! (that is `datapath_steering.rs`): the BPF filesystem, pins, `CONFIG`, policy routing, TCX
+//! attachments, the protected-endpoint map, guards, interfaces coming and going, link events,
+//! route lookups, refusals before anything is created, and the kernel log switch.
 //!
-//! Builds a tiny node: two network namespaces made for this test, "node" and "pod", joined by a
-//! veth pair (192.0.2.1/24 on the node side, 192.0.2.2/24 on the pod side: a documentation range,
-//! used only inside these namespaces). It loads the embedded eBPF object, attaches `steer` to the
-//! ingress of the node-side veth (traffic leaving the pod), protects one endpoint, and checks:
-//! - the kernel lists the program on the interface's TCX ingress hook;
-//! - the protected endpoint round-trips through `PROTECTED_ENDPOINTS`, in network byte order;
-//! - real TCP connection attempts from the pod are classified and counted, and pass (the node's
-//!   stack answers them, so the classifier returned `TC_ACT_OK`).
-//!
-//! Needs root (`CAP_BPF`, `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`) and iproute2: without them it
-//! FAILS, saying what is missing. Everything it creates is removed by a guard's `Drop`, also when
-//! it panics. Names carry the process id, so parallel runs do not collide.
+//! Needs root (`CAP_BPF`, `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`) and iproute2: without them each test
+//! FAILS, saying what is missing. Everything is removed by guards, also on panic.
+
+mod datapath_support;
 
 use std::{
-    fs::{self, File},
-    io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::fd::AsRawFd as _,
-    path::Path,
-    process::Command,
-    thread,
+    io::Write,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -28,280 +19,465 @@ use aya::{
     maps::{HashMap, MapData},
     programs::{SchedClassifier, TcAttachType},
 };
-use nodeward::datapath::{self, Counters};
-use nodeward_common::{EndpointKey, ENDPOINT_FLAGS_NONE};
+use datapath_support::{
+    eventually, ip, request, require_privileges, serial, FakeEnforcer, Node, PodServer,
+    LISTENER_PORT, NODE_IP, POD_PORT, ROUTE_TABLE, STEER_MARK, UPSTREAM_MARK,
+};
+use nodeward::datapath::{
+    interface_for, on_bpffs, Datapath, DatapathConfig, DatapathError, FailureMode,
+};
+use nodeward_common::{
+    config::{FAILURE_MODE_CLOSED, LOG_DECISIONS},
+    EndpointKey, ENDPOINT_FLAGS_NONE, PORT_ANY,
+};
 
-const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const POD_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-const PROTECTED_PORT: u16 = 8080;
-const UNPROTECTED_PORT: u16 = 8081;
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 2, 2);
+const LATE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 5, 2);
+const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(10, 200, 9, 9);
+
+fn start(node: &Node, config: DatapathConfig) -> Datapath {
+    node.run(|| Datapath::start(config))
+        .unwrap_or_else(|e| panic!("Datapath::start: {e}"))
+}
+
+/// Names of the programs on `iface`'s TCX hook in the node.
+fn tcx_program_names(node: &Node, iface: &str, attach_type: TcAttachType) -> Vec<String> {
+    node.run(|| SchedClassifier::query_tcx(iface, attach_type))
+        .unwrap_or_else(|e| panic!("querying TCX on {iface}: {e}"))
+        .1
+        .iter()
+        .map(|info| info.name_as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+fn ifindex(node: &Node, iface: &str) -> u32 {
+    let out = node.ip_out(&["-o", "link", "show", iface]);
+    out.split(':')
+        .next()
+        .and_then(|index| index.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ifindex in `{out}`"))
+}
 
 #[test]
-fn loads_attaches_and_counts_on_a_veth() {
+fn start_pins_configures_routes_and_attaches() {
     require_privileges();
-    // Declared before the eBPF object so it is dropped after it: programs detach first.
-    let net = TestNet::create();
-
-    let mut ebpf = datapath::load().unwrap_or_else(|e| panic!("datapath::load: {e}"));
-    in_netns(&net.node_ns, || {
-        datapath::attach_tc(&mut ebpf, &net.node_if)
-    })
-    .unwrap_or_else(|e| panic!("datapath::attach_tc on {}: {e}", net.node_if));
-
-    // The kernel lists our program on the interface's ingress hook (TCX on Linux >= 6.6).
-    let program_id = ebpf
-        .program(datapath::TC_PROGRAM)
-        .expect("the object has the TC program")
-        .info()
-        .unwrap_or_else(|e| panic!("reading the loaded program's info: {e}"))
-        .id();
-    let (_revision, attached) = in_netns(&net.node_ns, || {
-        SchedClassifier::query_tcx(&net.node_if, TcAttachType::Ingress)
-    })
-    .unwrap_or_else(|e| panic!("querying TCX ingress programs on {}: {e}", net.node_if));
-    let attached_ids: Vec<u32> = attached
-        .iter()
-        .map(aya::programs::ProgramInfo::id)
-        .collect();
+    let _serial = serial();
+    let mut node = Node::new('l');
+    let pod = node.add_endpoint('p', POD_IP);
+    let config = node.config(FailureMode::Closed);
     assert!(
-        attached_ids.contains(&program_id),
-        "program {program_id} not attached to {} ingress; attached: {attached_ids:?}",
-        net.node_if
+        !on_bpffs(&config.pin_dir).expect("statfs"),
+        "the test's bpffs is not mounted yet"
     );
 
-    // The map write round-trips, through the API and as raw key bytes in network order.
-    let protected = SocketAddrV4::new(NODE_ADDR, PROTECTED_PORT);
-    datapath::protect(&mut ebpf, protected).unwrap_or_else(|e| panic!("protect: {e}"));
+    let datapath = start(&node, config.clone());
+
+    // The BPF filesystem was mounted, maps and the link are pinned.
+    assert!(on_bpffs(&config.pin_dir).expect("statfs"));
+    for map in ["PROTECTED_ENDPOINTS", "CONFIG", "COUNTERS"] {
+        assert!(
+            config.pin_dir.join("maps").join(map).exists(),
+            "{map} pinned"
+        );
+    }
+    let pod_index = ifindex(&node, &pod.host_if);
+    assert!(config
+        .pin_dir
+        .join(format!("links/steer-{pod_index}"))
+        .exists());
+
+    // CONFIG holds what the programs need.
+    let kernel = datapath
+        .kernel_config()
+        .unwrap_or_else(|e| panic!("kernel_config: {e}"));
+    assert_eq!(kernel.listener_port, LISTENER_PORT);
+    assert_eq!(kernel.steer_mark, STEER_MARK);
+    assert_eq!(kernel.upstream_mark, UPSTREAM_MARK);
+    assert_eq!(kernel.failure_mode, FAILURE_MODE_CLOSED);
+    assert_eq!(kernel.log_level, 0, "kernel log lines are off by default");
+
+    // Policy routing, installed through netlink.
+    let rules = node.ip_out(&["rule"]);
+    assert!(
+        rules.contains("50:\tfrom all fwmark 0x1000/0x1000 lookup 2700"),
+        "{rules}"
+    );
+    let routes = node.ip_out(&["route", "show", "table", &ROUTE_TABLE.to_string()]);
+    assert!(routes.contains("local default dev lo"), "{routes}");
+
+    // steer on the veth's TCX ingress (bpftool does not list TCX links; the kernel does).
     assert_eq!(
-        datapath::protected_endpoints(&ebpf).unwrap_or_else(|e| panic!("listing: {e}")),
-        vec![protected]
+        tcx_program_names(&node, &pod.host_if, TcAttachType::Ingress),
+        vec!["steer"]
+    );
+    assert!(tcx_program_names(&node, &pod.host_if, TcAttachType::Egress).is_empty());
+
+    // The log level is switched at run time.
+    datapath
+        .set_log_level(LOG_DECISIONS)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        datapath.kernel_config().expect("config").log_level,
+        LOG_DECISIONS
+    );
+
+    datapath
+        .shutdown()
+        .unwrap_or_else(|e| panic!("shutdown: {e}"));
+    assert!(!config.pin_dir.exists());
+}
+
+#[test]
+fn sync_writes_the_endpoint_map_and_guards_protected_pods() {
+    require_privileges();
+    let _serial = serial();
+    let mut node = Node::new('m');
+    let pod = node.add_endpoint('p', POD_IP);
+    let config = node.config(FailureMode::Closed);
+    let datapath = start(&node, config.clone());
+    let pod_index = ifindex(&node, &pod.host_if);
+
+    // The protected-endpoint map: written as a diff, read back, raw keys in network order.
+    let endpoints = [(POD_IP, PORT_ANY), (ELSEWHERE, 443)];
+    let report = node
+        .run(|| datapath.sync(&endpoints, std::slice::from_ref(&pod.host_if)))
+        .unwrap_or_else(|e| panic!("sync: {e}"));
+    assert_eq!(report.endpoints_added, 2);
+    assert_eq!(report.guards_attached, vec![pod.host_if.clone()]);
+    assert_eq!(
+        datapath
+            .protected_endpoints()
+            .unwrap_or_else(|e| panic!("{e}")),
+        vec![(POD_IP, PORT_ANY), (ELSEWHERE, 443)]
     );
     {
-        let map = ebpf
-            .map(datapath::PROTECTED_ENDPOINTS_MAP)
-            .expect("the object has the map");
-        let map: HashMap<&MapData, EndpointKey, u32> =
-            HashMap::try_from(map).unwrap_or_else(|e| panic!("opening the map: {e}"));
+        let pinned = MapData::from_pin(config.pin_dir.join("maps/PROTECTED_ENDPOINTS"))
+            .unwrap_or_else(|e| panic!("opening the pinned map: {e}"));
+        let map: HashMap<MapData, EndpointKey, u32> =
+            HashMap::try_from(aya::maps::Map::HashMap(pinned))
+                .unwrap_or_else(|e| panic!("typing the pinned map: {e}"));
         let raw_key = EndpointKey::from_network_order(
-            u32::from_ne_bytes(NODE_ADDR.octets()),
-            u16::from_ne_bytes(PROTECTED_PORT.to_be_bytes()),
+            u32::from_ne_bytes(ELSEWHERE.octets()),
+            u16::from_ne_bytes(443_u16.to_be_bytes()),
         );
         assert_eq!(
             map.get(&raw_key, 0)
-                .unwrap_or_else(|e| panic!("looking up the raw key: {e}")),
+                .unwrap_or_else(|e| panic!("raw key: {e}")),
             ENDPOINT_FLAGS_NONE
         );
     }
+    assert_eq!(
+        tcx_program_names(&node, &pod.host_if, TcAttachType::Egress),
+        vec!["guard"]
+    );
+    let report = node
+        .run(|| datapath.sync(&endpoints, std::slice::from_ref(&pod.host_if)))
+        .unwrap_or_else(|e| panic!("sync: {e}"));
+    assert_eq!(
+        (report.endpoints_added, report.endpoints_removed),
+        (0, 0),
+        "idempotent"
+    );
+    assert!(report.guards_attached.is_empty());
+    let report = node
+        .run(|| datapath.sync(&[(ELSEWHERE, 443)], &["nw-no-such".to_owned()]))
+        .unwrap_or_else(|e| panic!("sync: {e}"));
+    assert_eq!(report.endpoints_removed, 1);
+    assert_eq!(report.guards_detached, vec![pod.host_if.clone()]);
+    assert_eq!(report.missing_interfaces, vec!["nw-no-such".to_owned()]);
+    assert!(tcx_program_names(&node, &pod.host_if, TcAttachType::Egress).is_empty());
+    assert!(!config
+        .pin_dir
+        .join(format!("links/guard-{pod_index}"))
+        .exists());
 
-    // Real traffic from the pod: one SYN to the protected port, one to another port. No one
-    // listens on the node, so each SYN gets a RST; a refused connection proves it passed.
-    let before = counters(&ebpf);
-    for port in [PROTECTED_PORT, UNPROTECTED_PORT] {
-        let target = SocketAddr::from((NODE_ADDR, port));
-        let result = in_netns(&net.pod_ns, || {
-            TcpStream::connect_timeout(&target, Duration::from_secs(5))
-        });
-        match result {
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-            other => panic!(
-                "connecting from the pod to {target} should be refused by the node's stack \
-                 (proof the classifier passed the SYN), got {other:?}"
-            ),
-        }
+    // Attaching from another network namespace than the node's is refused, not misapplied.
+    match datapath.sync(&[], &[]) {
+        Err(DatapathError::WrongNamespace { operation }) => assert_eq!(operation, "sync"),
+        other => panic!("sync from the test's namespace: {other:?}"),
     }
-    let after = counters(&ebpf);
+
+    datapath
+        .shutdown()
+        .unwrap_or_else(|e| panic!("shutdown: {e}"));
+}
+
+#[test]
+fn interfaces_come_and_go_and_routes_name_them() {
+    require_privileges();
+    let _serial = serial();
+    let mut node = Node::new('i');
+    let pod = node.add_endpoint('p', POD_IP);
+    let config = node.config(FailureMode::Closed);
+    let datapath = start(&node, config.clone());
+
+    // Route lookups for the registry: a pod's host interface; none for local or unknown.
     assert_eq!(
-        after.protected - before.protected,
-        1,
-        "one SYN to the protected endpoint: {before:?} -> {after:?}"
+        datapath
+            .interface_for(POD_IP)
+            .unwrap_or_else(|e| panic!("{e}")),
+        Some(pod.host_if.clone())
     );
     assert_eq!(
-        after.not_protected - before.not_protected,
-        1,
-        "one SYN to an unprotected port: {before:?} -> {after:?}"
+        datapath
+            .interface_for(NODE_IP)
+            .unwrap_or_else(|e| panic!("{e}")),
+        None
     );
+    assert_eq!(
+        node.run(|| interface_for(Ipv4Addr::new(192, 0, 2, 1)))
+            .unwrap_or_else(|e| panic!("{e}")),
+        None,
+        "no route"
+    );
+
+    // Interfaces come and go.
+    let late = node.add_endpoint('q', LATE_IP);
+    let report = node
+        .run(|| datapath.rescan_interfaces())
+        .unwrap_or_else(|e| panic!("rescan: {e}"));
+    assert_eq!(report.attached, vec![late.host_if.clone()]);
+    let late_index = ifindex(&node, &late.host_if);
+    // Deleting the node's end removes the pair at once (deleting the pod's namespace would, but
+    // the kernel tears namespaces down asynchronously).
+    ip(&["-n", &node.ns, "link", "del", &late.host_if]);
+    let report = node
+        .run(|| datapath.rescan_interfaces())
+        .unwrap_or_else(|e| panic!("rescan: {e}"));
+    assert_eq!(report.removed, vec![late.host_if.clone()]);
+    assert!(!config
+        .pin_dir
+        .join(format!("links/steer-{late_index}"))
+        .exists());
+
+    datapath
+        .shutdown()
+        .unwrap_or_else(|e| panic!("shutdown: {e}"));
+    assert!(!config.pin_dir.exists());
+}
+
+#[test]
+fn start_replaces_leftovers_it_cannot_adopt() {
+    require_privileges();
+    let _serial = serial();
+    let mut node = Node::new('j');
+    let pod = node.add_endpoint('p', POD_IP);
+    let config = node.config(FailureMode::Closed);
+    drop(start(&node, config.clone())); // a crash: pins left behind
+    let pod_index = ifindex(&node, &pod.host_if);
+    let link_pin = config.pin_dir.join(format!("links/steer-{pod_index}"));
+
+    // The attachment pin is replaced by something that is not a link (a map), and a pin with a
+    // name nodeward never makes appears.
+    std::fs::remove_file(&link_pin).expect("remove the link pin");
+    let counters = MapData::from_pin(config.pin_dir.join("maps/COUNTERS")).expect("open a map");
+    counters
+        .pin(&link_pin)
+        .expect("pin a map where the link was");
+    counters
+        .pin(config.pin_dir.join("links/stray"))
+        .expect("pin a stray object");
+    drop(counters);
+
+    let datapath = start(&node, config.clone());
+    assert_eq!(
+        tcx_program_names(&node, &pod.host_if, TcAttachType::Ingress),
+        vec!["steer"],
+        "a new link was attached where the old pin could not be adopted"
+    );
+    let pinned = aya::programs::links::PinnedLink::from_pin(&link_pin)
+        .unwrap_or_else(|e| panic!("the new link is pinned where the old pin was: {e}"));
+    aya::programs::tc::SchedClassifierLink::try_from(aya::programs::links::FdLink::from(pinned))
+        .unwrap_or_else(|e| panic!("the pin holds a TCX link: {e}"));
     assert!(
-        after.seen - before.seen >= 2,
-        "SEEN counts every packet: {before:?} -> {after:?}"
+        !config.pin_dir.join("links/stray").exists(),
+        "a pin nodeward does not know is removed"
     );
-    assert_eq!(
-        after.malformed, 0,
-        "no malformed packets were sent: {after:?}"
-    );
+    datapath
+        .shutdown()
+        .unwrap_or_else(|e| panic!("shutdown: {e}"));
+    assert!(!config.pin_dir.exists());
+}
 
-    assert!(datapath::unprotect(&mut ebpf, protected).unwrap_or_else(|e| panic!("{e}")));
-    assert!(!datapath::unprotect(&mut ebpf, protected).unwrap_or_else(|e| panic!("{e}")));
-    assert_eq!(
-        datapath::protected_endpoints(&ebpf).unwrap_or_else(|e| panic!("listing: {e}")),
-        vec![]
-    );
+#[test]
+fn start_refuses_before_creating_anything() {
+    require_privileges();
+    let _serial = serial();
+    let node = Node::new('e');
+    let base = node.config(FailureMode::Closed);
 
-    drop(ebpf);
-    let namespaces = [net.node_ns.clone(), net.pod_ns.clone()];
-    drop(net);
-    for ns in namespaces {
+    let refusals: [(DatapathConfig, &str); 3] = [
+        (
+            DatapathConfig {
+                upstream_mark: STEER_MARK,
+                ..base.clone()
+            },
+            "upstream_mark",
+        ),
+        (
+            DatapathConfig {
+                uplinks: vec!["nw-no-uplink".to_owned()],
+                ..base.clone()
+            },
+            "uplink interface `nw-no-uplink` does not exist",
+        ),
+        (
+            base.clone(),
+            "routing table 2700 already has a default route",
+        ),
+    ];
+    for (index, (config, expected)) in refusals.into_iter().enumerate() {
+        if index == 2 {
+            // Someone else's default route in the configured table.
+            ip(&[
+                "-n",
+                &node.ns,
+                "route",
+                "add",
+                "unreachable",
+                "default",
+                "table",
+                &ROUTE_TABLE.to_string(),
+            ]);
+        }
+        let error = match node.run(|| Datapath::start(config)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("start must refuse: {expected}"),
+        };
         assert!(
-            !netns_path(&ns).exists(),
-            "namespace {ns} still exists after cleanup"
+            error.contains(expected),
+            "`{error}` should say `{expected}`"
+        );
+        assert!(!base.pin_dir.exists(), "nothing pinned after: {error}");
+        assert!(
+            !node.ip_out(&["rule"]).contains("fwmark"),
+            "no rule after: {error}"
         );
     }
 }
 
-fn counters(ebpf: &aya::Ebpf) -> Counters {
-    datapath::read_counters(ebpf).unwrap_or_else(|e| panic!("read_counters: {e}"))
-}
-
-/// Fails (never skips) when the test cannot get what it needs, naming what is missing.
-fn require_privileges() {
-    const CAPS: [(&str, u32); 3] = [
-        ("CAP_NET_ADMIN", 12),
-        ("CAP_SYS_ADMIN", 21),
-        ("CAP_BPF", 39),
-    ];
-    let status = fs::read_to_string("/proc/self/status")
-        .unwrap_or_else(|e| panic!("reading /proc/self/status: {e}"));
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .unwrap_or_else(|| panic!("/proc/self/status has no {name}"))
-            .trim()
-            .to_owned()
-    };
-    let mut missing = Vec::new();
-    if field("Uid").split_whitespace().nth(1) != Some("0") {
-        missing.push("root (effective uid 0)");
-    }
-    let cap_eff = u64::from_str_radix(&field("CapEff"), 16).expect("CapEff is hex");
-    for (name, bit) in CAPS {
-        if cap_eff & (1 << bit) == 0 {
-            missing.push(name);
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "this test loads eBPF programs and creates network namespaces; missing privileges: {}. \
-         Run the suite as root: `cargo xtask test`",
-        missing.join(", ")
-    );
-    match Command::new("ip").arg("-V").output() {
-        Ok(out) if out.status.success() => {}
-        other => {
-            panic!("iproute2's `ip` does not run ({other:?}); install it with `cargo xtask setup`")
-        }
-    }
-}
-
-/// Two network namespaces joined by a veth pair; removed on drop, also during a panic.
-struct TestNet {
-    node_ns: String,
-    pod_ns: String,
-    node_if: String,
-    pod_if: String,
-}
-
-impl TestNet {
-    fn create() -> Self {
-        let pid = std::process::id();
-        // The guard exists before anything is created, so a failure half-way is cleaned up too.
-        let net = Self {
-            node_ns: format!("nw-dp-node-{pid}"),
-            pod_ns: format!("nw-dp-pod-{pid}"),
-            // Interface names have at most 15 bytes: 3 + at most 7 digits of a Linux pid.
-            node_if: format!("nwh{pid}"),
-            pod_if: format!("nwp{pid}"),
-        };
-        ip(&["netns", "add", &net.node_ns]);
-        ip(&["netns", "add", &net.pod_ns]);
-        ip(&[
-            "-n",
-            &net.node_ns,
-            "link",
-            "add",
-            &net.node_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &net.pod_if,
-            "netns",
-            &net.pod_ns,
-        ]);
-        for (ns, dev, addr) in [
-            (&net.node_ns, &net.node_if, NODE_ADDR),
-            (&net.pod_ns, &net.pod_if, POD_ADDR),
-        ] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-        }
-        net
-    }
-}
-
-impl Drop for TestNet {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes its interfaces; a veth pair goes with either end.
-        let mut failures = Vec::new();
-        for ns in [&self.pod_ns, &self.node_ns] {
-            if !netns_path(ns).exists() {
-                continue;
-            }
-            match Command::new("ip").args(["netns", "del", ns]).output() {
-                Ok(out) if out.status.success() => {}
-                other => failures.push(format!("`ip netns del {ns}`: {other:?}")),
-            }
-        }
-        if !failures.is_empty() {
-            let message = format!("cleanup failed: {}", failures.join("; "));
-            if thread::panicking() {
-                eprintln!("{message}");
-            } else {
-                panic!("{message}");
-            }
-        }
-    }
-}
-
-fn netns_path(ns: &str) -> std::path::PathBuf {
-    Path::new("/run/netns").join(ns)
-}
-
-/// Runs `ip args`, panicking with its stderr on failure.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running `ip {}`: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "`ip {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns` (`setns` affects only the calling
-/// thread, so the test's own thread and other tests stay where they are).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = netns_path(ns);
-    thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file =
-                    File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-                // SAFETY: plain syscall on a valid descriptor; it changes the network namespace
-                // of this short-lived thread only.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(
-                    rc,
-                    0,
-                    "setns into {}: {}",
-                    path.display(),
-                    io::Error::last_os_error()
-                );
-                f()
+#[test]
+fn link_events_announce_new_interfaces() {
+    require_privileges();
+    let _serial = serial();
+    let mut node = Node::new('k');
+    let _pod = node.add_endpoint('p', POD_IP);
+    let datapath = start(&node, node.config(FailureMode::Closed));
+    let ns = node.ns.clone();
+    let late_if = node.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut events = datapath
+                .link_events()
+                .unwrap_or_else(|e| panic!("link_events: {e}"));
+            assert!(!events.poll_changed().expect("poll"), "nothing pending yet");
+            // A new pod's veth appears (created from another thread: `ip` is a process).
+            let name = format!("nwkx{}", std::process::id());
+            let (ns2, name2) = (ns.clone(), name.clone());
+            std::thread::spawn(move || {
+                ip(&[
+                    "-n",
+                    &ns2,
+                    "link",
+                    "add",
+                    &name2,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &format!("{name2}b"),
+                ]);
             })
             .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+            .expect("ip link add");
+            tokio::time::timeout(Duration::from_secs(2), events.changed())
+                .await
+                .expect("a link event within 2 s")
+                .unwrap_or_else(|e| panic!("changed: {e}"));
+            let report = datapath
+                .rescan_interfaces()
+                .unwrap_or_else(|e| panic!("rescan: {e}"));
+            assert!(report.attached.contains(&name), "{report:?}");
+            assert!(report.attached.contains(&format!("{name}b")), "{report:?}");
+            name
+        })
+    });
+    assert!(datapath.attached().contains(&(late_if, "steer")));
+    datapath
+        .shutdown()
+        .unwrap_or_else(|e| panic!("shutdown: {e}"));
+}
+
+/// Captures what the tracing subscriber writes.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("capture").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("capture")).into_owned()
+    }
+}
+
+#[test]
+fn kernel_log_lines_follow_the_run_time_level() {
+    require_privileges();
+    let _serial = serial();
+    // The subscriber (with its `log` bridge) before the datapath: the log thread binds the `log`
+    // crate's logger when it starts.
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .try_init()
+        .expect("the only subscriber of this test binary");
+
+    let mut node = Node::new('g');
+    let client = node.add_endpoint('c', CLIENT_IP);
+    let pod = node.add_endpoint('p', POD_IP);
+    let _pod_server = PodServer::start(&pod.ns, POD_IP, POD_PORT);
+    let _enforcer = FakeEnforcer::start(&node.ns);
+    let datapath = start(&node, node.config(FailureMode::Closed));
+    node.run(|| datapath.sync(&[(POD_IP, PORT_ANY)], std::slice::from_ref(&pod.host_if)))
+        .unwrap_or_else(|e| panic!("sync: {e}"));
+    let target = SocketAddrV4::new(POD_IP, POD_PORT);
+
+    request(&client.ns, target, None, Duration::from_secs(3)).expect("steered, quiet");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !capture.text().contains("steer: "),
+        "log level 0: no kernel lines: {}",
+        capture.text()
+    );
+
+    datapath
+        .set_log_level(LOG_DECISIONS)
+        .unwrap_or_else(|e| panic!("{e}"));
+    request(&client.ns, target, None, Duration::from_secs(3)).expect("steered, logged");
+    let line = format!("steer: {CLIENT_IP}:");
+    assert!(
+        eventually(Duration::from_secs(2), || capture.text().contains(&line)
+            && capture
+                .text()
+                .contains(&format!("-> {POD_IP}:{POD_PORT} flags 2 reason 4"))),
+        "log level 2: the SYN's decision (reason 4, STEER_LISTENER) is logged: {}",
+        capture.text()
+    );
+    datapath
+        .shutdown()
+        .unwrap_or_else(|e| panic!("shutdown: {e}"));
 }

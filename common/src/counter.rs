@@ -1,32 +1,100 @@
 //! Slots of the `COUNTERS` per-CPU array (`u64` packet counts per slot).
 //!
 //! Stable indices, like the reason codes: a slot's meaning never changes and a retired slot stays
-//! reserved. The agent sums each slot over all CPUs.
+//! reserved. Each verdict reason has exactly one slot ([`for_reason`]); a few more slots count
+//! events on the way to a verdict (`SEEN`, `PROTECTED`, `STEERED`, `LISTENER_MISSING`,
+//! `ASSIGN_FAILED`, `GUARD_SEEN`). The agent sums each slot over all CPUs.
 
 use crate::reason;
 
-/// Every packet the classifier ran on.
+/// `steer`: every packet the program ran on.
 pub const SEEN: u32 = 0;
-/// Packets passed with [`reason::PASS_NOT_IPV4_TCP`].
+/// `steer`: packets with [`reason::PASS_NOT_IPV4_TCP`].
 pub const NOT_IPV4_TCP: u32 = 1;
-/// Packets passed with [`reason::PASS_NOT_PROTECTED`].
+/// `steer`: packets with [`reason::PASS_NOT_PROTECTED`].
 pub const NOT_PROTECTED: u32 = 2;
-/// Packets to a protected destination ([`reason::PASS_PROTECTED_NOT_STEERED`] today).
+/// `steer`: packets to a protected destination, whatever their verdict (an event).
 pub const PROTECTED: u32 = 3;
-/// Packets passed with [`reason::PASS_MALFORMED`].
+/// `steer`: packets with [`reason::PASS_MALFORMED`].
 pub const MALFORMED: u32 = 4;
+/// `steer`: packets whose mark got `steer_mark` (an event: [`ASSIGNED_LISTENER`] +
+/// [`ASSIGNED_ESTABLISHED`]).
+pub const STEERED: u32 = 5;
+/// `steer`: packets with [`reason::STEER_LISTENER`].
+pub const ASSIGNED_LISTENER: u32 = 6;
+/// `steer`: packets with [`reason::STEER_ESTABLISHED`].
+pub const ASSIGNED_ESTABLISHED: u32 = 7;
+/// `steer`: packets with [`reason::PASS_NOT_NEW`].
+pub const PASSED_NOT_NEW: u32 = 8;
+/// `steer` and `guard`: the enforcer's listener was looked up and not found (an event; the verdict
+/// then follows `failure_mode`).
+pub const LISTENER_MISSING: u32 = 9;
+/// `steer`: `bpf_sk_assign` refused a socket that was found (an event). For the listener the
+/// verdict then follows `failure_mode`; for an established flow the packet is still steered by
+/// its mark and found by the node's own socket lookup.
+pub const ASSIGN_FAILED: u32 = 10;
+/// `steer`: packets with [`reason::DROP_NO_LISTENER`].
+pub const DROPPED_FAILURE_CLOSED: u32 = 11;
+/// `steer`: packets with [`reason::PASS_NO_LISTENER`].
+pub const PASSED_FAILURE_OPEN: u32 = 12;
+/// `steer`: packets with [`reason::DROP_MALFORMED_PROTECTED`].
+pub const DROPPED_MALFORMED: u32 = 13;
+/// `guard`: every packet the program ran on.
+pub const GUARD_SEEN: u32 = 14;
+/// `guard`: packets with [`reason::GUARD_PASS_NOT_IPV4_TCP`].
+pub const GUARD_NOT_IPV4_TCP: u32 = 15;
+/// `guard`: packets with [`reason::GUARD_PASS_NOT_PROTECTED`].
+pub const GUARD_NOT_PROTECTED: u32 = 16;
+/// `guard`: packets with [`reason::GUARD_PASS_MALFORMED`].
+pub const GUARD_MALFORMED: u32 = 17;
+/// `guard`: packets with [`reason::GUARD_PASS_ENFORCER`].
+pub const GUARD_PASSED_ENFORCER: u32 = 18;
+/// `guard`: packets with [`reason::GUARD_PASS_NOT_NEW`].
+pub const GUARD_PASSED_NOT_NEW: u32 = 19;
+/// `guard`: packets with [`reason::GUARD_DROP_BYPASS`].
+pub const GUARD_DROPPED_BYPASS: u32 = 20;
+/// `guard`: packets with [`reason::GUARD_DROP_NO_LISTENER`].
+pub const GUARD_DROPPED_FAILURE_CLOSED: u32 = 21;
+/// `guard`: packets with [`reason::GUARD_PASS_NO_LISTENER`].
+pub const GUARD_PASSED_FAILURE_OPEN: u32 = 22;
+/// `guard`: packets with [`reason::GUARD_DROP_MALFORMED_PROTECTED`].
+pub const GUARD_DROPPED_MALFORMED: u32 = 23;
 
 /// Number of slots: the `max_entries` of `COUNTERS`.
-pub const LEN: u32 = 5;
+pub const LEN: u32 = 24;
 
-/// The slot that counts packets decided with `reason`, or `None` for a code with no slot.
+/// Slots that count events rather than one reason's verdicts.
+pub const EVENTS: [u32; 6] = [
+    SEEN,
+    PROTECTED,
+    STEERED,
+    LISTENER_MISSING,
+    ASSIGN_FAILED,
+    GUARD_SEEN,
+];
+
+/// The slot that counts packets decided with `reason`, or `None` for a retired or unknown code.
 #[must_use]
 pub const fn for_reason(reason: u32) -> Option<u32> {
     match reason {
         reason::PASS_NOT_PROTECTED => Some(NOT_PROTECTED),
         reason::PASS_NOT_IPV4_TCP => Some(NOT_IPV4_TCP),
-        reason::PASS_PROTECTED_NOT_STEERED => Some(PROTECTED),
         reason::PASS_MALFORMED => Some(MALFORMED),
+        reason::STEER_LISTENER => Some(ASSIGNED_LISTENER),
+        reason::STEER_ESTABLISHED => Some(ASSIGNED_ESTABLISHED),
+        reason::DROP_NO_LISTENER => Some(DROPPED_FAILURE_CLOSED),
+        reason::PASS_NO_LISTENER => Some(PASSED_FAILURE_OPEN),
+        reason::PASS_NOT_NEW => Some(PASSED_NOT_NEW),
+        reason::DROP_MALFORMED_PROTECTED => Some(DROPPED_MALFORMED),
+        reason::GUARD_PASS_ENFORCER => Some(GUARD_PASSED_ENFORCER),
+        reason::GUARD_DROP_BYPASS => Some(GUARD_DROPPED_BYPASS),
+        reason::GUARD_DROP_NO_LISTENER => Some(GUARD_DROPPED_FAILURE_CLOSED),
+        reason::GUARD_PASS_NO_LISTENER => Some(GUARD_PASSED_FAILURE_OPEN),
+        reason::GUARD_PASS_NOT_NEW => Some(GUARD_PASSED_NOT_NEW),
+        reason::GUARD_PASS_NOT_PROTECTED => Some(GUARD_NOT_PROTECTED),
+        reason::GUARD_PASS_NOT_IPV4_TCP => Some(GUARD_NOT_IPV4_TCP),
+        reason::GUARD_PASS_MALFORMED => Some(GUARD_MALFORMED),
+        reason::GUARD_DROP_MALFORMED_PROTECTED => Some(GUARD_DROPPED_MALFORMED),
         _ => None,
     }
 }
@@ -36,11 +104,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_reason_has_its_own_slot_below_len() {
+    fn every_reason_has_its_own_slot_and_every_slot_a_meaning() {
         let mut used = [false; LEN as usize];
-        used[SEEN as usize] = true;
+        for slot in EVENTS {
+            assert!(!used[slot as usize], "event slot {slot} listed twice");
+            used[slot as usize] = true;
+        }
         for code in 0..reason::COUNT {
-            let slot = for_reason(code).expect("every reason code in use has a slot");
+            let Some(slot) = for_reason(code) else {
+                assert!(
+                    reason::RETIRED.contains(&code),
+                    "reason {code} in use has no slot"
+                );
+                continue;
+            };
             assert!(slot < LEN);
             assert!(!used[slot as usize], "slot {slot} shared by two meanings");
             used[slot as usize] = true;

@@ -1,4 +1,5 @@
-//! The key (and value) of the `PROTECTED_ENDPOINTS` map: an IPv4 destination and TCP port.
+//! The key (and value) of the `PROTECTED_ENDPOINTS` map: an IPv4 destination and TCP port
+//! ([`PORT_ANY`]: every port).
 //!
 //! Both fields are kept in network byte order, exactly as they appear in the packet headers, so the
 //! kernel program can build a key from header bytes without byte swapping. Use
@@ -27,9 +28,15 @@ const _: () = assert!(mem::align_of::<EndpointKey>() == 4);
 
 /// Value stored for a protected endpoint today: no flags.
 ///
-/// The map value is a `u32` of flags reserved for the datapath (steering) work; the classifier
-/// currently tests only whether the key is present. Writers store this value until flags exist.
+/// The map value is a `u32` of flags, reserved; the programs test only whether the key is present.
+/// Writers store this value until flags exist.
 pub const ENDPOINT_FLAGS_NONE: u32 = 0;
+
+/// The port of a key that protects every TCP port of its address. The programs look up
+/// (address, port) first, then (address, `PORT_ANY`). A workload without declared ports (every
+/// standalone workload) is protected as (IP, `PORT_ANY`). Port 0 is not a valid TCP destination,
+/// so the value cannot collide with a real port.
+pub const PORT_ANY: u16 = 0;
 
 impl EndpointKey {
     /// Builds a key from an address and port that are already in network byte order, as read

@@ -9,12 +9,15 @@
 //! `aya::Pod` implementations so the types can be read from and written to maps.
 //!
 //! - [`endpoint`]: the key of the `PROTECTED_ENDPOINTS` map (which destinations nodeward enforces).
-//! - [`reason`]: why the TC classifier decided what it decided.
+//! - [`config`]: the value of the `CONFIG` map (listener port, marks, failure mode, log level).
+//! - [`reason`]: why a kernel program decided what it decided, and the verdict of each reason.
 //! - [`counter`]: slots of the `COUNTERS` per-CPU array.
 #![no_std]
 
+pub mod config;
 pub mod counter;
 pub mod endpoint;
 pub mod reason;
 
-pub use endpoint::{EndpointKey, ENDPOINT_FLAGS_NONE};
+pub use config::KernelConfig;
+pub use endpoint::{EndpointKey, ENDPOINT_FLAGS_NONE, PORT_ANY};

@@ -1,28 +1,149 @@
-//! Reason codes: why the TC classifier `steer` returned the verdict it returned.
+//! Reason codes: why a kernel program returned the verdict it returned.
 //!
 //! Stable numbers: a code's meaning never changes, and a retired code stays reserved (listed here
 //! as such) so that counters, logs and dashboards from older agents keep meaning what they meant.
+//! Each code belongs to one program (`steer` on TC ingress, `guard` on TC egress of a protected
+//! pod's host-side interface) and comes with one verdict, given with the code:
 //!
-//! Today every code comes with the verdict `TC_ACT_OK` (pass). Steering protected traffic to the
-//! enforcer arrives with the datapath work; it will add new codes rather than reuse these.
+//! - *no opinion*: `TC_ACT_UNSPEC` (TCX: go on with the next program on the hook; at the end of
+//!   the chain the packet passes). Packets nodeward does not judge are left to whatever else is
+//!   attached, untouched.
+//! - *steered*: `TC_ACT_OK`, after `skb->mark |= steer_mark` and `bpf_sk_assign` (ends the TCX
+//!   chain: no later program may send the packet elsewhere).
+//! - *dropped*: `TC_ACT_SHOT`.
 
-/// The packet is IPv4/TCP but its destination (address, port) is not in `PROTECTED_ENDPOINTS`:
-/// nodeward does not enforce anything for it and passes it untouched.
+/// `steer`, no opinion: IPv4/TCP, but the destination (address, port) and (address, any port)
+/// are not in `PROTECTED_ENDPOINTS`. Costs one or two hash lookups.
 pub const PASS_NOT_PROTECTED: u32 = 0;
 
-/// The packet is not something the classifier judges (not IPv4, not TCP, or a non-first IP
-/// fragment, which carries no TCP header): passed untouched.
+/// `steer`, no opinion: not something the programs judge (not IPv4, not TCP, or a non-first IP
+/// fragment, which carries no TCP header).
 pub const PASS_NOT_IPV4_TCP: u32 = 1;
 
-/// The destination is in `PROTECTED_ENDPOINTS`, but this build of the classifier does not steer
-/// yet: the packet is passed untouched, and counted so the operator can see protected traffic that
-/// is not enforced. Retired (kept reserved) once steering exists.
+/// Retired (reserved): protected destination passed because the classifier did not steer yet.
+/// Replaced by the steering codes below.
 pub const PASS_PROTECTED_NOT_STEERED: u32 = 2;
 
-/// The packet's headers could not be read (a frame or IPv4/TCP header cut short, an IPv4 header
-/// length below 20 bytes): the classifier cannot judge it and passes it with its documented
-/// default verdict. Malformed packets are for the kernel's stack to drop; nodeward counts them.
+/// `steer`, no opinion: the headers could not be read (a frame cut short, an IPv4 header length
+/// below 20 bytes) and the destination is not known to be protected. Malformed packets are for the
+/// kernel's stack to drop; nodeward counts them.
 pub const PASS_MALFORMED: u32 = 3;
 
+/// `steer`, steered: a new flow (SYN without ACK) to a protected endpoint, assigned to the
+/// enforcer's transparent listener.
+pub const STEER_LISTENER: u32 = 4;
+
+/// `steer`, steered: a packet of a flow the enforcer already holds (its socket for this 4-tuple
+/// exists in the node's namespace), assigned to that socket.
+pub const STEER_ESTABLISHED: u32 = 5;
+
+/// `steer`, dropped: a new flow to a protected endpoint while the enforcer's listener is missing
+/// (or could not be assigned), with `failure_mode` closed.
+pub const DROP_NO_LISTENER: u32 = 6;
+
+/// `steer`, no opinion: a new flow to a protected endpoint while the enforcer's listener is
+/// missing, with `failure_mode` open: it goes straight to the pod.
+pub const PASS_NO_LISTENER: u32 = 7;
+
+/// `steer`, no opinion: a packet to a protected endpoint that is not a new flow (no SYN, or
+/// SYN+ACK) and belongs to no enforcer socket: a reply to a connection the pod opened itself (the
+/// pod is protected on every port). It goes to the pod, whose stack answers a stray one with RST;
+/// a connection into the pod can only start with a SYN, and every SYN is steered.
+pub const PASS_NOT_NEW: u32 = 8;
+
+/// `steer`, dropped: the destination is protected but the TCP header is cut short (the flags are
+/// not in this packet: a tiny first fragment, or garbage). Dropped in both failure modes: no
+/// legitimate client sends it, and passing it would let a fragmented SYN reach the pod unjudged.
+pub const DROP_MALFORMED_PROTECTED: u32 = 9;
+
+/// `guard`, no opinion: a packet to a protected pod carrying the enforcer's `upstream_mark`: the
+/// enforcer's own upstream connection.
+pub const GUARD_PASS_ENFORCER: u32 = 10;
+
+/// `guard`, dropped: a new flow to a protected pod without the upstream mark while the enforcer is
+/// up: it reached the pod without being steered (from an interface `steer` is not attached to, or
+/// from the node itself). A bypass attempt.
+pub const GUARD_DROP_BYPASS: u32 = 11;
+
+/// `guard`, dropped: a new flow to a protected pod without the upstream mark while the enforcer's
+/// listener is missing, with `failure_mode` closed.
+pub const GUARD_DROP_NO_LISTENER: u32 = 12;
+
+/// `guard`, no opinion: as [`GUARD_DROP_NO_LISTENER`] with `failure_mode` open.
+pub const GUARD_PASS_NO_LISTENER: u32 = 13;
+
+/// `guard`, no opinion: a packet to a protected pod that is not a new flow (see
+/// [`PASS_NOT_NEW`]).
+pub const GUARD_PASS_NOT_NEW: u32 = 14;
+
+/// `guard`, no opinion: the destination is not protected.
+pub const GUARD_PASS_NOT_PROTECTED: u32 = 15;
+
+/// `guard`, no opinion: not IPv4/TCP, or a non-first fragment.
+pub const GUARD_PASS_NOT_IPV4_TCP: u32 = 16;
+
+/// `guard`, no opinion: headers unreadable, destination not known to be protected.
+pub const GUARD_PASS_MALFORMED: u32 = 17;
+
+/// `guard`, dropped: as [`DROP_MALFORMED_PROTECTED`], on the way into the pod.
+pub const GUARD_DROP_MALFORMED_PROTECTED: u32 = 18;
+
 /// One past the highest code in use.
-pub const COUNT: u32 = 4;
+pub const COUNT: u32 = 19;
+
+/// The verdict a code comes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// `TC_ACT_UNSPEC`: nodeward has no opinion; the next program on the hook decides, and at the
+    /// end of the chain the packet passes.
+    NoOpinion,
+    /// `TC_ACT_OK`: steered to the enforcer; ends the chain.
+    Steered,
+    /// `TC_ACT_SHOT`.
+    Dropped,
+}
+
+/// The verdict of `reason`, or `None` for a retired or unknown code.
+#[must_use]
+pub const fn verdict(reason: u32) -> Option<Verdict> {
+    match reason {
+        PASS_NOT_PROTECTED
+        | PASS_NOT_IPV4_TCP
+        | PASS_MALFORMED
+        | PASS_NO_LISTENER
+        | PASS_NOT_NEW
+        | GUARD_PASS_ENFORCER
+        | GUARD_PASS_NO_LISTENER
+        | GUARD_PASS_NOT_NEW
+        | GUARD_PASS_NOT_PROTECTED
+        | GUARD_PASS_NOT_IPV4_TCP
+        | GUARD_PASS_MALFORMED => Some(Verdict::NoOpinion),
+        STEER_LISTENER | STEER_ESTABLISHED => Some(Verdict::Steered),
+        DROP_NO_LISTENER
+        | DROP_MALFORMED_PROTECTED
+        | GUARD_DROP_BYPASS
+        | GUARD_DROP_NO_LISTENER
+        | GUARD_DROP_MALFORMED_PROTECTED => Some(Verdict::Dropped),
+        _ => None,
+    }
+}
+
+/// Codes retired from use; their numbers are never given another meaning.
+pub const RETIRED: [u32; 1] = [PASS_PROTECTED_NOT_STEERED];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_in_use_has_a_verdict_and_retired_ones_have_none() {
+        for code in 0..COUNT {
+            assert_eq!(
+                verdict(code).is_none(),
+                RETIRED.contains(&code),
+                "code {code}"
+            );
+        }
+        assert_eq!(verdict(COUNT), None);
+    }
+}

@@ -1,8 +1,16 @@
-//! nodeward's kernel programs, one module per attach point.
+//! nodeward's kernel programs, one module per attach point, shared helpers by concern.
 //!
-//! - [`tc`]: `steer`, a TC classifier on the host side of pods' veths: judges whether a packet is
-//!   for a protected endpoint.
-//! - [`maps`]: the maps shared with the agent (`agent/src/datapath`).
+//! Attach points:
+//! - [`steer`]: TC ingress on every interface of the node: steers TCP flows into protected pods
+//!   to the enforcer's transparent listener (`bpf_sk_assign`).
+//! - [`guard`]: TC egress on each protected pod's host-side interface: drops what reaches the pod
+//!   without having been steered (no bypass).
+//!
+//! Helpers:
+//! - [`maps`]: the maps shared with the agent (`agent/src/datapath`), each documented.
+//! - [`packet`]: header reads and the protected-endpoint lookup.
+//! - [`sock`]: socket lookup and assignment.
+//! - [`verdict`]: reason code -> counter, log line, TC action.
 //!
 //! Built by `agent/build.rs` (aya-build, nightly, `-Z build-std=core`) for `bpfel-unknown-none`;
 //! the agent embeds the object. On the host (`cargo check/clippy/build --workspace`) this crate
@@ -11,8 +19,12 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod guard;
 mod maps;
-mod tc;
+mod packet;
+mod sock;
+mod steer;
+mod verdict;
 
 /// Kernel programs cannot unwind. The programs have no panicking paths (no indexing, no unwrap);
 /// should one slip in, this loop makes the verifier reject the program at load time (it refuses

@@ -1,15 +1,14 @@
-//! Ethernet, IPv4 and TCP header layout: offsets, constants and the arithmetic on header fields.
+//! IPv4 and TCP header layout, TCP socket states: offsets, constants and the arithmetic on header
+//! fields.
 //!
-//! Offsets are in bytes from the start of their own header. Multi-byte fields are read from the
-//! packet as raw network-order integers; the helpers here take them already converted to host
-//! order where they do arithmetic (`u16::from_be`), and say so.
+//! Offsets are in bytes from the start of their own header; the programs read the IPv4 header
+//! relative to the network header the kernel found (`BPF_HDR_START_NET`), so the same code works on
+//! Ethernet devices (veths, NICs) and on layer-3 devices without a link-layer header (`wireguard`,
+//! `ipip`, `tun`). Multi-byte fields are read from the packet as raw network-order integers; the
+//! helpers here take them already converted to host order where they do arithmetic
+//! (`u16::from_be`), and say so.
 
-/// Length of an Ethernet II header without VLAN tags.
-pub const ETH_HLEN: usize = 14;
-/// Offset of the `EtherType` field in the Ethernet header.
-pub const ETH_TYPE_OFFSET: usize = 12;
-/// `EtherType` of IPv4 (host order). 802.1Q-tagged frames carry another `EtherType` here and are
-/// not judged (pods' veths carry untagged frames).
+/// `EtherType` of IPv4 (host order), as found in `skb->protocol` (network order there).
 pub const ETH_P_IP: u16 = 0x0800;
 
 /// Offset of the version/IHL byte in the IPv4 header.
@@ -20,13 +19,41 @@ pub const IPV4_FLAGS_FRAG_OFFSET: usize = 6;
 pub const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 /// Offset of the protocol field in the IPv4 header.
 pub const IPV4_PROTOCOL_OFFSET: usize = 9;
+/// Offset of the source address in the IPv4 header.
+pub const IPV4_SADDR_OFFSET: usize = 12;
 /// Offset of the destination address in the IPv4 header.
 pub const IPV4_DADDR_OFFSET: usize = 16;
 /// IP protocol number of TCP.
 pub const IPPROTO_TCP: u8 = 6;
 
-/// Offset of the destination port in the TCP header.
-pub const TCP_DEST_OFFSET: usize = 2;
+/// Offset of the source port in the TCP header (the destination port follows at 2).
+pub const TCP_PORTS_OFFSET: usize = 0;
+/// Offset of the flags byte (CWR ECE URG ACK PSH RST SYN FIN) in the TCP header.
+pub const TCP_FLAGS_OFFSET: usize = 13;
+/// The SYN bit of the flags byte.
+pub const TCP_FLAG_SYN: u8 = 0x02;
+/// The ACK bit of the flags byte.
+pub const TCP_FLAG_ACK: u8 = 0x10;
+
+/// `sk_state` of a listening socket (`TCP_LISTEN` in the kernel's `include/net/tcp_states.h`).
+pub const TCP_LISTEN: u32 = 10;
+/// `sk_state` of a socket in TIME-WAIT (`TCP_TIME_WAIT`).
+pub const TCP_TIME_WAIT: u32 = 6;
+
+/// Whether a TCP segment opens a new flow: SYN set, ACK clear. A SYN+ACK answers a connection the
+/// receiver opened; every other segment belongs to a flow that already exists (or to none).
+#[must_use]
+pub const fn is_new_flow(flags: u8) -> bool {
+    flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+}
+
+/// Whether a socket found by a 4-tuple lookup is a flow's own socket that packets can be assigned
+/// to: any state but listening (a listener matched by address and port, not the flow) and
+/// TIME-WAIT (a closed flow; its 4-tuple may open a new one, which the listener must get).
+#[must_use]
+pub const fn is_flow_socket(state: u32) -> bool {
+    state != TCP_LISTEN && state != TCP_TIME_WAIT
+}
 
 /// The IPv4 header length in bytes from the version/IHL byte, or `None` when the byte does not
 /// describe a valid IPv4 header (version other than 4, or IHL below 5 words).
@@ -57,6 +84,31 @@ mod tests {
         assert_eq!(ipv4_header_len(0x4f), Some(60), "maximum options");
         assert_eq!(ipv4_header_len(0x44), None, "IHL below 5 is malformed");
         assert_eq!(ipv4_header_len(0x65), None, "version 6 is not IPv4");
+    }
+
+    #[test]
+    fn new_flows_are_syn_without_ack() {
+        assert!(is_new_flow(TCP_FLAG_SYN), "SYN");
+        assert!(is_new_flow(TCP_FLAG_SYN | 0x40), "SYN with ECE (ECN setup)");
+        assert!(
+            !is_new_flow(TCP_FLAG_SYN | TCP_FLAG_ACK),
+            "SYN+ACK answers our own SYN"
+        );
+        assert!(!is_new_flow(TCP_FLAG_ACK), "ACK");
+        assert!(!is_new_flow(0x04), "RST");
+        assert!(!is_new_flow(0x11), "FIN+ACK");
+    }
+
+    #[test]
+    fn flow_sockets() {
+        assert!(is_flow_socket(1), "ESTABLISHED");
+        assert!(
+            is_flow_socket(12),
+            "NEW_SYN_RECV: the handshake's request socket"
+        );
+        assert!(is_flow_socket(8), "CLOSE_WAIT");
+        assert!(!is_flow_socket(TCP_LISTEN));
+        assert!(!is_flow_socket(TCP_TIME_WAIT));
     }
 
     #[test]

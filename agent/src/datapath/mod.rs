@@ -1,307 +1,703 @@
-//! The datapath loader: puts nodeward's kernel programs into the kernel and talks to their maps.
+//! The datapath: nodeward's kernel programs in the node's network namespace, kept in step with
+//! the workload registry and policies.
 //!
-//! The eBPF object is built by `agent/build.rs` from the `nodeward-ebpf` crate and embedded in the
-//! agent binary, so the agent and its kernel programs always come from the same sources.
+//! What it sets up ([`Datapath::start`]), all in the network namespace of the calling thread (the
+//! node's):
+//! - the eBPF object embedded by `agent/build.rs` (`ebpf/`), its maps pinned under
+//!   [`DatapathConfig::pin_dir`] (adopted when a previous run left them);
+//! - `CONFIG`: listener port, marks, failure mode, log level;
+//! - policy routing: `ip rule add fwmark <steer_mark>/<steer_mark> lookup <table> pref <prio>`
+//!   and `ip route add local 0.0.0.0/0 dev lo table <table>`, so packets `steer` marked are
+//!   delivered to the node's stack, where `bpf_sk_assign` put their socket (the enforcer's);
+//! - `steer` on the TC ingress of every interface but loopback (pods' host-side veths and
+//!   uplinks), each attachment a pinned TCX link.
 //!
-//! What is there today (see `ebpf/src/tc.rs`):
-//! - the TC classifier [`TC_PROGRAM`] (`steer`), attached to the ingress of an interface (the host
-//!   side of a pod's veth) with [`attach_tc`]. It judges whether a packet goes to a protected
-//!   endpoint and counts it; it passes every packet (steering comes with the datapath work);
-//! - the map [`PROTECTED_ENDPOINTS_MAP`], written with [`protect`] / [`unprotect`];
-//! - the per-CPU map [`COUNTERS_MAP`], read with [`read_counters`].
+//! What it keeps in step ([`Datapath::sync`], [`Datapath::rescan_interfaces`]): the
+//! `PROTECTED_ENDPOINTS` map, `guard` on the TC egress of every protected local pod's host-side
+//! interface, `steer` on interfaces that appear, and the removal of attachments whose interface
+//! left.
 //!
-//! Loading and attaching need `CAP_BPF` and `CAP_NET_ADMIN` (or root). The returned [`Ebpf`]
-//! owns the programs, maps and attachments: dropping it detaches and unloads everything.
+//! Lifecycle:
+//! - [`Datapath::shutdown`] (clean exit) removes every attachment, pin, rule and route it made;
+//!   the bpffs mount stays (other BPF users share it).
+//! - Dropping a [`Datapath`] without `shutdown` leaves everything in place, as a crash would:
+//!   the pinned links keep the programs attached and the maps in use, so enforcement continues
+//!   (with the enforcer's listener gone, per `failure_mode`).
+//! - [`Datapath::start`] over such leftovers adopts them: maps by their pins, each pinned link by
+//!   swapping the new program into it atomically (no instant without a program), rule and route
+//!   when identical. Leftovers it cannot use are replaced (a new link is attached before the old
+//!   one is removed). [`Datapath::cleanup_leftovers`] removes them without starting.
+//!
+//! Needs `CAP_BPF`, `CAP_NET_ADMIN` and `CAP_SYS_ADMIN` (bpffs mount, pinning), or root, and
+//! Linux >= 6.6 (TCX). Every method touching interfaces, routes or attachments must run in the
+//! node's network namespace (the agent runs there as a whole).
+//!
+//! Counters and reason codes are the stable numbers of [`nodeward_common::counter`] and
+//! [`nodeward_common::reason`]; [`Counters`] names them.
 
-use std::{io, net::SocketAddrV4};
+mod bpffs;
+mod config;
+mod counters;
+mod error;
+mod kernel_log;
+mod links;
+mod netlink;
+mod object;
 
-use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray},
-    programs::{
-        tc::{self, SchedClassifierLinkId, TcError},
-        ProgramError, SchedClassifier, TcAttachType,
-    },
-    sys::SyscallError,
-    util::KernelVersion,
-    Ebpf, EbpfError,
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    net::Ipv4Addr,
+    sync::{Mutex, MutexGuard},
 };
-use nodeward_common::{counter, EndpointKey, ENDPOINT_FLAGS_NONE};
 
-/// The eBPF object built by `build.rs` (`nodeward-ebpf`'s binary target of the same name).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeward-ebpf"));
+use aya::{util::KernelVersion, Ebpf};
+use nodeward_common::KernelConfig;
 
-/// Name of the TC classifier in the object.
-pub const TC_PROGRAM: &str = "steer";
-/// Name of the protected-endpoints map: key [`EndpointKey`], value `u32` flags.
-pub const PROTECTED_ENDPOINTS_MAP: &str = "PROTECTED_ENDPOINTS";
-/// Name of the per-CPU counters map: index [`nodeward_common::counter`], value `u64`.
-pub const COUNTERS_MAP: &str = "COUNTERS";
+pub use self::bpffs::on_bpffs;
+pub use self::config::{DatapathConfig, FailureMode, UnknownFailureMode};
+pub use self::counters::Counters;
+pub use self::error::DatapathError;
+pub use self::object::{CONFIG_MAP, COUNTERS_MAP, PROTECTED_ENDPOINTS_MAP};
+use self::{
+    bpffs::{Hook, PinLayout},
+    kernel_log::KernelLog,
+    links::Attachments,
+    netlink::{Interface, LinkWatch, Netlink, TableDefault},
+};
 
-/// Errors of the datapath loader. Each message says what the operator should check.
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    /// The kernel refused the object as a whole (map creation, BTF, relocations).
-    #[error(
-        "loading nodeward's eBPF object into the kernel failed: {source}; the agent needs \
-         CAP_BPF and CAP_NET_ADMIN (or root) and a kernel with BTF (/sys/kernel/btf/vmlinux)"
-    )]
-    Load {
-        /// What aya reported.
-        #[source]
-        source: EbpfError,
-    },
+/// Name of the TC ingress program in the object.
+pub const STEER_PROGRAM: &str = "steer";
+/// Name of the TC egress program in the object.
+pub const GUARD_PROGRAM: &str = "guard";
 
-    /// The embedded object lacks a program or map this agent expects: the agent was built from
-    /// sources where `ebpf/` and `agent/` disagree.
-    #[error(
-        "the embedded eBPF object has no {kind} `{name}`; the agent and its eBPF object \
-         disagree, rebuild the agent from one source tree"
-    )]
-    Missing {
-        /// `"program"` or `"map"`.
-        kind: &'static str,
-        /// The name looked up.
-        name: &'static str,
-    },
-
-    /// A program of the object has another type than this agent expects.
-    #[error(
-        "program `{name}` in the embedded eBPF object is not a TC classifier: {source}; \
-         rebuild the agent from one source tree"
-    )]
-    ProgramType {
-        /// The program's name.
-        name: &'static str,
-        /// What aya reported.
-        #[source]
-        source: ProgramError,
-    },
-
-    /// The verifier (or the kernel's permission check) rejected a program.
-    #[error(
-        "the kernel refused to load program `{name}`: {source}; with EPERM the agent lacks \
-         CAP_BPF/CAP_NET_ADMIN, otherwise the verifier output in this message says which \
-         instruction it rejected (a bug in nodeward-ebpf, or a kernel too old for it)"
-    )]
-    Verify {
-        /// The program's name.
-        name: &'static str,
-        /// What aya reported, with the verifier log.
-        #[source]
-        source: ProgramError,
-    },
-
-    /// Attaching the TC classifier to an interface failed.
-    #[error(
-        "attaching `{program}` to the ingress of interface `{iface}` failed: {source}; check \
-         that `{iface}` exists in the agent's network namespace (`ip link show {iface}`) and that \
-         no other TC program there refuses to share the hook"
-    )]
-    Attach {
-        /// The program's name.
-        program: &'static str,
-        /// The interface.
-        iface: String,
-        /// What aya reported.
-        #[source]
-        source: ProgramError,
-    },
-
-    /// Preparing a legacy (pre-6.6, netlink) TC attachment failed: the `clsact` qdisc could not
-    /// be added.
-    #[error(
-        "adding the clsact qdisc to interface `{iface}` failed: {source}; this kernel has no TCX \
-         (Linux < 6.6), so TC programs need clsact: check `tc qdisc show dev {iface}`"
-    )]
-    Clsact {
-        /// The interface.
-        iface: String,
-        /// What aya reported.
-        #[source]
-        source: TcError,
-    },
-
-    /// The running kernel's version could not be determined (to choose TCX or netlink).
-    #[error("reading the kernel version (uname) failed: {reason}; cannot choose how to attach TC")]
-    KernelVersion {
-        /// What aya reported, as text: aya returns an unnameable `impl Error` here.
-        reason: String,
-    },
-
-    /// A map operation failed.
-    #[error("{operation} on map `{map}` failed: {source}; the agent needs CAP_BPF (or root)")]
-    Map {
-        /// The map's name.
-        map: &'static str,
-        /// What was attempted, e.g. "insert".
-        operation: &'static str,
-        /// What aya reported.
-        #[source]
-        source: MapError,
-    },
+/// What [`Datapath::sync`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Endpoints added to `PROTECTED_ENDPOINTS`.
+    pub endpoints_added: usize,
+    /// Endpoints removed from it.
+    pub endpoints_removed: usize,
+    /// Interfaces `guard` was attached to.
+    pub guards_attached: Vec<String>,
+    /// Interfaces `guard` was detached from.
+    pub guards_detached: Vec<String>,
+    /// Guarded interfaces asked for that do not exist (the pod left, or a wrong name): traffic
+    /// from unhooked paths into those pods is not guarded until they appear.
+    pub missing_interfaces: Vec<String>,
 }
 
-/// Packet counts summed over all CPUs, one field per [`nodeward_common::counter`] slot.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Packets the classifier ran on.
-    pub seen: u64,
-    /// Packets not judged: not IPv4/TCP, or a later IPv4 fragment.
-    pub not_ipv4_tcp: u64,
-    /// IPv4/TCP packets to destinations that are not protected.
-    pub not_protected: u64,
-    /// Packets to protected destinations.
-    pub protected: u64,
-    /// Packets whose headers could not be read.
-    pub malformed: u64,
+/// What [`Datapath::rescan_interfaces`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RescanReport {
+    /// Interfaces `steer` was attached to.
+    pub attached: Vec<String>,
+    /// Interfaces that left; their attachments (steer and guard) were removed.
+    pub removed: Vec<String>,
+    /// Interfaces `steer` could not be attached to, with the error. `guard` still keeps
+    /// unsteered traffic out of protected pods.
+    pub failed: Vec<(String, String)>,
 }
 
-/// Loads the embedded object into the kernel: creates its maps and loads (verifies) the TC
-/// classifier, without attaching it anywhere.
-pub fn load() -> Result<Ebpf, DatapathError> {
-    let mut ebpf = Ebpf::load(OBJECT).map_err(|source| DatapathError::Load { source })?;
-    classifier(&mut ebpf)?
-        .load()
-        .map_err(|source| DatapathError::Verify {
-            name: TC_PROGRAM,
-            source,
+/// What [`Datapath::cleanup_leftovers`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Attachment pins removed (each detached its link).
+    pub links: usize,
+    /// Map pins removed.
+    pub maps: usize,
+    /// Whether the `fwmark` rule was there and removed.
+    pub rule: bool,
+    /// Whether the local route was there and removed.
+    pub route: bool,
+}
+
+/// nodeward's programs, maps, attachments and policy routing in the node's network namespace.
+/// See the module documentation for the lifecycle. `Sync`: share it behind an `Arc`.
+pub struct Datapath {
+    config: DatapathConfig,
+    /// (device, inode) of the network namespace it started in.
+    netns: (u64, u64),
+    layout: PinLayout,
+    inner: Mutex<Inner>,
+    /// Declared after `inner` so the log thread stops after the object is gone.
+    kernel_log: Option<KernelLog>,
+}
+
+struct Inner {
+    ebpf: Ebpf,
+    netlink: Netlink,
+    attachments: Attachments,
+    kernel_config: KernelConfig,
+}
+
+impl Datapath {
+    /// Loads, configures and attaches everything (see the module documentation), adopting what
+    /// a previous run left. Call it after the tracing subscriber is installed (for the kernel
+    /// programs' log lines) and in the node's network namespace.
+    pub fn start(config: DatapathConfig) -> Result<Self, DatapathError> {
+        // Everything that can be refused is checked before anything is created.
+        config.validate()?;
+        require_tcx()?;
+        let netns = current_netns().map_err(|source| {
+            DatapathError::netlink("identifying the network namespace", source)
         })?;
-    Ok(ebpf)
+        let mut netlink = Netlink::open()
+            .map_err(|source| DatapathError::netlink("opening an rtnetlink socket", source))?;
+        let interfaces = list_interfaces(&mut netlink)?;
+        for uplink in &config.uplinks {
+            if !interfaces.iter().any(|i| &i.name == uplink && !i.loopback) {
+                return Err(DatapathError::UplinkMissing {
+                    iface: uplink.clone(),
+                });
+            }
+        }
+        let table_default = table_default(&mut netlink, config.route_table)?;
+
+        bpffs::ensure_mounted(&config.bpffs, &config.pin_dir)?;
+        let layout = PinLayout {
+            root: config.pin_dir.clone(),
+        };
+        layout.create()?;
+        let carried = object::retire_incompatible_pins(&layout.maps())?;
+        let mut ebpf = object::load(&layout.maps())?;
+        let kernel_config = config.kernel(config.log_level);
+        object::write_config(&mut ebpf, kernel_config)?;
+        if !carried.is_empty() {
+            object::update_endpoints(&mut ebpf, &carried, &[])?;
+        }
+        let kernel_log = match KernelLog::start(&mut ebpf) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel program log lines will not be shown");
+                None
+            }
+        };
+
+        // Routing before programs: a packet marked by a new program is delivered locally.
+        install_routing(&mut netlink, &config, table_default)?;
+
+        let datapath = Self {
+            netns,
+            layout,
+            inner: Mutex::new(Inner {
+                ebpf,
+                netlink,
+                attachments: Attachments::default(),
+                kernel_config,
+            }),
+            kernel_log,
+            config,
+        };
+        datapath.adopt_pinned_links()?;
+        let report = datapath.rescan(Strict::Yes)?;
+        tracing::info!(
+            pin_dir = %datapath.config.pin_dir.display(),
+            listener_port = datapath.config.listener_port,
+            failure_mode = %datapath.config.failure_mode,
+            interfaces = report.attached.len(),
+            "datapath started"
+        );
+        Ok(datapath)
+    }
+
+    /// The configuration it runs with.
+    #[must_use]
+    pub fn config(&self) -> &DatapathConfig {
+        &self.config
+    }
+
+    /// Makes the kernel state match: `endpoints` (address, port in host order; port
+    /// [`nodeward_common::PORT_ANY`] = every port) are exactly the protected ones, and `guard` is
+    /// attached to exactly `guarded_interfaces` (host-side interfaces of protected local pods).
+    /// Guards are attached before endpoints are added and detached after endpoints are removed.
+    pub fn sync(
+        &self,
+        endpoints: &[(Ipv4Addr, u16)],
+        guarded_interfaces: &[String],
+    ) -> Result<SyncReport, DatapathError> {
+        self.check_netns("sync")?;
+        let mut inner = self.lock();
+        let Inner {
+            ebpf,
+            netlink,
+            attachments,
+            ..
+        } = &mut *inner;
+        let mut report = SyncReport::default();
+
+        let interfaces = list_interfaces(netlink)?;
+        let mut wanted = BTreeSet::new();
+        for name in guarded_interfaces {
+            match interfaces.iter().find(|interface| &interface.name == name) {
+                Some(interface) => {
+                    wanted.insert(interface.index);
+                    if !attachments.contains(Hook::Guard, interface.index) {
+                        attachments.attach(
+                            ebpf,
+                            &self.layout,
+                            Hook::Guard,
+                            interface.index,
+                            &interface.name,
+                        )?;
+                        report.guards_attached.push(interface.name.clone());
+                    }
+                }
+                None => report.missing_interfaces.push(name.clone()),
+            }
+        }
+        if !report.missing_interfaces.is_empty() {
+            tracing::warn!(
+                interfaces = ?report.missing_interfaces,
+                "interfaces of protected pods not found; guard not attached there"
+            );
+        }
+
+        let current = object::protected_endpoints(ebpf)?;
+        let desired: BTreeSet<(Ipv4Addr, u16)> = endpoints.iter().copied().collect();
+        let add: Vec<_> = desired.difference(&current).copied().collect();
+        let remove: Vec<_> = current.difference(&desired).copied().collect();
+        object::update_endpoints(ebpf, &add, &remove)?;
+        report.endpoints_added = add.len();
+        report.endpoints_removed = remove.len();
+
+        let unwanted: Vec<(u32, String)> = attachments
+            .list()
+            .filter(|(hook, ifindex, _)| *hook == Hook::Guard && !wanted.contains(ifindex))
+            .map(|(_, ifindex, name)| (ifindex, name.to_owned()))
+            .collect();
+        for (ifindex, name) in unwanted {
+            attachments.detach(Hook::Guard, ifindex)?;
+            report.guards_detached.push(name);
+        }
+        Ok(report)
+    }
+
+    /// Attaches `steer` to interfaces that appeared and removes attachments (`steer` and
+    /// `guard`) of interfaces that left. Call it periodically or on [`LinkEvents`].
+    pub fn rescan_interfaces(&self) -> Result<RescanReport, DatapathError> {
+        self.rescan(Strict::No)
+    }
+
+    fn rescan(&self, strict: Strict) -> Result<RescanReport, DatapathError> {
+        self.check_netns("rescan_interfaces")?;
+        let mut inner = self.lock();
+        let Inner {
+            ebpf,
+            netlink,
+            attachments,
+            ..
+        } = &mut *inner;
+        let mut report = RescanReport::default();
+        let interfaces = list_interfaces(netlink)?;
+
+        let gone: Vec<(Hook, u32, String)> = attachments
+            .list()
+            .filter(|(_, ifindex, _)| !interfaces.iter().any(|i| i.index == *ifindex))
+            .map(|(hook, ifindex, name)| (hook, ifindex, name.to_owned()))
+            .collect();
+        for (hook, ifindex, name) in gone {
+            attachments.detach(hook, ifindex)?;
+            if hook == Hook::Steer {
+                report.removed.push(name);
+            }
+        }
+
+        for interface in interfaces.iter().filter(|i| !i.loopback) {
+            for hook in [Hook::Steer, Hook::Guard] {
+                attachments.rename(hook, interface.index, &interface.name);
+            }
+            if attachments.contains(Hook::Steer, interface.index) {
+                continue;
+            }
+            match attachments.attach(
+                ebpf,
+                &self.layout,
+                Hook::Steer,
+                interface.index,
+                &interface.name,
+            ) {
+                Ok(()) => report.attached.push(interface.name.clone()),
+                Err(e) => {
+                    // An interface that left meanwhile (a pod deleted) is not a failure.
+                    let still_there = list_interfaces(netlink)?
+                        .iter()
+                        .any(|i| i.index == interface.index);
+                    if still_there && strict == Strict::Yes {
+                        return Err(e);
+                    }
+                    if still_there {
+                        tracing::error!(iface = %interface.name, error = %e, "steer not attached");
+                        report.failed.push((interface.name.clone(), e.to_string()));
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// A stream of link notifications of the node's namespace: call
+    /// [`Datapath::rescan_interfaces`] after each. Call it inside a tokio runtime.
+    pub fn link_events(&self) -> Result<LinkEvents, DatapathError> {
+        let subscribe_error =
+            |source| DatapathError::netlink("subscribing to link notifications", source);
+        let watch = LinkWatch::open().map_err(subscribe_error)?;
+        // SAFETY: `LinkWatch` owns the socket; its descriptor stays open until the `AsyncFd`
+        // has deregistered it and drops the `LinkWatch` with it.
+        let watch = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(watch, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| subscribe_error(e.into_parts().1))?;
+        Ok(LinkEvents { watch })
+    }
+
+    /// The host interface the node routes `ip` through (a pod's host-side veth), or `None` when
+    /// the address is local, unreachable, or routed through loopback.
+    pub fn interface_for(&self, ip: Ipv4Addr) -> Result<Option<String>, DatapathError> {
+        self.lock().netlink.interface_for(ip).map_err(|source| {
+            DatapathError::netlink(format!("looking up the route to {ip}"), source)
+        })
+    }
+
+    /// The packet counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        object::read_counters(&self.lock().ebpf)
+    }
+
+    /// The protected endpoints the programs currently see, sorted.
+    pub fn protected_endpoints(&self) -> Result<Vec<(Ipv4Addr, u16)>, DatapathError> {
+        Ok(object::protected_endpoints(&self.lock().ebpf)?
+            .into_iter()
+            .collect())
+    }
+
+    /// Sets `CONFIG.log_level` at run time ([`nodeward_common::config`]: 0 off, 1 drops, 2
+    /// every decision on a protected endpoint).
+    pub fn set_log_level(&self, level: u32) -> Result<(), DatapathError> {
+        let mut inner = self.lock();
+        let mut config = inner.kernel_config;
+        config.log_level = level;
+        object::write_config(&mut inner.ebpf, config)?;
+        inner.kernel_config = config;
+        Ok(())
+    }
+
+    /// Changes the failure mode at run time (written to `CONFIG`; [`Datapath::config`] keeps
+    /// showing the mode it started with).
+    pub fn set_failure_mode(&self, mode: FailureMode) -> Result<(), DatapathError> {
+        let mut inner = self.lock();
+        let mut config = inner.kernel_config;
+        config.failure_mode = mode.kernel();
+        object::write_config(&mut inner.ebpf, config)?;
+        inner.kernel_config = config;
+        Ok(())
+    }
+
+    /// The configuration the programs read, as in the map.
+    pub fn kernel_config(&self) -> Result<KernelConfig, DatapathError> {
+        object::read_config(&self.lock().ebpf)
+    }
+
+    /// `(interface, program)` of every attachment, for `nodeward status`; sorted by program,
+    /// then interface index.
+    #[must_use]
+    pub fn attached(&self) -> Vec<(String, &'static str)> {
+        self.lock()
+            .attachments
+            .list()
+            .map(|(hook, _, name)| (name.to_owned(), hook.program()))
+            .collect()
+    }
+
+    /// Clean exit: detaches every program, removes every pin (and the pin directory), the rule
+    /// and the route. Carries on past failures and reports them all.
+    pub fn shutdown(self) -> Result<(), DatapathError> {
+        let Self {
+            config,
+            layout,
+            inner,
+            kernel_log,
+            netns: _,
+        } = self;
+        let Inner {
+            ebpf,
+            mut netlink,
+            mut attachments,
+            ..
+        } = inner
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Programs first: from here on no packet is marked, so the routing can go.
+        let mut failures = attachments.detach_all();
+        drop(kernel_log);
+        drop(ebpf);
+        let report = remove_leftovers(&config, &layout, &mut netlink, &mut failures);
+        tracing::info!(?report, "datapath shut down");
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(DatapathError::Cleanup { failures })
+        }
+    }
+
+    /// Removes what a previous run left (attachments, pins, the rule and the route of `config`)
+    /// without starting, in the calling thread's network namespace.
+    pub fn cleanup_leftovers(config: &DatapathConfig) -> Result<CleanupReport, DatapathError> {
+        let layout = PinLayout {
+            root: config.pin_dir.clone(),
+        };
+        let mut netlink = Netlink::open()
+            .map_err(|source| DatapathError::netlink("opening an rtnetlink socket", source))?;
+        let mut failures = Vec::new();
+        let report = remove_leftovers(config, &layout, &mut netlink, &mut failures);
+        if failures.is_empty() {
+            Ok(report)
+        } else {
+            Err(DatapathError::Cleanup { failures })
+        }
+    }
+
+    fn check_netns(&self, operation: &'static str) -> Result<(), DatapathError> {
+        match current_netns() {
+            Ok(netns) if netns == self.netns => Ok(()),
+            Ok(_) => Err(DatapathError::WrongNamespace { operation }),
+            Err(source) => Err(DatapathError::netlink(
+                "identifying the network namespace",
+                source,
+            )),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the kernel state as it was; carry on with it.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes over the attachments a previous run pinned: those whose interface still exists get
+    /// this run's program swapped in; the others are removed.
+    fn adopt_pinned_links(&self) -> Result<(), DatapathError> {
+        self.check_netns("start")?;
+        let mut inner = self.lock();
+        let Inner {
+            ebpf,
+            netlink,
+            attachments,
+            ..
+        } = &mut *inner;
+        let interfaces = list_interfaces(netlink)?;
+        for (parsed, path) in self.layout.link_pins()? {
+            let interface = parsed.and_then(|(hook, ifindex)| {
+                interfaces
+                    .iter()
+                    .find(|i| i.index == ifindex && !i.loopback)
+                    .map(|i| (hook, i))
+            });
+            if let Some((hook, interface)) = interface {
+                attachments.attach(ebpf, &self.layout, hook, interface.index, &interface.name)?;
+            } else {
+                tracing::info!(
+                    pin = %path.display(),
+                    "removing an attachment pin whose interface is gone"
+                );
+                links::unpin(&path)?;
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Attaches the TC classifier to the ingress of `iface` (in the caller's network namespace).
-///
-/// On Linux >= 6.6 the attachment is a TCX link: no qdisc is created and `tc filter show` does
-/// not list it (nor does bpftool 7.1); `SchedClassifier::query_tcx` does. On older kernels the
-/// `clsact` qdisc is added if missing and the program is attached through netlink. The attachment lives as long as
-/// `ebpf`; the returned id detaches it earlier through aya.
-pub fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<SchedClassifierLinkId, DatapathError> {
+/// Whether an attachment failure on an interface that still exists fails the rescan (at start)
+/// or is reported (later rescans).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Strict {
+    Yes,
+    No,
+}
+
+/// Link notifications of the node's network namespace (`RTNLGRP_LINK`).
+pub struct LinkEvents {
+    watch: tokio::io::unix::AsyncFd<LinkWatch>,
+}
+
+impl LinkEvents {
+    /// Waits until at least one link was added, changed or removed (or notifications were lost),
+    /// then drains what is pending.
+    pub async fn changed(&mut self) -> Result<(), DatapathError> {
+        loop {
+            let mut guard = self.watch.readable().await.map_err(|source| {
+                DatapathError::netlink("waiting for link notifications", source)
+            })?;
+            let drained = guard
+                .get_inner()
+                .drain()
+                .map_err(|source| DatapathError::netlink("reading link notifications", source))?;
+            guard.clear_ready();
+            if drained > 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads pending notifications without waiting; returns whether there were any.
+    pub fn poll_changed(&mut self) -> Result<bool, DatapathError> {
+        self.watch
+            .get_ref()
+            .drain()
+            .map(|count| count > 0)
+            .map_err(|source| DatapathError::netlink("reading link notifications", source))
+    }
+}
+
+/// The host interface the calling thread's namespace routes `ip` through; see
+/// [`Datapath::interface_for`]. Opens a netlink socket per call.
+pub fn interface_for(ip: Ipv4Addr) -> Result<Option<String>, DatapathError> {
+    Netlink::open()
+        .and_then(|mut netlink| netlink.interface_for(ip))
+        .map_err(|source| DatapathError::netlink(format!("looking up the route to {ip}"), source))
+}
+
+/// (device, inode) of the calling thread's network namespace.
+fn current_netns() -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata("/proc/thread-self/ns/net")?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+fn require_tcx() -> Result<(), DatapathError> {
     let kernel = KernelVersion::current().map_err(|e| DatapathError::KernelVersion {
         reason: e.to_string(),
     })?;
     if kernel < KernelVersion::new(6, 6, 0) {
-        match tc::qdisc_add_clsact(iface) {
-            Ok(()) => {}
-            // EEXIST: the qdisc is already there, from us or from another TC user.
-            Err(TcError::NetlinkError(e))
-                if e.raw_os_error()
-                    .map(io::Error::from_raw_os_error)
-                    .map(|e| e.kind())
-                    == Some(io::ErrorKind::AlreadyExists) => {}
-            Err(source) => {
-                return Err(DatapathError::Clsact {
-                    iface: iface.to_owned(),
-                    source,
-                })
+        return Err(DatapathError::KernelTooOld {
+            found: format!("{kernel:?}"),
+        });
+    }
+    Ok(())
+}
+
+fn list_interfaces(netlink: &mut Netlink) -> Result<Vec<Interface>, DatapathError> {
+    netlink
+        .interfaces()
+        .map_err(|source| DatapathError::netlink("listing interfaces", source))
+}
+
+/// The default route of `table`; [`DatapathError::RouteTableTaken`] when it is someone else's.
+fn table_default(netlink: &mut Netlink, table: u32) -> Result<TableDefault, DatapathError> {
+    match netlink.table_default(table) {
+        Ok(TableDefault::Other) => Err(DatapathError::RouteTableTaken { table }),
+        Ok(found) => Ok(found),
+        Err(source) => Err(DatapathError::netlink(
+            format!("listing routes of table {table}"),
+            source,
+        )),
+    }
+}
+
+/// `ip rule add fwmark M/M lookup T pref P` and `ip route add local 0.0.0.0/0 dev lo table T`,
+/// adopting identical ones; `table_default` is what [`table_default`] found.
+fn install_routing(
+    netlink: &mut Netlink,
+    config: &DatapathConfig,
+    table_default: TableDefault,
+) -> Result<(), DatapathError> {
+    let rule = config.rule();
+    let present = netlink
+        .has_rule(rule)
+        .map_err(|source| DatapathError::netlink("listing routing rules", source))?;
+    if !present {
+        netlink.add_rule(rule).map_err(|source| {
+            DatapathError::netlink(
+                format!(
+                    "adding the rule `fwmark {:#x}/{:#x} lookup {} pref {}`",
+                    rule.mark, rule.mark, rule.table, rule.priority
+                ),
+                source,
+            )
+        })?;
+    }
+    let table = config.route_table;
+    if table_default == TableDefault::Missing {
+        netlink.add_local_default_route(table).map_err(|source| {
+            DatapathError::netlink(
+                format!("adding the route `local 0.0.0.0/0 dev lo table {table}`"),
+                source,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes attachment pins, map pins, the pin directory, the rule and the route; records what
+/// could not be removed in `failures`.
+fn remove_leftovers(
+    config: &DatapathConfig,
+    layout: &PinLayout,
+    netlink: &mut Netlink,
+    failures: &mut Vec<String>,
+) -> CleanupReport {
+    let mut report = CleanupReport::default();
+    let mut record = |result: Result<(), DatapathError>| {
+        if let Err(e) = result {
+            failures.push(e.to_string());
+        }
+    };
+    match layout.link_pins() {
+        Ok(pins) => {
+            for (_, path) in pins {
+                record(links::unpin(&path));
+                report.links += 1;
             }
         }
+        Err(e) => record(Err(e)),
     }
-    classifier(ebpf)?
-        .attach(iface, TcAttachType::Ingress)
-        .map_err(|source| DatapathError::Attach {
-            program: TC_PROGRAM,
-            iface: iface.to_owned(),
-            source,
-        })
-}
-
-/// Marks `endpoint` (destination address and TCP port) as protected: the classifier will judge
-/// traffic to it. Replaces an existing entry.
-pub fn protect(ebpf: &mut Ebpf, endpoint: SocketAddrV4) -> Result<(), DatapathError> {
-    protected_endpoints_mut(ebpf)?
-        .insert(key(endpoint), ENDPOINT_FLAGS_NONE, 0)
-        .map_err(|source| map_error(PROTECTED_ENDPOINTS_MAP, "insert", source))
-}
-
-/// Removes `endpoint` from the protected endpoints. Returns whether it was there.
-pub fn unprotect(ebpf: &mut Ebpf, endpoint: SocketAddrV4) -> Result<bool, DatapathError> {
-    match protected_endpoints_mut(ebpf)?.remove(&key(endpoint)) {
-        Ok(()) => Ok(true),
-        Err(MapError::SyscallError(SyscallError { io_error, .. }))
-            if io_error.kind() == io::ErrorKind::NotFound =>
-        {
-            Ok(false)
+    match layout.map_pins() {
+        Ok(pins) => {
+            for path in pins {
+                record(links::unpin(&path));
+                report.maps += 1;
+            }
         }
-        Err(source) => Err(map_error(PROTECTED_ENDPOINTS_MAP, "remove", source)),
+        Err(e) => record(Err(e)),
     }
-}
-
-/// The endpoints currently marked as protected, in the map's (unspecified) order.
-pub fn protected_endpoints(ebpf: &Ebpf) -> Result<Vec<SocketAddrV4>, DatapathError> {
-    let map = ebpf
-        .map(PROTECTED_ENDPOINTS_MAP)
-        .ok_or(DatapathError::Missing {
-            kind: "map",
-            name: PROTECTED_ENDPOINTS_MAP,
-        })?;
-    let map: HashMap<&MapData, EndpointKey, u32> = HashMap::try_from(map)
-        .map_err(|source| map_error(PROTECTED_ENDPOINTS_MAP, "open", source))?;
-    map.keys()
-        .map(|key| {
-            key.map(|key| SocketAddrV4::new(key.ip(), key.port()))
-                .map_err(|source| map_error(PROTECTED_ENDPOINTS_MAP, "iterate", source))
-        })
-        .collect()
-}
-
-/// Reads the packet counters, summed over all CPUs.
-pub fn read_counters(ebpf: &Ebpf) -> Result<Counters, DatapathError> {
-    let map = ebpf.map(COUNTERS_MAP).ok_or(DatapathError::Missing {
-        kind: "map",
-        name: COUNTERS_MAP,
-    })?;
-    let map: PerCpuArray<&MapData, u64> =
-        PerCpuArray::try_from(map).map_err(|source| map_error(COUNTERS_MAP, "open", source))?;
-    let read = |slot: u32| -> Result<u64, DatapathError> {
-        let per_cpu = map
-            .get(&slot, 0)
-            .map_err(|source| map_error(COUNTERS_MAP, "read", source))?;
-        Ok(per_cpu.iter().copied().fold(0, u64::wrapping_add))
-    };
-    Ok(Counters {
-        seen: read(counter::SEEN)?,
-        not_ipv4_tcp: read(counter::NOT_IPV4_TCP)?,
-        not_protected: read(counter::NOT_PROTECTED)?,
-        protected: read(counter::PROTECTED)?,
-        malformed: read(counter::MALFORMED)?,
-    })
-}
-
-/// The TC classifier of the object.
-fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
-    ebpf.program_mut(TC_PROGRAM)
-        .ok_or(DatapathError::Missing {
-            kind: "program",
-            name: TC_PROGRAM,
-        })?
-        .try_into()
-        .map_err(|source| DatapathError::ProgramType {
-            name: TC_PROGRAM,
+    for dir in [layout.links(), layout.maps(), layout.root.clone()] {
+        match fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => record(Err(DatapathError::PinDir {
+                operation: "removing",
+                path: dir,
+                source,
+            })),
+        }
+    }
+    let rule = config.rule();
+    match netlink.delete_rule(rule) {
+        Ok(removed) => report.rule = removed,
+        Err(source) => record(Err(DatapathError::netlink(
+            format!(
+                "removing the rule `fwmark {:#x}/{:#x} lookup {}`",
+                rule.mark, rule.mark, rule.table
+            ),
             source,
-        })
-}
-
-/// The protected-endpoints map, writable.
-fn protected_endpoints_mut(
-    ebpf: &mut Ebpf,
-) -> Result<HashMap<&mut MapData, EndpointKey, u32>, DatapathError> {
-    let map = ebpf
-        .map_mut(PROTECTED_ENDPOINTS_MAP)
-        .ok_or(DatapathError::Missing {
-            kind: "map",
-            name: PROTECTED_ENDPOINTS_MAP,
-        })?;
-    HashMap::try_from(map).map_err(|source| map_error(PROTECTED_ENDPOINTS_MAP, "open", source))
-}
-
-fn key(endpoint: SocketAddrV4) -> EndpointKey {
-    EndpointKey::from_ipv4(*endpoint.ip(), endpoint.port())
-}
-
-fn map_error(map: &'static str, operation: &'static str, source: MapError) -> DatapathError {
-    DatapathError::Map {
-        map,
-        operation,
-        source,
+        ))),
     }
+    let table = config.route_table;
+    match netlink.table_default(table) {
+        Ok(TableDefault::Ours) => match netlink.delete_local_default_route(table) {
+            Ok(removed) => report.route = removed,
+            Err(source) => record(Err(DatapathError::netlink(
+                format!("removing the route `local 0.0.0.0/0 dev lo table {table}`"),
+                source,
+            ))),
+        },
+        // Someone else's route, or none: not ours to remove.
+        Ok(TableDefault::Other | TableDefault::Missing) => {}
+        Err(source) => record(Err(DatapathError::netlink(
+            format!("listing routes of table {table}"),
+            source,
+        ))),
+    }
+    report
 }

@@ -1,0 +1,175 @@
+//! Packet counters of the kernel programs, summed over CPUs and named.
+
+use nodeward_common::counter;
+
+/// Packet counts summed over all CPUs, one field per [`nodeward_common::counter`] slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// `steer`: packets it ran on.
+    pub seen: u64,
+    /// `steer`: not IPv4/TCP, or a later fragment (no opinion).
+    pub not_ipv4_tcp: u64,
+    /// `steer`: IPv4/TCP to unprotected destinations (no opinion).
+    pub not_protected: u64,
+    /// `steer`: packets to protected destinations, whatever their verdict.
+    pub protected: u64,
+    /// `steer`: headers unreadable, destination not known to be protected (no opinion).
+    pub malformed: u64,
+    /// `steer`: packets marked and assigned to the enforcer (listener + established).
+    pub steered: u64,
+    /// `steer`: new flows assigned to the enforcer's listener.
+    pub assigned_listener: u64,
+    /// `steer`: packets assigned to the enforcer's socket of their flow.
+    pub assigned_established: u64,
+    /// `steer`: packets to protected pods that are not new flows and no enforcer socket holds
+    /// (replies to the pod's own connections), passed.
+    pub passed_not_new: u64,
+    /// `steer` and `guard`: lookups that found no enforcer listener.
+    pub listener_missing: u64,
+    /// `steer`: `bpf_sk_assign` refusals.
+    pub assign_failed: u64,
+    /// `steer`: new flows dropped for want of a listener (failure mode closed).
+    pub dropped_failure_closed: u64,
+    /// `steer`: new flows passed to the pod for want of a listener (failure mode open).
+    pub passed_failure_open: u64,
+    /// `steer`: packets to protected endpoints with a cut-short TCP header, dropped.
+    pub dropped_malformed: u64,
+    /// `guard`: packets it ran on.
+    pub guard_seen: u64,
+    /// `guard`: not IPv4/TCP (no opinion).
+    pub guard_not_ipv4_tcp: u64,
+    /// `guard`: unprotected destinations (no opinion).
+    pub guard_not_protected: u64,
+    /// `guard`: headers unreadable, destination not known to be protected (no opinion).
+    pub guard_malformed: u64,
+    /// `guard`: the enforcer's upstream packets (upstream mark), passed.
+    pub guard_passed_enforcer: u64,
+    /// `guard`: packets that are not new flows, passed.
+    pub guard_passed_not_new: u64,
+    /// `guard`: new flows that were not steered while the enforcer is up: bypass attempts,
+    /// dropped.
+    pub guard_dropped_bypass: u64,
+    /// `guard`: new flows dropped for want of a listener (failure mode closed).
+    pub guard_dropped_failure_closed: u64,
+    /// `guard`: new flows passed for want of a listener (failure mode open).
+    pub guard_passed_failure_open: u64,
+    /// `guard`: packets to protected endpoints with a cut-short TCP header, dropped.
+    pub guard_dropped_malformed: u64,
+}
+
+impl Counters {
+    pub(super) fn from_slots(slots: &[u64; counter::LEN as usize]) -> Self {
+        let at = |slot: u32| slots[slot as usize];
+        Self {
+            seen: at(counter::SEEN),
+            not_ipv4_tcp: at(counter::NOT_IPV4_TCP),
+            not_protected: at(counter::NOT_PROTECTED),
+            protected: at(counter::PROTECTED),
+            malformed: at(counter::MALFORMED),
+            steered: at(counter::STEERED),
+            assigned_listener: at(counter::ASSIGNED_LISTENER),
+            assigned_established: at(counter::ASSIGNED_ESTABLISHED),
+            passed_not_new: at(counter::PASSED_NOT_NEW),
+            listener_missing: at(counter::LISTENER_MISSING),
+            assign_failed: at(counter::ASSIGN_FAILED),
+            dropped_failure_closed: at(counter::DROPPED_FAILURE_CLOSED),
+            passed_failure_open: at(counter::PASSED_FAILURE_OPEN),
+            dropped_malformed: at(counter::DROPPED_MALFORMED),
+            guard_seen: at(counter::GUARD_SEEN),
+            guard_not_ipv4_tcp: at(counter::GUARD_NOT_IPV4_TCP),
+            guard_not_protected: at(counter::GUARD_NOT_PROTECTED),
+            guard_malformed: at(counter::GUARD_MALFORMED),
+            guard_passed_enforcer: at(counter::GUARD_PASSED_ENFORCER),
+            guard_passed_not_new: at(counter::GUARD_PASSED_NOT_NEW),
+            guard_dropped_bypass: at(counter::GUARD_DROPPED_BYPASS),
+            guard_dropped_failure_closed: at(counter::GUARD_DROPPED_FAILURE_CLOSED),
+            guard_passed_failure_open: at(counter::GUARD_PASSED_FAILURE_OPEN),
+            guard_dropped_malformed: at(counter::GUARD_DROPPED_MALFORMED),
+        }
+    }
+
+    /// Packets dropped by either program, for every reason.
+    #[must_use]
+    pub const fn dropped(&self) -> u64 {
+        self.dropped_failure_closed
+            + self.dropped_malformed
+            + self.guard_dropped_bypass
+            + self.guard_dropped_failure_closed
+            + self.guard_dropped_malformed
+    }
+
+    /// Packets to protected endpoints passed to the pod without the enforcer (not new flows,
+    /// failure mode open), by either program.
+    #[must_use]
+    pub const fn passed_protected(&self) -> u64 {
+        self.passed_not_new
+            + self.passed_failure_open
+            + self.guard_passed_not_new
+            + self.guard_passed_failure_open
+    }
+
+    /// `(metric suffix, value)` of every counter, for `/metrics` (e.g.
+    /// `nodeward_datapath_packets_total{counter="assigned_listener"}`).
+    #[must_use]
+    pub fn named(&self) -> [(&'static str, u64); counter::LEN as usize] {
+        [
+            ("seen", self.seen),
+            ("not_ipv4_tcp", self.not_ipv4_tcp),
+            ("not_protected", self.not_protected),
+            ("protected", self.protected),
+            ("malformed", self.malformed),
+            ("steered", self.steered),
+            ("assigned_listener", self.assigned_listener),
+            ("assigned_established", self.assigned_established),
+            ("passed_not_new", self.passed_not_new),
+            ("listener_missing", self.listener_missing),
+            ("assign_failed", self.assign_failed),
+            ("dropped_failure_closed", self.dropped_failure_closed),
+            ("passed_failure_open", self.passed_failure_open),
+            ("dropped_malformed", self.dropped_malformed),
+            ("guard_seen", self.guard_seen),
+            ("guard_not_ipv4_tcp", self.guard_not_ipv4_tcp),
+            ("guard_not_protected", self.guard_not_protected),
+            ("guard_malformed", self.guard_malformed),
+            ("guard_passed_enforcer", self.guard_passed_enforcer),
+            ("guard_passed_not_new", self.guard_passed_not_new),
+            ("guard_dropped_bypass", self.guard_dropped_bypass),
+            (
+                "guard_dropped_failure_closed",
+                self.guard_dropped_failure_closed,
+            ),
+            ("guard_passed_failure_open", self.guard_passed_failure_open),
+            ("guard_dropped_malformed", self.guard_dropped_malformed),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn counters_name_every_slot_once() {
+        let mut slots = [0_u64; counter::LEN as usize];
+        for (slot, value) in slots.iter_mut().enumerate() {
+            *value = slot as u64 + 1;
+        }
+        let counters = Counters::from_slots(&slots);
+        let named = counters.named();
+        let mut seen = BTreeSet::new();
+        for (name, value) in named {
+            assert!(seen.insert(value), "{name} repeats a slot");
+        }
+        assert_eq!(seen.len(), counter::LEN as usize);
+        assert_eq!(
+            counters.assigned_listener,
+            u64::from(counter::ASSIGNED_LISTENER) + 1
+        );
+        assert_eq!(
+            counters.guard_dropped_bypass,
+            u64::from(counter::GUARD_DROPPED_BYPASS) + 1
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! The embedded eBPF object: loading it with its maps pinned (adopting the maps of a previous
+//! run), and typed access to those maps.
+
+use std::{collections::BTreeSet, fs, io, net::Ipv4Addr, path::Path};
+
+use aya::{
+    maps::{Array, HashMap, MapData, MapError, MapType, PerCpuArray},
+    programs::SchedClassifier,
+    sys::SyscallError,
+    Ebpf, EbpfLoader,
+};
+use nodeward_common::{counter, EndpointKey, KernelConfig, ENDPOINT_FLAGS_NONE};
+
+use super::{bpffs::Hook, Counters, DatapathError};
+
+/// The eBPF object built by `build.rs` (`nodeward-ebpf`'s binary target of the same name).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeward-ebpf"));
+
+/// Name of the protected-endpoints map: key [`EndpointKey`], value `u32` flags.
+pub const PROTECTED_ENDPOINTS_MAP: &str = "PROTECTED_ENDPOINTS";
+/// Name of the configuration map: index 0, value [`KernelConfig`].
+pub const CONFIG_MAP: &str = "CONFIG";
+/// Name of the per-CPU counters map: index [`nodeward_common::counter`], value `u64`.
+pub const COUNTERS_MAP: &str = "COUNTERS";
+
+/// What a pinned map must look like to be adopted: type, key size, value size, entries.
+struct MapSpec {
+    name: &'static str,
+    map_type: MapType,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+/// The pinned maps of this build. A pinned map that differs (left by another version) is not
+/// adopted: see [`retire_incompatible_pins`].
+const MAP_SPECS: [MapSpec; 3] = [
+    MapSpec {
+        name: PROTECTED_ENDPOINTS_MAP,
+        map_type: MapType::Hash,
+        key_size: size_of::<EndpointKey>() as u32,
+        value_size: size_of::<u32>() as u32,
+        max_entries: 16_384,
+    },
+    MapSpec {
+        name: CONFIG_MAP,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<KernelConfig>() as u32,
+        max_entries: 1,
+    },
+    MapSpec {
+        name: COUNTERS_MAP,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<u64>() as u32,
+        max_entries: counter::LEN,
+    },
+];
+
+/// Protected endpoints carried over from a pinned map this build could not adopt.
+pub type CarriedEndpoints = Vec<(Ipv4Addr, u16)>;
+
+/// Removes pins of maps that this build's programs cannot use (another type or size, from
+/// another version of nodeward), so that loading creates fresh ones. Programs still attached from
+/// the previous run keep their own map until they are replaced. The protected endpoints of a
+/// `PROTECTED_ENDPOINTS` map whose entries have the same layout are returned, to be written into
+/// the new map before any new program is attached.
+pub fn retire_incompatible_pins(maps_dir: &Path) -> Result<CarriedEndpoints, DatapathError> {
+    let mut carried = Vec::new();
+    for spec in &MAP_SPECS {
+        let path = maps_dir.join(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let Ok(map) = MapData::from_pin(&path) else {
+            // Not a map (or unreadable): the loader would fail on it the same way.
+            remove_pin(&path)?;
+            continue;
+        };
+        let info = map.info().map_err(|source| {
+            DatapathError::map(spec.name, "reading the pinned map's info", source)
+        })?;
+        let compatible = info.map_type().ok() == Some(spec.map_type)
+            && info.key_size() == spec.key_size
+            && info.value_size() == spec.value_size
+            && info.max_entries() == spec.max_entries;
+        if compatible {
+            continue;
+        }
+        tracing::warn!(
+            map = spec.name,
+            path = %path.display(),
+            "the pinned map was made by another version of nodeward (type or size differ); \
+             replacing it"
+        );
+        if spec.name == PROTECTED_ENDPOINTS_MAP
+            && info.map_type().ok() == Some(MapType::Hash)
+            && info.key_size() == spec.key_size
+            && info.value_size() == spec.value_size
+        {
+            let map: HashMap<MapData, EndpointKey, u32> =
+                HashMap::try_from(aya::maps::Map::HashMap(map))
+                    .map_err(|source| DatapathError::map(spec.name, "open", source))?;
+            for key in map.keys() {
+                let key = key.map_err(|source| DatapathError::map(spec.name, "iterate", source))?;
+                carried.push((key.ip(), key.port()));
+            }
+        }
+        remove_pin(&path)?;
+    }
+    Ok(carried)
+}
+
+fn remove_pin(path: &Path) -> Result<(), DatapathError> {
+    fs::remove_file(path).map_err(|source| DatapathError::PinDir {
+        operation: "removing",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Loads the object with its maps pinned in (or adopted from) `maps_dir`, and loads (verifies)
+/// both programs without attaching them.
+pub fn load(maps_dir: &Path) -> Result<Ebpf, DatapathError> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(maps_dir)
+        .load(OBJECT)
+        .map_err(|source| DatapathError::Load {
+            source: Box::new(source),
+        })?;
+    for hook in [Hook::Steer, Hook::Guard] {
+        classifier(&mut ebpf, hook)?
+            .load()
+            .map_err(|source| DatapathError::Verify {
+                name: hook.program(),
+                source: Box::new(source),
+            })?;
+    }
+    Ok(ebpf)
+}
+
+/// The TC classifier of `hook`.
+pub fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DatapathError> {
+    let name = hook.program();
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::ProgramType {
+            name,
+            source: Box::new(source),
+        })
+}
+
+/// Writes the single element of `CONFIG`.
+pub fn write_config(ebpf: &mut Ebpf, config: KernelConfig) -> Result<(), DatapathError> {
+    let map = ebpf.map_mut(CONFIG_MAP).ok_or(DatapathError::Missing {
+        kind: "map",
+        name: CONFIG_MAP,
+    })?;
+    let mut array: Array<&mut MapData, KernelConfig> =
+        Array::try_from(map).map_err(|source| DatapathError::map(CONFIG_MAP, "open", source))?;
+    array
+        .set(0, config, 0)
+        .map_err(|source| DatapathError::map(CONFIG_MAP, "write", source))
+}
+
+/// Reads the single element of `CONFIG`.
+pub fn read_config(ebpf: &Ebpf) -> Result<KernelConfig, DatapathError> {
+    let map = ebpf.map(CONFIG_MAP).ok_or(DatapathError::Missing {
+        kind: "map",
+        name: CONFIG_MAP,
+    })?;
+    let array: Array<&MapData, KernelConfig> =
+        Array::try_from(map).map_err(|source| DatapathError::map(CONFIG_MAP, "open", source))?;
+    array
+        .get(&0, 0)
+        .map_err(|source| DatapathError::map(CONFIG_MAP, "read", source))
+}
+
+/// The protected endpoints in the map, sorted.
+pub fn protected_endpoints(ebpf: &Ebpf) -> Result<BTreeSet<(Ipv4Addr, u16)>, DatapathError> {
+    let map = ebpf
+        .map(PROTECTED_ENDPOINTS_MAP)
+        .ok_or(DatapathError::Missing {
+            kind: "map",
+            name: PROTECTED_ENDPOINTS_MAP,
+        })?;
+    let map: HashMap<&MapData, EndpointKey, u32> = HashMap::try_from(map)
+        .map_err(|source| DatapathError::map(PROTECTED_ENDPOINTS_MAP, "open", source))?;
+    map.keys()
+        .map(|key| {
+            key.map(|key| (key.ip(), key.port()))
+                .map_err(|source| DatapathError::map(PROTECTED_ENDPOINTS_MAP, "iterate", source))
+        })
+        .collect()
+}
+
+/// Inserts `add` and removes `remove` (address, port in host order) from the map.
+pub fn update_endpoints(
+    ebpf: &mut Ebpf,
+    add: &[(Ipv4Addr, u16)],
+    remove: &[(Ipv4Addr, u16)],
+) -> Result<(), DatapathError> {
+    let map = ebpf
+        .map_mut(PROTECTED_ENDPOINTS_MAP)
+        .ok_or(DatapathError::Missing {
+            kind: "map",
+            name: PROTECTED_ENDPOINTS_MAP,
+        })?;
+    let mut map: HashMap<&mut MapData, EndpointKey, u32> = HashMap::try_from(map)
+        .map_err(|source| DatapathError::map(PROTECTED_ENDPOINTS_MAP, "open", source))?;
+    for &(ip, port) in add {
+        map.insert(EndpointKey::from_ipv4(ip, port), ENDPOINT_FLAGS_NONE, 0)
+            .map_err(|source| DatapathError::map(PROTECTED_ENDPOINTS_MAP, "insert", source))?;
+    }
+    for &(ip, port) in remove {
+        match map.remove(&EndpointKey::from_ipv4(ip, port)) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DatapathError::map(
+                    PROTECTED_ENDPOINTS_MAP,
+                    "remove",
+                    source,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the packet counters, summed over all CPUs.
+pub fn read_counters(ebpf: &Ebpf) -> Result<Counters, DatapathError> {
+    let map = ebpf.map(COUNTERS_MAP).ok_or(DatapathError::Missing {
+        kind: "map",
+        name: COUNTERS_MAP,
+    })?;
+    let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
+        .map_err(|source| DatapathError::map(COUNTERS_MAP, "open", source))?;
+    let mut slots = [0_u64; counter::LEN as usize];
+    for (slot, total) in (0..counter::LEN).zip(slots.iter_mut()) {
+        let per_cpu = map
+            .get(&slot, 0)
+            .map_err(|source| DatapathError::map(COUNTERS_MAP, "read", source))?;
+        *total = per_cpu.iter().copied().fold(0, u64::wrapping_add);
+    }
+    Ok(Counters::from_slots(&slots))
+}
