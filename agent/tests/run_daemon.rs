@@ -137,6 +137,9 @@ impl Daemon {
             .arg("--workloads")
             .arg(dir.join("workloads.yaml"))
             .args(["--listen", &listen, "--admin", &admin])
+            // On loopback in the machine's own namespace: never attach kernel programs here
+            // (the namespace end-to-end tests run the data path).
+            .args(["--datapath", "off"])
             .args(extra)
             .env("NODEWARD_LOG", "info")
             .stdout(Stdio::null())
@@ -960,6 +963,8 @@ fn startup_errors_name_what_to_fix() {
         "127.0.0.1:0",
         "--admin",
         &admin,
+        "--datapath",
+        "off",
     ]);
     assert_eq!(exit_code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains(missing), "{}", stderr(&out));
@@ -978,6 +983,8 @@ fn startup_errors_name_what_to_fix() {
         &addr,
         "--admin",
         &admin,
+        "--datapath",
+        "off",
     ]);
     assert_eq!(exit_code(&out), 1, "{}", stderr(&out));
     assert!(

@@ -208,6 +208,27 @@ impl TestNode {
             .unwrap_or_else(|e| panic!("running {args:?} in {netns}: {e}"))
     }
 
+    /// Stops a process started with [`TestNode::spawn`] with SIGTERM and returns its exit code
+    /// (`None` if it had to be killed after `wait`).
+    pub fn terminate(&mut self, pid: u32, wait: std::time::Duration) -> Option<i32> {
+        let child = self.children.iter_mut().find(|c| c.id() == pid)?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// `curl` from a namespace: (HTTP status, body); status 0 when no answer came.
     #[must_use]
     pub fn curl(&self, netns: &str, method: &str, url: &str, headers: &[&str]) -> (u16, String) {
@@ -247,7 +268,17 @@ impl Default for TestNode {
 
 impl Drop for TestNode {
     fn drop(&mut self) {
+        // SIGTERM first so an agent removes what it made; SIGKILL what is still there after 5 s.
+        for child in &self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         for child in &mut self.children {
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -149,7 +149,7 @@ pub fn run() -> Result<()> {
 
     let admin = format!("127.0.0.1:{}", free_port()?);
     let listen = format!("127.0.0.1:{}", free_port()?);
-    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml --admin {admin} --listen {listen}");
+    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml --admin {admin} --listen {listen} --datapath off");
     let agent = Agent(
         Command::new(&bin)
             .args([
@@ -160,6 +160,8 @@ pub fn run() -> Result<()> {
                 "examples/workloads.yaml",
             ])
             .args(["--admin", &admin, "--listen", &listen])
+            // This demo runs in the machine's own namespace: no kernel programs here.
+            .args(["--datapath", "off"])
             .current_dir(&root)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

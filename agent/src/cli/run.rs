@@ -36,6 +36,8 @@ use crate::authn::cache::TokenCache;
 use crate::authn::fetch::{FetchConfig, FetchError, JwksSource, JwksStore, SourceState};
 use crate::authn::rules::KeySource;
 use crate::authz::path::Normalization;
+use crate::datapath::node::{DatapathMetrics, NodeDatapath};
+use crate::datapath::DatapathConfig;
 use crate::enforcer::{transparent_listener, Enforcer, EnforcerConfig, Limits};
 use crate::metrics::Metrics;
 use crate::state::standalone::{
@@ -67,6 +69,13 @@ impl FailureMode {
     }
 }
 
+/// Whether `nodeward run` drives the kernel data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DatapathMode {
+    On,
+    Off,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Policy file or directory (YAML, read recursively); repeatable. Watched: a change is
@@ -87,6 +96,15 @@ pub struct RunArgs {
     /// What steered traffic gets while the enforcer cannot take it.
     #[arg(long, value_enum, default_value_t = FailureMode::Closed)]
     pub failure_mode: FailureMode,
+    /// The kernel data path: `on` loads and attaches the steering programs in this network
+    /// namespace (the node's); `off` runs the enforcer alone, for when connections reach its
+    /// listener some other way (tests on loopback, a demo without pods).
+    #[arg(long, value_enum, default_value_t = DatapathMode::On)]
+    pub datapath: DatapathMode,
+    /// Where the data path pins its programs and maps on the BPF filesystem (a restarted agent
+    /// takes them over from there).
+    #[arg(long, default_value = "/sys/fs/bpf/nodeward", value_name = "DIR")]
+    pub bpf_pin_dir: PathBuf,
     /// Namespace whose policies apply mesh-wide.
     #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE, value_name = "NS")]
     pub root_namespace: String,
@@ -128,6 +146,9 @@ pub enum RunError {
     /// The JWKS fetcher could not be built (TLS roots).
     #[error("{0}")]
     Jwks(#[source] FetchError),
+    /// The kernel data path could not start (the message says what to check).
+    #[error("starting the kernel data path: {0}")]
+    Datapath(#[source] crate::datapath::DatapathError),
     /// The standalone configuration cannot be used at all.
     #[error("{0}")]
     Config(#[source] StartError),
@@ -295,8 +316,17 @@ struct State {
 
 /// Metrics first (every part registers or counts into them), then the stores, then the
 /// standalone source's first snapshot.
-fn start_state(args: &RunArgs, handle: &tokio::runtime::Handle) -> Result<State, RunError> {
+fn start_state(
+    args: &RunArgs,
+    handle: &tokio::runtime::Handle,
+    datapath: Option<&Arc<NodeDatapath>>,
+) -> Result<State, RunError> {
     let mut metrics = Metrics::new();
+    if let Some(datapath) = datapath {
+        metrics
+            .registry_mut()
+            .register_collector(Box::new(DatapathMetrics(Arc::clone(datapath))));
+    }
     let jwks = {
         let _in_runtime = handle.enter();
         JwksStore::new(FetchConfig::default()).map_err(RunError::Jwks)?
@@ -317,9 +347,14 @@ fn start_state(args: &RunArgs, handle: &tokio::runtime::Handle) -> Result<State,
     let on_publish: OnPublish = {
         let jwks = jwks.clone();
         let handle = handle.clone();
+        let datapath = datapath.cloned();
         Arc::new(move |snapshot: &Arc<Snapshot>| {
             let _in_runtime = handle.enter();
             jwks.set_sources(jwks_sources(snapshot));
+            // The kernel's endpoint map follows every change of what is protected.
+            if let Some(datapath) = &datapath {
+                datapath.sync(snapshot);
+            }
         })
     };
     let config = StandaloneConfig {
@@ -347,6 +382,18 @@ fn start_state(args: &RunArgs, handle: &tokio::runtime::Handle) -> Result<State,
     })
 }
 
+fn datapath_config(args: &RunArgs) -> DatapathConfig {
+    DatapathConfig {
+        listener_port: args.listen.port(),
+        pin_dir: args.bpf_pin_dir.clone(),
+        failure_mode: match args.failure_mode {
+            FailureMode::Closed => crate::datapath::FailureMode::Closed,
+            FailureMode::Open => crate::datapath::FailureMode::Open,
+        },
+        ..DatapathConfig::default()
+    }
+}
+
 fn enforcer_config(args: &RunArgs) -> EnforcerConfig {
     EnforcerConfig {
         limits: Limits {
@@ -358,6 +405,11 @@ fn enforcer_config(args: &RunArgs) -> EnforcerConfig {
         },
         path_normalization: args.path_normalization,
         drain_timeout: args.drain_timeout,
+        // The kernel's guard lets into a protected pod only what carries this mark.
+        upstream_mark: match args.datapath {
+            DatapathMode::On => datapath_config(args).upstream_mark,
+            DatapathMode::Off => 0,
+        },
         ..EnforcerConfig::default()
     }
 }
@@ -411,6 +463,10 @@ async fn drain_on_signal(
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the agent's startup order, step by step"
+)]
 fn run_agent(args: &RunArgs) -> Result<(), RunError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -427,12 +483,51 @@ fn run_agent(args: &RunArgs) -> Result<(), RunError> {
         )
     };
 
-    let state = start_state(args, &handle)?;
+    let datapath = match args.datapath {
+        DatapathMode::On => {
+            let config = datapath_config(args);
+            let datapath = NodeDatapath::start(config).map_err(RunError::Datapath)?;
+            info!(
+                listener_port = args.listen.port(),
+                failure_mode = args.failure_mode.as_str(),
+                "kernel data path attached"
+            );
+            Some(datapath)
+        }
+        DatapathMode::Off => {
+            info!("kernel data path off: the enforcer runs alone");
+            None
+        }
+    };
+    let state = match start_state(args, &handle, datapath.as_ref()) {
+        Ok(state) => state,
+        Err(e) => {
+            stop_datapath(datapath.as_ref());
+            return Err(e);
+        }
+    };
     let readiness = Arc::new(Readiness::new());
     let (listening, stopping) = readiness_checks(&readiness, &state.store, &state.jwks);
+    if let Some(datapath) = &datapath {
+        let datapath = Arc::clone(datapath);
+        readiness.add_check("datapath", move || {
+            if datapath.attached() {
+                Ok("programs attached".into())
+            } else {
+                Err("no kernel program attached".into())
+            }
+        });
+    }
 
     let shutdown = CancellationToken::new();
     let watcher = runtime.spawn(state.standalone.watch(shutdown.clone()));
+    if let Some(datapath) = &datapath {
+        runtime.spawn(follow_interfaces(
+            Arc::clone(datapath),
+            Arc::clone(&state.store),
+            shutdown.clone(),
+        ));
+    }
 
     let listener = {
         let _in_runtime = handle.enter();
@@ -491,6 +586,51 @@ fn run_agent(args: &RunArgs) -> Result<(), RunError> {
     ));
     admin.stop();
     runtime.shutdown_timeout(Duration::from_secs(1));
+    stop_datapath(datapath.as_ref());
     info!("nodeward stopped");
     Ok(())
+}
+
+/// A clean stop removes every program, pin, rule and route the agent made.
+fn stop_datapath(datapath: Option<&Arc<NodeDatapath>>) {
+    if let Some(datapath) = datapath {
+        match datapath.shutdown() {
+            Ok(()) => info!("kernel data path removed"),
+            Err(e) => warn!(error = %e, "removing the kernel data path"),
+        }
+    }
+}
+
+/// Interfaces come and go with pods: on every netlink link event, attach `steer` to new
+/// interfaces and re-sync the endpoints and guards.
+async fn follow_interfaces(
+    datapath: Arc<NodeDatapath>,
+    store: Arc<StateStore>,
+    shutdown: CancellationToken,
+) {
+    let events = {
+        let guard = datapath.link_events();
+        match guard {
+            Ok(events) => events,
+            Err(e) => {
+                warn!(error = %e, "no link events; interfaces are picked up on the next reload only");
+                return;
+            }
+        }
+    };
+    let mut events = events;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = events.changed() => {
+                if let Err(e) = changed {
+                    warn!(error = %e, "link events ended");
+                    return;
+                }
+                let snapshot = store.load();
+                let datapath = Arc::clone(&datapath);
+                let _ = tokio::task::spawn_blocking(move || datapath.rescan(&snapshot)).await;
+            }
+        }
+    }
 }

@@ -12,6 +12,9 @@ use aya::{
 /// What went wrong putting nodeward's programs into the kernel or keeping them in step.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
+    /// The data path was already removed (the agent is stopping).
+    #[error("the kernel data path was already removed")]
+    Stopped,
     /// A setting of [`super::DatapathConfig`] cannot work.
     #[error("datapath setting `{field}` is invalid: {problem}")]
     Config {

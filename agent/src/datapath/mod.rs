@@ -42,6 +42,7 @@ mod error;
 mod kernel_log;
 mod links;
 mod netlink;
+pub mod node;
 mod object;
 
 use std::{

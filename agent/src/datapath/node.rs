@@ -1,0 +1,159 @@
+//! The datapath as the running agent uses it: kept in step with every published snapshot
+//! (protected local workloads in the endpoint map, `guard` on their interfaces), rescanned
+//! when interfaces come and go, exported to `/metrics`, and removed on a clean stop.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::MetricType;
+
+use super::{Counters, Datapath, DatapathConfig, DatapathError};
+use crate::state::Snapshot;
+use nodeward_common::endpoint::PORT_ANY;
+
+/// A started datapath, shareable; `shutdown` takes it out once.
+pub struct NodeDatapath {
+    inner: Mutex<Option<Datapath>>,
+}
+
+impl std::fmt::Debug for NodeDatapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeDatapath")
+            .field("running", &self.lock().is_some())
+            .finish()
+    }
+}
+
+impl NodeDatapath {
+    /// Starts the kernel side (see [`Datapath::start`]).
+    pub fn start(config: DatapathConfig) -> Result<Arc<Self>, DatapathError> {
+        Ok(Arc::new(Self {
+            inner: Mutex::new(Some(Datapath::start(config)?)),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Datapath>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes what `snapshot` protects: every protected workload with an IPv4 address reached
+    /// through a local interface (its `interface`, else the route to it) is an endpoint on every
+    /// port, and its interface gets `guard`. Workloads on other nodes are left to their nodes.
+    pub fn sync(&self, snapshot: &Snapshot) {
+        let guard = self.lock();
+        let Some(datapath) = guard.as_ref() else {
+            return;
+        };
+        let mut endpoints = Vec::new();
+        let mut guarded = Vec::new();
+        for view in snapshot.by_ip.values() {
+            if !view.is_protected() {
+                continue;
+            }
+            let IpAddr::V4(ip) = view.workload.ip else {
+                continue;
+            };
+            let interface = view
+                .workload
+                .interface
+                .clone()
+                .or_else(|| datapath.interface_for(ip).ok().flatten());
+            match interface {
+                Some(iface) if iface != "lo" => {
+                    endpoints.push((ip, PORT_ANY));
+                    if !guarded.contains(&iface) {
+                        guarded.push(iface);
+                    }
+                }
+                _ => {
+                    tracing::debug!(workload = %view.id, %ip, "not on this node: not steered here");
+                }
+            }
+        }
+        endpoints.sort_unstable();
+        match datapath.sync(&endpoints, &guarded) {
+            Ok(report) => {
+                tracing::info!(generation = snapshot.generation, endpoints = endpoints.len(), interfaces = guarded.len(), report = ?report, "datapath in step");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "datapath sync failed; the previous endpoints stay in force");
+            }
+        }
+    }
+
+    /// Attaches `steer` to new interfaces and forgets gone ones, then re-syncs.
+    pub fn rescan(&self, snapshot: &Snapshot) {
+        if let Some(datapath) = self.lock().as_ref() {
+            if let Err(e) = datapath.rescan_interfaces() {
+                tracing::warn!(error = %e, "interface rescan failed");
+            }
+        }
+        self.sync(snapshot);
+    }
+
+    /// The kernel counters, summed over CPUs.
+    #[must_use]
+    pub fn counters(&self) -> Option<Counters> {
+        self.lock().as_ref().and_then(|d| d.counters().ok())
+    }
+
+    /// Whether the programs are attached (for readiness).
+    #[must_use]
+    pub fn attached(&self) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|d| !d.attached().is_empty())
+    }
+
+    /// Netlink link notifications (interfaces appearing or leaving); inside a tokio runtime.
+    pub fn link_events(&self) -> Result<super::LinkEvents, DatapathError> {
+        match self.lock().as_ref() {
+            Some(datapath) => datapath.link_events(),
+            None => Err(DatapathError::Stopped),
+        }
+    }
+
+    /// The endpoints in the map (for status).
+    #[must_use]
+    pub fn endpoints(&self) -> Vec<(Ipv4Addr, u16)> {
+        self.lock()
+            .as_ref()
+            .and_then(|d| d.protected_endpoints().ok())
+            .unwrap_or_default()
+    }
+
+    /// Removes every program, pin, rule and route (a clean stop).
+    pub fn shutdown(&self) -> Result<(), DatapathError> {
+        match self.lock().take() {
+            Some(datapath) => datapath.shutdown(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `/metrics`: the kernel counters as `nodeward_datapath_packets_total{counter=...}`.
+#[derive(Debug, Clone)]
+pub struct DatapathMetrics(pub Arc<NodeDatapath>);
+
+impl Collector for DatapathMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(counters) = self.0.counters() else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "datapath_packets",
+            "Packets counted by the kernel programs, by counter (steer and guard)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, value) in counters.named() {
+            ConstCounter::new(value).encode(family.encode_family(&[("counter", name)])?)?;
+        }
+        Ok(())
+    }
+}
