@@ -68,6 +68,8 @@ pub struct Admin {
     pub config: AgentConfig,
     /// The enforcer's path normalization, which `POST /check` applies by default.
     pub normalization: Normalization,
+    /// The kernel data path, when the agent runs it (`POST /debug/datapath/log`).
+    pub datapath: Option<Arc<crate::datapath::node::NodeDatapath>>,
 }
 
 type Body = Full<Bytes>;
@@ -106,7 +108,8 @@ const INDEX: &str = "nodeward admin\n\
     GET  /readyz       readiness, one line per check\n\
     GET  /metrics      OpenMetrics\n\
     GET  /debug/state  workloads, policies, issuers and key ids (JSON)\n\
-    POST /check        judge a described request against the live state (JSON body, as `nodeward check` flags)\n";
+    POST /check        judge a described request against the live state (JSON body, as `nodeward check` flags)\n\
+    POST /debug/datapath/log  kernel programs' log level (body: 0 off, 1 decisions, 2 every protected packet)\n";
 
 /// Answers one request; `body` is the request body (empty but for `POST`).
 #[must_use]
@@ -137,6 +140,7 @@ pub fn route(admin: &Admin, method: &Method, path: &str, body: &[u8]) -> Respons
             serde_json::to_string_pretty(&state::debug_state(admin)).unwrap_or_default() + "\n",
         ),
         "/check" if method == Method::POST => check(admin, body),
+        "/debug/datapath/log" if method == Method::POST => datapath_log(admin, body),
         "/" | "/healthz" | "/readyz" | "/metrics" | "/debug/state" => method_not_allowed("GET"),
         "/check" => method_not_allowed("POST"),
         _ => text(
@@ -188,6 +192,29 @@ fn check(admin: &Admin, body: &[u8]) -> Response<Body> {
             response
         }
         Err(e) => text(StatusCode::BAD_REQUEST, format!("error: {e}\n")),
+    }
+}
+
+/// Turns the kernel programs' log lines on or off at run time (off by default).
+fn datapath_log(admin: &Admin, body: &[u8]) -> Response<Body> {
+    let Some(datapath) = &admin.datapath else {
+        return text(
+            StatusCode::CONFLICT,
+            "the kernel data path is off (--datapath off)\n",
+        );
+    };
+    let Some(level) = std::str::from_utf8(body)
+        .ok()
+        .and_then(|b| b.trim().parse::<u32>().ok())
+    else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "body: the log level, a number (0 off)\n",
+        );
+    };
+    match datapath.set_log_level(level) {
+        Ok(()) => text(StatusCode::OK, format!("kernel log level {level}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("error: {e}\n")),
     }
 }
 
@@ -374,6 +401,7 @@ mod tests {
                 detect_timeout: "5s".into(),
             },
             normalization: Normalization::Base,
+            datapath: None,
         }
     }
 
@@ -428,6 +456,19 @@ mod tests {
             (wrong.status(), header(&wrong, "allow")),
             (StatusCode::METHOD_NOT_ALLOWED, "GET")
         );
+    }
+
+    #[test]
+    fn datapath_log_level_needs_the_data_path_and_a_number() {
+        let admin = admin();
+        let off = route(&admin, &Method::POST, "/debug/datapath/log", b"2");
+        assert_eq!(
+            off.status(),
+            StatusCode::CONFLICT,
+            "--datapath off: nothing to switch"
+        );
+        let wrong = route(&admin, &Method::GET, "/debug/datapath/log", b"");
+        assert_eq!(wrong.status(), StatusCode::NOT_FOUND);
     }
 
     #[test]

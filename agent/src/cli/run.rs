@@ -567,6 +567,7 @@ fn run_agent(args: &RunArgs) -> Result<(), RunError> {
             readiness,
             config: agent_config(args),
             normalization: args.path_normalization,
+            datapath: datapath.clone(),
         }),
     )
     .map_err(admin_error)?;

@@ -59,6 +59,8 @@ pub struct Counters {
     pub connections_open: f64,
     /// `nodeward_config_reloads_total` by result.
     pub reloads: BTreeMap<String, f64>,
+    /// `nodeward_datapath_packets_total` by counter (kernel programs).
+    pub datapath: BTreeMap<String, f64>,
 }
 
 /// Everything `status` shows; its JSON output.
@@ -188,6 +190,9 @@ pub fn counters(text: &str) -> Counters {
             "nodeward_connections_open" => out.connections_open = value,
             "nodeward_config_reloads_total" => {
                 *out.reloads.entry(label("result")).or_default() += value;
+            }
+            "nodeward_datapath_packets_total" => {
+                *out.datapath.entry(label("counter")).or_default() += value;
             }
             _ => {}
         }
@@ -357,6 +362,18 @@ fn render_counters(out: &mut String, k: &Counters) {
         count(&k.reloads, "ok"),
         count(&k.reloads, "error"),
     );
+    if !k.datapath.is_empty() {
+        let _ = writeln!(
+            out,
+            "datapath:  steered {} (new flows {}, established {}); dropped closed {}, guard dropped {} bypass; passed open {}",
+            count(&k.datapath, "steered"),
+            count(&k.datapath, "assigned_listener"),
+            count(&k.datapath, "assigned_established"),
+            count(&k.datapath, "dropped_failure_closed"),
+            count(&k.datapath, "guard_dropped_bypass"),
+            count(&k.datapath, "passed_failure_open"),
+        );
+    }
     for (workload, decisions) in &k.requests_by_workload {
         let _ = writeln!(
             out,

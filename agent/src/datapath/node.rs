@@ -118,6 +118,14 @@ impl NodeDatapath {
         }
     }
 
+    /// The kernel programs' log level (0 off), at run time.
+    pub fn set_log_level(&self, level: u32) -> Result<(), DatapathError> {
+        match self.lock().as_ref() {
+            Some(datapath) => datapath.set_log_level(level),
+            None => Err(DatapathError::Stopped),
+        }
+    }
+
     /// The endpoints in the map (for status).
     #[must_use]
     pub fn endpoints(&self) -> Vec<(Ipv4Addr, u16)> {
