@@ -23,7 +23,7 @@ use super::{unix_now, ConnectionInfo, Enforcer};
 use crate::authn::rules::rewrite;
 use crate::authn::{www_authenticate, Outcome, RequestParts};
 use crate::authz::path::normalize;
-use crate::authz::{Http, Peer, Request as AuthzRequest, DENIED_BODY};
+use crate::authz::{Http, Request as AuthzRequest, DENIED_BODY};
 use crate::metrics::{ReasonLabels, RequestLabels};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -312,15 +312,8 @@ impl Enforcer {
         };
 
         // Authorization.
-        let source = snapshot.source(info.peer.ip());
         let request = AuthzRequest {
-            source: Peer {
-                ip: Some(info.peer.ip()),
-                remote_ip: Some(info.peer.ip()),
-                principal: source.map(|s| s.principal.as_str()),
-                namespace: source.map(|s| s.namespace.as_str()),
-                service_account: source.map(|s| s.service_account.as_str()),
-            },
+            source: snapshot.peer(info.peer.ip()),
             destination_ip: Some(info.original_dst.ip()),
             destination_port: info.original_dst.port(),
             sni: None,

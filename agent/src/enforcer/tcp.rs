@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnectionInfo, Enforcer};
-use crate::authz::{Peer, Request};
+use crate::authz::Request;
 use crate::metrics::RequestLabels;
 
 pub(super) async fn serve(
@@ -26,18 +26,11 @@ pub(super) async fn serve(
     let workload_id = workload
         .as_ref()
         .map_or_else(|| "-".to_owned(), |w| w.id.clone());
-    let source = snapshot.source(info.peer.ip());
     let (allow, reason, policy) = match &workload {
         None => (false, "unknown_destination", None),
         Some(view) => {
             let request = Request {
-                source: Peer {
-                    ip: Some(info.peer.ip()),
-                    remote_ip: Some(info.peer.ip()),
-                    principal: source.map(|s| s.principal.as_str()),
-                    namespace: source.map(|s| s.namespace.as_str()),
-                    service_account: source.map(|s| s.service_account.as_str()),
-                },
+                source: snapshot.peer(info.peer.ip()),
                 destination_ip: Some(info.original_dst.ip()),
                 destination_port: info.original_dst.port(),
                 sni: sni.as_deref(),

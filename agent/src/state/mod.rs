@@ -139,6 +139,20 @@ impl Snapshot {
         self.sources.get(&normalize_ip(ip))
     }
 
+    /// The authorization view of a connection's peer: its address (also the remote address: no
+    /// proxy is trusted at the node) and, when it is a known workload, its identity.
+    #[must_use]
+    pub fn peer(&self, ip: IpAddr) -> crate::authz::Peer<'_> {
+        let source = self.source(ip);
+        crate::authz::Peer {
+            ip: Some(ip),
+            remote_ip: Some(ip),
+            principal: source.map(|s| s.principal.as_str()),
+            namespace: source.map(|s| s.namespace.as_str()),
+            service_account: source.map(|s| s.service_account.as_str()),
+        }
+    }
+
     /// Labels of a workload, for `check --admin`.
     #[must_use]
     pub fn labels_of(&self, ip: IpAddr) -> Option<&BTreeMap<String, String>> {
