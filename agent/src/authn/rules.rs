@@ -21,7 +21,7 @@ use super::token;
 use crate::authz::AuthInfo;
 use crate::policy::model::JwtRule;
 use crate::policy::validate::parse_duration;
-use crate::policy::RequestAuthentication;
+use crate::policy::{scope, RequestAuthentication};
 
 /// Where a token may be.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -230,20 +230,11 @@ impl AuthnSet {
     /// The merged rules of a workload, sorted by issuer (as Istio does).
     #[must_use]
     pub fn for_workload(&self, namespace: &str, labels: &BTreeMap<String, String>) -> JwtRules {
-        let own = self.by_namespace.get(namespace).into_iter().flatten();
-        let root = (namespace != self.root_namespace)
-            .then(|| self.by_namespace.get(&self.root_namespace))
-            .flatten()
-            .into_iter()
-            .flatten();
-        let mut rules: Vec<Arc<CompiledJwtRule>> = root
-            .chain(own)
-            .filter(|(sel, _)| {
-                sel.as_ref()
-                    .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
-            })
-            .map(|(_, r)| r.clone())
-            .collect();
+        let mut rules: Vec<Arc<CompiledJwtRule>> =
+            scope::in_scope(&self.by_namespace, &self.root_namespace, namespace)
+                .filter(|(sel, _)| scope::selects(sel.as_ref(), labels))
+                .map(|(_, r)| r.clone())
+                .collect();
         rules.sort_by(|a, b| a.issuer.cmp(&b.issuer));
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         for rule in &rules {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::attribute::{parse_port, Attribute};
 use super::matcher::{IpSet, PathSet, RequestPrincipalSet, StringSet};
 use crate::policy::model::{Condition, Operation, Source};
-use crate::policy::validate;
+use crate::policy::{scope, validate};
 use crate::policy::{Action, AuthorizationPolicy, Origin};
 
 /// What a clause reads from the request.
@@ -164,9 +164,7 @@ impl CompiledPolicy {
     /// Istio: labels "must match" every `matchLabels` entry; no selector selects every workload.
     #[must_use]
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector
-            .as_ref()
-            .is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        scope::selects(self.selector.as_ref(), labels)
     }
 }
 
@@ -480,13 +478,7 @@ impl PolicySet {
         labels: &BTreeMap<String, String>,
     ) -> WorkloadPolicies {
         let mut out = WorkloadPolicies::default();
-        let own = self.by_namespace.get(namespace).into_iter().flatten();
-        let root = (namespace != self.root_namespace)
-            .then(|| self.by_namespace.get(&self.root_namespace))
-            .flatten()
-            .into_iter()
-            .flatten();
-        for policy in root.chain(own) {
+        for policy in scope::in_scope(&self.by_namespace, &self.root_namespace, namespace) {
             if policy.targets_refs {
                 out.targeted.push(policy.clone());
                 continue;

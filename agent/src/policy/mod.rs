@@ -5,6 +5,7 @@
 
 pub mod load;
 pub mod model;
+pub mod scope;
 pub mod validate;
 
 pub use load::{
