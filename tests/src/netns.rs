@@ -196,6 +196,39 @@ impl TestNode {
         pid
     }
 
+    /// Like [`TestNode::spawn`], with the program's stdout and stderr appended to `log` (a
+    /// pipe nobody reads could fill up and block a chatty program).
+    pub fn spawn_logged(&mut self, netns: &str, program: &Path, args: &[&str], log: &Path) -> u32 {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        let err = file.try_clone().expect("log file handle");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} in {netns}: {e}", program.display()));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Kills a process started with [`TestNode::spawn`] with SIGKILL (a crash: it cleans
+    /// nothing up) and waits for it.
+    pub fn kill(&mut self, pid: u32) {
+        if let Some(child) = self.children.iter_mut().find(|c| c.id() == pid) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Runs a command inside `netns` and returns its output (whatever its exit status).
     #[must_use]
     pub fn exec(&self, netns: &str, args: &[&str]) -> Output {

@@ -1,12 +1,21 @@
 //! End to end on a node made of namespaces: the real `nodeward run` with its kernel data path
 //! in the node namespace, pods with real HTTP servers, a client pod with curl, JWKS served by a
 //! pod over HTTP. Checked by status at the client and by what the pod received.
+//!
+//! Every test builds its own node ([`start`]): its namespaces, temp dir and BPF pin dir are
+//! unique to it, so the tests run in parallel; guards remove them all, also on panic.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nodeward_tests::netns::{Pod, TestNode};
+use nodeward_tests::netns::{Pod, TestNode, PREFIX};
 use nodeward_tests::{nodeward_bin, repo_root};
+
+/// Every pin dir of these tests is `<PIN_ROOT>/nodeward-test-<pid>-<test>`.
+const PIN_PREFIX: &str = "nodeward-test-";
+const PIN_ROOT: &str = "/sys/fs/bpf";
+/// A bounded request: no answer within it is status 0.
+const SHORT: &str = "2";
 
 fn sample(file: &str) -> String {
     std::fs::read_to_string(repo_root().join("testdata/istio-samples").join(file))
@@ -21,6 +30,34 @@ struct TempDir(PathBuf);
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A BPF pin dir, removed when the test ends if the agent left it (a killed agent does).
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Pin dirs of test processes that no longer exist (a killed run).
+fn remove_leftover_pins() {
+    let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PIN_PREFIX)) else {
+            continue;
+        };
+        let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -40,34 +77,167 @@ fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// `GET http://127.0.0.1:15000<path>` from the node namespace (the admin server).
+fn admin(node: &TestNode, path: &str) -> String {
+    let url = format!("http://127.0.0.1:15000{path}");
+    let out = node.exec(&node.netns, &["curl", "-s", "-m", SHORT, &url]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn metric(node: &TestNode, name: &str) -> u64 {
-    let out = node.exec(
-        &node.netns,
-        &["curl", "-s", "-m", "2", "http://127.0.0.1:15000/metrics"],
-    );
-    String::from_utf8_lossy(&out.stdout)
+    admin(node, "/metrics")
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
 
-#[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one node, its pods and the scenarios run on it"
-)]
-fn jwt_and_authorization_through_the_kernel_data_path() {
-    let mut node = TestNode::new();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/nodeward-test-{}", std::process::id()));
-    let jwks = node.add_pod("jwks", 5);
-    let httpbin = node.add_pod("httpbin", 10);
-    let require = node.add_pod("require", 11);
-    let open = node.add_pod("open", 30);
-    let client = node.add_pod("sleep", 20);
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}")
+}
+
+fn url(pod: &Pod, path: &str) -> String {
+    format!("http://{}:8000{path}", pod.ip)
+}
+
+/// A pod of a test node: name, last address byte, and its `app` label when it is in the
+/// workloads file (`None`: a pod the agent does not know).
+type PodSpec<'a> = (&'a str, u8, Option<&'a str>);
+
+/// A node with pods, its policy files and a running agent. Fields drop in order: the node
+/// (the agent gets SIGTERM, namespaces go), then the pin dir if still there, then the files.
+struct Env {
+    node: TestNode,
+    pins: PinDir,
+    dir: TempDir,
+    pods: Vec<Pod>,
+    args: Vec<String>,
+    agent: u32,
+}
+
+impl Env {
+    fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    fn client(&self) -> String {
+        self.pod("sleep").netns.clone()
+    }
+
+    /// `curl` from the client pod (5 s limit).
+    fn curl(&self, method: &str, pod: &str, path: &str, headers: &[&str]) -> (u16, String) {
+        self.node
+            .curl(&self.client(), method, &url(self.pod(pod), path), headers)
+    }
+
+    /// `curl -m 2` from `from`'s namespace: status 0 when no answer came.
+    fn curl_short(&self, from: &str, method: &str, pod: &str, path: &str) -> (u16, String) {
+        let target = url(self.pod(pod), path);
+        let out = self.node.exec(
+            &self.pod(from).netns,
+            &[
+                "curl",
+                "-s",
+                "-m",
+                SHORT,
+                "-X",
+                method,
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                &target,
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    fn policy_file(&self) -> PathBuf {
+        self.dir.0.join("policies/policies.yaml")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Starts the agent (again: same arguments, same pin dir) and waits for /readyz.
+    fn start_agent(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let netns = self.node.netns.clone();
+        self.agent = self.node.spawn_logged(
+            &netns,
+            &nodeward_bin(),
+            &args,
+            &self.dir.0.join("agent.log"),
+        );
+        let node = &self.node;
+        let ready = eventually(Duration::from_secs(20), || {
+            let out = node.exec(
+                &node.netns,
+                &[
+                    "curl",
+                    "-s",
+                    "-m",
+                    SHORT,
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://127.0.0.1:15000/readyz",
+                ],
+            );
+            String::from_utf8_lossy(&out.stdout) == "200"
+        });
+        assert!(
+            ready,
+            "the agent did not become ready (datapath attached, JWKS fetched):\n{}",
+            self.log()
+        );
+    }
+
+    /// SIGKILL: a crash, the data path's pins stay.
+    fn kill_agent(&mut self) {
+        self.node.kill(self.agent);
+    }
+
+    /// SIGTERM and the exit code (`None`: it had to be killed).
+    fn stop_agent(&mut self) -> Option<i32> {
+        self.node.terminate(self.agent, Duration::from_secs(25))
+    }
+}
+
+/// Builds a node for test `test` with the JWKS pod (`jwks`, .5, serving
+/// `http://<ip>:8080/jwks.json`), the client pod (`sleep`, .20, in the workloads file) and
+/// `pods` (HTTP servers on port 8000); writes the workloads and `policies` (`{JWKS}` stands for
+/// the JWKS URI) into a temp dir; starts `nodeward run` with a pin dir of its own plus `extra`
+/// arguments; waits for /readyz.
+fn start(test: &str, pods: &[PodSpec], policies: &str, extra: &[&str]) -> Env {
+    let node = TestNode::new();
+    remove_leftover_pins();
+    let pid = std::process::id();
+    let pins = PinDir(PathBuf::from(format!(
+        "{PIN_ROOT}/{PIN_PREFIX}{pid}-{test}"
+    )));
+    let dir = TempDir(std::env::temp_dir().join(format!("nodeward-e2e-{pid}-{test}")));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(dir.0.join("policies")).expect("dir");
+    let mut env = Env {
+        node,
+        pins,
+        dir,
+        pods: Vec::new(),
+        args: Vec::new(),
+        agent: 0,
+    };
     let server = PathBuf::from(env!("CARGO_BIN_EXE_nw-pod-server"));
+    let jwks = env.node.add_pod("jwks", 5);
     let jwks_file = repo_root().join("testdata/istio-samples/jwks.json");
-    node.spawn(
+    env.node.spawn(
         &jwks.netns,
         &server,
         &[
@@ -76,84 +246,76 @@ fn jwt_and_authorization_through_the_kernel_data_path() {
             jwks_file.to_str().expect("utf-8"),
         ],
     );
-    for pod in [&httpbin, &require, &open] {
-        node.spawn(&pod.netns, &server, &[&format!("{}:8000", pod.ip)]);
+    let mut workloads = String::from("workloads:\n");
+    let client = env.node.add_pod("sleep", 20);
+    workloads.push_str(&workload("sleep", "sleep", &client));
+    env.pods.extend([jwks.clone(), client]);
+    for &(name, index, app) in pods {
+        let pod = env.node.add_pod(name, index);
+        env.node
+            .spawn(&pod.netns, &server, &[&format!("{}:8000", pod.ip)]);
+        if let Some(app) = app {
+            workloads.push_str(&workload(name, app, &pod));
+        }
+        env.pods.push(pod);
     }
+    std::fs::write(env.dir.0.join("workloads.yaml"), workloads).expect("write");
+    let policies = policies.replace("{JWKS}", &format!("http://{}:8080/jwks.json", jwks.ip));
+    std::fs::write(env.policy_file(), policies).expect("write");
+    let path = |p: PathBuf| p.to_str().expect("utf-8").to_owned();
+    env.args = [
+        "run",
+        "--policies",
+        &path(env.dir.0.join("policies")),
+        "--workloads",
+        &path(env.dir.0.join("workloads.yaml")),
+        "--admin",
+        "127.0.0.1:15000",
+        "--listen",
+        "0.0.0.0:15006",
+        "--bpf-pin-dir",
+        &path(env.pins.0.clone()),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| (*s).to_owned())
+    .collect();
+    env.start_agent();
+    env
+}
 
-    let dir = TempDir(std::env::temp_dir().join(format!("nodeward-e2e-{}", std::process::id())));
-    std::fs::create_dir_all(dir.0.join("policies")).expect("dir");
-    let workloads = format!(
-        "workloads:\n{}{}{}{}",
-        workload("httpbin", "httpbin", &httpbin),
-        workload("httpbin-jwt", "httpbin-jwt", &require),
-        workload("open", "open", &open),
-        workload("sleep", "sleep", &client)
-    );
-    std::fs::write(dir.0.join("workloads.yaml"), workloads).expect("write");
+/// A `RequestAuthentication` for the pods labelled `app`, tokens of testing@secure.istio.io.
+fn request_authn(app: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt-{app}, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  jwtRules:\n  - issuer: testing@secure.istio.io\n    jwksUri: \"{{JWKS}}\"\n---\n"
+    )
+}
+
+/// Scenarios 1, 2 and 6: JWT authentication and authorization, and an unprotected pod.
+#[test]
+fn jwt_and_authorization_through_the_kernel_data_path() {
     let policies = format!(
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt-example, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  jwtRules:\n  - issuer: testing@secure.istio.io\n    jwksUri: http://{}:8080/jwks.json\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt-jwt, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin-jwt}}}}\n  jwtRules:\n  - issuer: testing@secure.istio.io\n    jwksUri: http://{}:8080/jwks.json\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-jwt, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin-jwt}}}}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"testing@secure.istio.io/*\"]}}}}]\n",
-        jwks.ip, jwks.ip
+        "{}{}apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-jwt, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin-jwt}}}}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"testing@secure.istio.io/*\"]}}}}]\n",
+        request_authn("httpbin"),
+        request_authn("httpbin-jwt"),
     );
-    std::fs::write(dir.0.join("policies/policies.yaml"), policies).expect("write");
-
-    let bin = nodeward_bin();
-    let agent = node.spawn(
-        &node.netns.clone(),
-        &bin,
+    let mut env = start(
+        "jwt",
         &[
-            "run",
-            "--policies",
-            dir.0.join("policies").to_str().expect("utf-8"),
-            "--workloads",
-            dir.0.join("workloads.yaml").to_str().expect("utf-8"),
-            "--admin",
-            "127.0.0.1:15000",
-            "--listen",
-            "0.0.0.0:15006",
-            "--bpf-pin-dir",
-            pin_dir.to_str().expect("utf-8"),
+            ("httpbin", 10, Some("httpbin")),
+            ("require", 11, Some("httpbin-jwt")),
+            ("open", 30, Some("open")),
         ],
+        &policies,
+        &[],
     );
-    let ready = eventually(Duration::from_secs(20), || {
-        let out = node.exec(
-            &node.netns,
-            &[
-                "curl",
-                "-s",
-                "-m",
-                "2",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "http://127.0.0.1:15000/readyz",
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout) == "200"
-    });
-    assert!(
-        ready,
-        "the agent did not become ready (datapath attached, JWKS fetched)"
-    );
-
-    let url = |pod: &Pod, path: &str| format!("http://{}:8000{path}", pod.ip);
-    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    let demo = bearer(&sample("demo.jwt"));
     // 1. RequestAuthentication alone: no token 200, garbage 401, demo.jwt 200 (token removed).
-    let (status, body) = node.curl(&client.netns, "GET", &url(&httpbin, "/ip"), &[]);
+    let (status, body) = env.curl("GET", "httpbin", "/ip", &[]);
     assert_eq!(status, 200, "{body}");
-    let (status, _) = node.curl(
-        &client.netns,
-        "GET",
-        &url(&httpbin, "/ip"),
-        &[&bearer("garbage")],
-    );
+    let (status, _) = env.curl("GET", "httpbin", "/ip", &[&bearer("garbage")]);
     assert_eq!(status, 401);
-    let (status, body) = node.curl(
-        &client.netns,
-        "GET",
-        &url(&httpbin, "/a/../headers"),
-        &[&bearer(&sample("demo.jwt"))],
-    );
+    let (status, body) = env.curl("GET", "httpbin", "/a/../headers", &[&demo]);
     assert_eq!(status, 200, "{body}");
     let seen: serde_json::Value = serde_json::from_str(&body).expect("pod JSON");
     assert_eq!(
@@ -172,49 +334,264 @@ fn jwt_and_authorization_through_the_kernel_data_path() {
         "the pod was reached by the enforcer: {seen}"
     );
     // 2. Plus ALLOW requestPrincipals: no token 403, demo.jwt 200.
-    let (status, body) = node.curl(&client.netns, "GET", &url(&require, "/"), &[]);
+    let (status, body) = env.curl("GET", "require", "/", &[]);
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
-    let (status, _) = node.curl(
-        &client.netns,
-        "GET",
-        &url(&require, "/"),
-        &[&bearer(&sample("demo.jwt"))],
-    );
+    let (status, _) = env.curl("GET", "require", "/", &[&demo]);
     assert_eq!(status, 200);
     // 6. A pod with no policy is not steered and answers directly.
-    let steered = metric(
-        &node,
-        "nodeward_datapath_packets_total{counter=\"steered\"}",
-    );
-    let (status, body) = node.curl(&client.netns, "GET", &url(&open, "/"), &[]);
+    let steered_counter = "nodeward_datapath_packets_total{counter=\"steered\"}";
+    let steered = metric(&env.node, steered_counter);
+    let (status, body) = env.curl("GET", "open", "/", &[]);
     assert_eq!(status, 200);
     let seen: serde_json::Value = serde_json::from_str(&body).expect("pod JSON");
+    let client_ip = env.pod("sleep").ip.to_string();
     assert!(
         seen["peer"]
             .as_str()
             .unwrap_or_default()
-            .starts_with(&client.ip.to_string()),
+            .starts_with(&client_ip),
         "direct: {seen}"
     );
     assert_eq!(
-        metric(
-            &node,
-            "nodeward_datapath_packets_total{counter=\"steered\"}"
-        ),
+        metric(&env.node, steered_counter),
         steered,
         "no packet of it was steered"
     );
     assert!(steered > 0);
 
     // A clean stop leaves no pins behind.
-    assert_eq!(
-        node.terminate(agent, Duration::from_secs(25)),
-        Some(0),
-        "SIGTERM: exit 0"
-    );
+    assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0");
     assert!(
-        !Path::new(&pin_dir).exists(),
+        !env.pins.0.exists(),
         "pins left in {}",
-        pin_dir.display()
+        env.pins.0.display()
     );
+}
+
+/// Scenario 3: ALLOW an exact requestPrincipal with `when: request.auth.claims[groups]`.
+#[test]
+fn jwt_claim_condition_through_the_kernel_data_path() {
+    let policies = format!(
+        "{}apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-group, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin-groups}}}}\n  action: ALLOW\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"testing@secure.istio.io/testing@secure.istio.io\"]}}}}]\n    when:\n    - key: request.auth.claims[groups]\n      values: [\"group1\"]\n",
+        request_authn("httpbin-groups"),
+    );
+    let env = start(
+        "groups",
+        &[("groups", 12, Some("httpbin-groups"))],
+        &policies,
+        &[],
+    );
+    let (status, body) = env.curl(
+        "GET",
+        "groups",
+        "/",
+        &[&bearer(&sample("groups-scope.jwt"))],
+    );
+    assert_eq!(status, 200, "groups-scope.jwt carries group1: {body}");
+    let (status, body) = env.curl("GET", "groups", "/", &[&bearer(&sample("demo.jwt"))]);
+    assert_eq!(
+        (status, body.as_str()),
+        (403, "RBAC: access denied"),
+        "demo.jwt has no groups claim"
+    );
+    let (status, _) = env.curl("GET", "groups", "/", &[]);
+    assert_eq!(status, 403, "no token");
+}
+
+/// Scenario 4: ALLOW `principals: ["*"]` + GET; principals come from the registry by source
+/// address.
+#[test]
+fn any_known_principal_may_get() {
+    let policies = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: foo}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [\"*\"]}}]\n    to: [{operation: {methods: [\"GET\"]}}]\n";
+    let env = start(
+        "getonly",
+        &[("web", 10, Some("web")), ("stranger", 21, None)],
+        policies,
+        &[],
+    );
+    let (status, body) = env.curl("GET", "web", "/", &[]);
+    assert_eq!(status, 200, "a known client may GET: {body}");
+    let (status, body) = env.curl("POST", "web", "/", &[]);
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    let (status, body) = env.curl_short("stranger", "GET", "web", "/");
+    assert_eq!(
+        (status, body.as_str()),
+        (403, "RBAC: access denied"),
+        "a source not in the registry has no principal"
+    );
+}
+
+/// Scenario 5: DENY beats ALLOW; a policy of the root namespace applies to every workload.
+#[test]
+fn deny_beats_allow_and_root_namespace_applies_everywhere() {
+    let policies = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-admin, namespace: istio-system}\nspec:\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/admin*\"]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-all, namespace: foo}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: ALLOW\n  rules:\n  - {}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-delete, namespace: foo}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - to: [{operation: {methods: [\"DELETE\"]}}]\n";
+    let env = start(
+        "deny",
+        &[("web", 10, Some("web")), ("other", 11, Some("other"))],
+        policies,
+        &[],
+    );
+    for pod in ["web", "other"] {
+        let (status, body) = env.curl("GET", pod, "/ip", &[]);
+        assert_eq!(status, 200, "{pod} /ip: {body}");
+        for path in ["/admin", "/admin/users"] {
+            let (status, body) = env.curl("GET", pod, path, &[]);
+            assert_eq!(
+                (status, body.as_str()),
+                (403, "RBAC: access denied"),
+                "the mesh-wide DENY applies to {pod} {path}"
+            );
+        }
+    }
+    let (status, _) = env.curl("POST", "web", "/anything", &[]);
+    assert_eq!(status, 200, "ALLOW {{}} allows everything else");
+    let (status, _) = env.curl("DELETE", "web", "/anything", &[]);
+    assert_eq!(status, 403, "the DENY of the same workload beats its ALLOW");
+    let (status, _) = env.curl("DELETE", "other", "/anything", &[]);
+    assert_eq!(status, 200, "the DENY of web does not select other");
+}
+
+fn get_only(methods: &str) -> String {
+    format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: methods, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  action: ALLOW\n  rules:\n  - to: [{{operation: {{methods: [{methods}]}}}}]\n")
+}
+
+/// Scenario 7: edits of the policy directory apply within a second without restart; a broken
+/// edit changes nothing and is reported.
+#[test]
+fn policy_edits_apply_live_and_broken_edits_change_nothing() {
+    let env = start(
+        "reload",
+        &[("web", 10, Some("web"))],
+        &get_only("\"GET\""),
+        &[],
+    );
+    let post = || env.curl("POST", "web", "/", &[]).0;
+    assert_eq!(post(), 403);
+    let generation = |env: &Env| -> u64 {
+        let state: serde_json::Value =
+            serde_json::from_str(&admin(&env.node, "/debug/state")).expect("state JSON");
+        state["generation"].as_u64().unwrap_or(0)
+    };
+    let errors = |env: &Env| -> Vec<serde_json::Value> {
+        let state: serde_json::Value =
+            serde_json::from_str(&admin(&env.node, "/debug/state")).expect("state JSON");
+        state["errors"].as_array().cloned().unwrap_or_default()
+    };
+    assert!(errors(&env).is_empty(), "{:?}", errors(&env));
+
+    // Allow POST too: 200 within a second.
+    std::fs::write(env.policy_file(), get_only("\"GET\", \"POST\"")).expect("write");
+    let edited = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(1), || post() == 200),
+        "the edit did not apply within a second"
+    );
+    let took = edited.elapsed();
+
+    // A broken edit: reported, and the last good content keeps serving.
+    let before = generation(&env);
+    std::fs::write(
+        env.policy_file(),
+        "kind: AuthorizationPolicy\nspec: [unclosed\n",
+    )
+    .expect("write");
+    assert!(
+        eventually(Duration::from_secs(2), || !errors(&env).is_empty()),
+        "the broken file is not reported in /debug/state"
+    );
+    assert!(metric(&env.node, "nodeward_config_errors") >= 1);
+    for _ in 0..5 {
+        assert_eq!(post(), 200, "the broken edit changed the answer");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(generation(&env) >= before);
+
+    // Fixing it applies again and clears the error.
+    std::fs::write(env.policy_file(), get_only("\"GET\"")).expect("write");
+    assert!(
+        eventually(Duration::from_secs(1), || post() == 403),
+        "the fixed file did not apply within a second"
+    );
+    assert!(eventually(Duration::from_secs(1), || errors(&env).is_empty()));
+    assert_eq!(metric(&env.node, "nodeward_config_errors"), 0);
+    eprintln!("first edit applied in {took:?}");
+}
+
+/// Scenario 8: a crashed agent (SIGKILL) leaves its programs attached: per `--failure-mode`,
+/// requests to protected pods fail or pass unjudged; a restart over the same pins enforces
+/// again; a clean stop leaves no pins, and the node leaves no namespaces.
+fn crash_and_restart(mode: &str) {
+    let policies = format!(
+        "{}apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-jwt, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin-jwt}}}}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"testing@secure.istio.io/*\"]}}}}]\n",
+        request_authn("httpbin-jwt"),
+    );
+    let mut env = start(
+        &format!("crash-{mode}"),
+        &[("require", 11, Some("httpbin-jwt"))],
+        &policies,
+        &["--failure-mode", mode],
+    );
+    let client_ip = env.pod("sleep").ip.to_string();
+    assert_eq!(env.curl_short("sleep", "GET", "require", "/").0, 403);
+
+    env.kill_agent();
+    assert!(env.pins.0.exists(), "a crash leaves the pins");
+    let (status, body) = env.curl_short("sleep", "GET", "require", "/");
+    if mode == "closed" {
+        assert_eq!(status, 0, "fail closed: no answer, got {body}");
+    } else {
+        assert_eq!(status, 200, "fail open: the pod answers: {body}");
+        let seen: serde_json::Value = serde_json::from_str(&body).expect("pod JSON");
+        assert!(
+            seen["peer"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(&client_ip),
+            "unjudged, straight from the client: {seen}"
+        );
+    }
+
+    env.start_agent();
+    let (status, body) = env.curl_short("sleep", "GET", "require", "/");
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    let (status, _) = env.curl("GET", "require", "/", &[&bearer("garbage")]);
+    assert_eq!(status, 401);
+    let (status, _) = env.curl("GET", "require", "/", &[&bearer(&sample("demo.jwt"))]);
+    assert_eq!(status, 200);
+
+    assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
+    assert!(
+        !env.pins.0.exists(),
+        "pins left in {}",
+        env.pins.0.display()
+    );
+
+    let ours = env
+        .node
+        .netns
+        .strip_suffix("node")
+        .expect("node namespace name")
+        .to_owned();
+    assert!(ours.starts_with(PREFIX));
+    drop(env);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let left: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&ours))
+        .map(str::to_owned)
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+}
+
+#[test]
+fn crash_fails_closed_and_restart_enforces_again() {
+    crash_and_restart("closed");
+}
+
+#[test]
+fn crash_fails_open_and_restart_enforces_again() {
+    crash_and_restart("open");
 }
