@@ -164,6 +164,7 @@ pub fn run() -> Result<()> {
     let target = target_dir(&root).join("debug");
     let (nodeward, pod_server) = (target.join("nodeward"), target.join("nw-pod-server"));
 
+    let bpffs_before = system::bpffs_mounted(system::BPFFS);
     println!("==> building the demo node: a node namespace and pods on veths (10.200.0.0/24)");
     let mut node = TestNode::new();
     let mut pods = Vec::new();
@@ -232,6 +233,7 @@ pub fn run() -> Result<()> {
     if Path::new(pin_dir).exists() {
         bail!("the agent left pins in {pin_dir}");
     }
+    system::unmount_bpffs_we_caused(bpffs_before);
     if failed > 0 {
         bail!("{failed} scenario(s) did not get Istio's answer");
     }

@@ -134,3 +134,54 @@ fn status_field(field: &str) -> Result<String> {
         .map(|value| value.trim().to_owned())
         .with_context(|| format!("/proc/self/status has no {field} line"))
 }
+
+/// Where the agent mounts a BPF filesystem when the machine has none.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Whether a BPF filesystem is mounted at `path` (from /proc/self/mountinfo).
+#[must_use]
+pub fn bpffs_mounted(path: &str) -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines().any(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.get(4) == Some(&path) && l.contains(" - bpf ")
+        })
+    })
+}
+
+/// Undoes a BPF filesystem mount that our runs caused (the agent mounts one when the machine
+/// has none): unmounted only when nothing but the kernel's own iterators (`maps.debug`,
+/// `progs.debug`) is left in it, so nobody's pins are lost.
+pub fn unmount_bpffs_we_caused(was_mounted: bool) {
+    if was_mounted || !bpffs_mounted(BPFFS) {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(BPFFS) else {
+        return;
+    };
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    if names
+        .iter()
+        .all(|n| n == "maps.debug" || n == "progs.debug")
+    {
+        let ok = Command::new("umount")
+            .arg(BPFFS)
+            .status()
+            .is_ok_and(|s| s.success());
+        println!(
+            "==> {BPFFS}: the BPF filesystem our runs mounted is {}",
+            if ok {
+                "unmounted again"
+            } else {
+                "still mounted (umount failed)"
+            }
+        );
+    } else {
+        println!(
+            "==> {BPFFS}: left mounted, it holds pins: {}",
+            names.join(", ")
+        );
+    }
+}

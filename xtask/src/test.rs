@@ -46,10 +46,13 @@ pub fn run() -> Result<()> {
         system::run(&mut cmd)?;
     }
 
+    // The agent mounts a BPF filesystem when the machine has none; undo that afterwards.
+    let bpffs_before = system::bpffs_mounted(system::BPFFS);
     let mut cmd = Command::new("cargo");
     cmd.args(TEST).env("PATH", &path);
     println!("==> {}", system::describe(&cmd));
     let output = system::run_tee(&mut cmd);
+    system::unmount_bpffs_we_caused(bpffs_before);
     let (passed, failed) = totals(
         &output
             .as_ref()
