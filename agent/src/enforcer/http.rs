@@ -147,10 +147,8 @@ impl Enforcer {
     ) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
-        let target = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        // For the access log; a Uri clone shares its bytes.
+        let uri = req.uri().clone();
         let snapshot = self.store.load();
         let workload = snapshot.destination(info.original_dst.ip()).cloned();
         let workload_id = workload
@@ -183,7 +181,7 @@ impl Enforcer {
             destination = %info.original_dst,
             workload = %workload_id,
             method = %method,
-            path = %target.split('?').next().unwrap_or_default(),
+            path = %uri.path(),
             status = judged.status,
             decision = judged.decision,
             reason = %judged.reason,

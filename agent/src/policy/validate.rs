@@ -343,12 +343,8 @@ fn validate_source(s: &Source, field: &str, custom: bool, errors: &mut Vec<Field
         ("remoteIpBlocks", &s.remote_ip_blocks),
         ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
     ];
-    if lists.iter().all(|(_, l)| l.is_empty()) {
-        errors.push(err(field, Problem::Empty));
+    if !some_values(&lists, field, errors) {
         return;
-    }
-    for (name, list) in lists {
-        non_empty_values(list, &format!("{field}.{name}"), errors);
     }
     if custom {
         // Istio: "%s is currently not supported with CUSTOM action".
@@ -418,12 +414,8 @@ fn validate_operation(o: &Operation, field: &str, errors: &mut Vec<FieldError>) 
         ("paths", &o.paths),
         ("notPaths", &o.not_paths),
     ];
-    if lists.iter().all(|(_, l)| l.is_empty()) {
-        errors.push(err(field, Problem::Empty));
+    if !some_values(&lists, field, errors) {
         return;
-    }
-    for (name, list) in lists {
-        non_empty_values(list, &format!("{field}.{name}"), errors);
     }
     for (name, list) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
         for (i, port) in list.iter().enumerate() {
@@ -480,6 +472,19 @@ fn validate_condition(c: &Condition, field: &str, custom: bool, errors: &mut Vec
             }
         }
     }
+}
+
+/// Istio: a `source` or `operation` must set at least one of its lists, and no list may hold
+/// an empty string. `false` when nothing is set (the error is recorded).
+fn some_values(lists: &[(&str, &Vec<String>)], field: &str, errors: &mut Vec<FieldError>) -> bool {
+    if lists.iter().all(|(_, l)| l.is_empty()) {
+        errors.push(err(field, Problem::Empty));
+        return false;
+    }
+    for (name, list) in lists {
+        non_empty_values(list, &format!("{field}.{name}"), errors);
+    }
+    true
 }
 
 fn non_empty_values(list: &[String], field: &str, errors: &mut Vec<FieldError>) {
