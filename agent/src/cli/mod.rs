@@ -24,6 +24,9 @@ pub enum Command {
     /// Run the agent: watch policy and workload files, enforce on the transparent listener,
     /// serve the admin API. SIGTERM drains and exits 0.
     ///
+    /// Every flag can also be given by its environment variable, `NODEWARD_<FLAG>` (for
+    /// example `NODEWARD_FAILURE_MODE=open`); a flag on the command line wins.
+    ///
     /// Exit status: 0 after a clean shutdown, 1 runtime error (a listener that cannot bind),
     /// 2 configuration that cannot start.
     Run(Box<run::RunArgs>),

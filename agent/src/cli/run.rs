@@ -78,62 +78,83 @@ pub enum DatapathMode {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Policy file or directory (YAML, read recursively); repeatable. Watched: a change is
-    /// applied at once, a bad edit is reported and the file's last good content keeps serving.
-    #[arg(long = "policies", required = true, value_name = "DIR")]
+    /// Policy file or directory (YAML, read recursively); repeatable (comma-separated in
+    /// `NODEWARD_POLICIES`). Watched: a change is applied at once, a bad edit is reported and the file's last good content keeps serving.
+    #[arg(
+        long = "policies",
+        env = "NODEWARD_POLICIES",
+        required = true,
+        value_name = "DIR",
+        value_delimiter = ','
+    )]
     pub policies: Vec<PathBuf>,
     /// The registry of pods (`workloads:` list; see examples/workloads.yaml). Watched.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "NODEWARD_WORKLOADS", value_name = "FILE")]
     pub workloads: PathBuf,
     /// Admin server address (/healthz, /readyz, /metrics, /debug/state, /check). It has no
     /// authentication: keep it on loopback.
-    #[arg(long, default_value = "127.0.0.1:15000", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "NODEWARD_ADMIN",
+        default_value = "127.0.0.1:15000",
+        value_name = "ADDR"
+    )]
     pub admin: SocketAddr,
     /// The enforcer's transparent listener, where the datapath steers pod-bound connections
     /// (`IP_TRANSPARENT`: needs `CAP_NET_ADMIN`).
-    #[arg(long, default_value = "0.0.0.0:15006", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "NODEWARD_LISTEN",
+        default_value = "0.0.0.0:15006",
+        value_name = "ADDR"
+    )]
     pub listen: SocketAddr,
     /// What steered traffic gets while the enforcer cannot take it.
-    #[arg(long, value_enum, default_value_t = FailureMode::Closed)]
+    #[arg(long, env = "NODEWARD_FAILURE_MODE", value_enum, default_value_t = FailureMode::Closed)]
     pub failure_mode: FailureMode,
     /// The kernel data path: `on` loads and attaches the steering programs in this network
     /// namespace (the node's); `off` runs the enforcer alone, for when connections reach its
     /// listener some other way (tests on loopback, a demo without pods).
-    #[arg(long, value_enum, default_value_t = DatapathMode::On)]
+    #[arg(long, env = "NODEWARD_DATAPATH", value_enum, default_value_t = DatapathMode::On)]
     pub datapath: DatapathMode,
     /// Where the data path pins its programs and maps on the BPF filesystem (a restarted agent
     /// takes them over from there).
-    #[arg(long, default_value = "/sys/fs/bpf/nodeward", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "NODEWARD_BPF_PIN_DIR",
+        default_value = "/sys/fs/bpf/nodeward",
+        value_name = "DIR"
+    )]
     pub bpf_pin_dir: PathBuf,
     /// Namespace whose policies apply mesh-wide.
-    #[arg(long, default_value = DEFAULT_ROOT_NAMESPACE, value_name = "NS")]
+    #[arg(long, env = "NODEWARD_ROOT_NAMESPACE", default_value = DEFAULT_ROOT_NAMESPACE, value_name = "NS")]
     pub root_namespace: String,
     /// Trust domain of source principals (`<td>/ns/<ns>/sa/<sa>`).
-    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN")]
+    #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN")]
     pub trust_domain: String,
     /// Path normalization, as Istio's meshConfig.pathNormalization; the normalized path is
     /// what the pod receives.
-    #[arg(long, value_enum, default_value_t = Normalization::Base)]
+    #[arg(long, env = "NODEWARD_PATH_NORMALIZATION", value_enum, default_value_t = Normalization::Base)]
     pub path_normalization: Normalization,
     /// Largest request head (request line and headers), bytes.
-    #[arg(long, default_value_t = Limits::default().max_header_bytes, value_name = "BYTES")]
+    #[arg(long, env = "NODEWARD_MAX_HEADER_BYTES", default_value_t = Limits::default().max_header_bytes, value_name = "BYTES")]
     pub max_header_bytes: usize,
     /// Most header fields in a request.
-    #[arg(long, default_value_t = Limits::default().max_headers, value_name = "N")]
+    #[arg(long, env = "NODEWARD_MAX_HEADERS", default_value_t = Limits::default().max_headers, value_name = "N")]
     pub max_headers: usize,
     /// Time a client has to send a request head (also between keep-alive requests).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "NODEWARD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub header_read_timeout: Duration,
     /// Time a connection has to show its protocol; after it, it is treated as plain TCP.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "NODEWARD_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub detect_timeout: Duration,
     /// On SIGTERM, how long in-flight requests may take to finish before the agent exits.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "NODEWARD_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
     /// Log format of every log line, the access log (target `access`) included. Filter with
     /// `NODEWARD_LOG` (default `info`; the access log stays on unless the filter names `access`,
     /// e.g. `warn,access=off`).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "NODEWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
