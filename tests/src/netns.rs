@@ -262,6 +262,26 @@ impl TestNode {
         }
     }
 
+    /// Waits up to `limit` for a process started with [`TestNode::spawn`] to exit by itself and
+    /// returns its exit code; `None` if it was still running (it is then killed) or was killed
+    /// by a signal. The process is reaped and forgotten, so nothing signals its pid later.
+    pub fn wait_exit(&mut self, pid: u32, limit: std::time::Duration) -> Option<i32> {
+        let index = self.children.iter().position(|c| c.id() == pid)?;
+        let mut child = self.children.remove(index);
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// `curl` from a namespace: (HTTP status, body); status 0 when no answer came.
     #[must_use]
     pub fn curl(&self, netns: &str, method: &str, url: &str, headers: &[&str]) -> (u16, String) {
