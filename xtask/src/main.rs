@@ -7,8 +7,12 @@
 //!   including the privileged datapath tests (must run as root).
 //! - `cargo xtask demo`: setup, build, then the README's main job: Istio's reference scenarios
 //!   decided by nodeward.
+//! - `cargo xtask kind [--keep]`: deploy/README.md's quick start on a kind cluster (image,
+//!   `kubectl apply -k deploy/`, the scenarios with `kubectl exec` + curl, uninstall); needs a
+//!   Docker daemon, kind and kubectl and fails before changing anything without them.
 
 mod demo;
+mod kind;
 mod setup;
 mod system;
 mod test;
@@ -31,6 +35,12 @@ enum Command {
     Test,
     /// Run setup, build, and show Istio's reference scenarios decided by nodeward.
     Demo,
+    /// Build the image, install on a kind cluster, run the scenarios, uninstall (Docker + kind).
+    Kind {
+        /// Keep the kind cluster afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -38,5 +48,6 @@ fn main() -> Result<()> {
         Command::Setup => setup::run(),
         Command::Test => test::run(),
         Command::Demo => demo::run(),
+        Command::Kind { keep } => kind::run(keep),
     }
 }
