@@ -1056,3 +1056,50 @@ fn cel_only_rules_are_enforced_by_the_agent() {
         );
     }
 }
+
+#[test]
+fn deploy_examples_run_the_workloads_of_examples() {
+    // examples/workloads.yaml (standalone registry) and deploy/examples/workloads.yaml (the
+    // cluster's Deployments) describe the same pods: name, namespace, service account, labels.
+    let registry = &documents(&repo_root().join("examples/workloads.yaml"))[0]["workloads"];
+    let deployments: Vec<Value> = documents(&deploy().join("examples/workloads.yaml"))
+        .into_iter()
+        .filter(|d| d["kind"] == "Deployment")
+        .collect();
+    let registry = registry.as_array().expect("workloads list");
+    assert_eq!(
+        deployments.len(),
+        registry.len(),
+        "one Deployment per workload"
+    );
+    for workload in registry {
+        let name = workload["name"].as_str().expect("name");
+        let deployment = deployments
+            .iter()
+            .find(|d| d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("deploy/examples has no Deployment {name}"));
+        let typed: Deployment = parse_exact(name, deployment);
+        assert_eq!(
+            typed.metadata.namespace.as_deref(),
+            workload["namespace"].as_str()
+        );
+        let pod = typed.spec.expect("spec").template;
+        let labels = serde_json::to_value(pod.metadata.and_then(|m| m.labels)).expect("labels");
+        assert_eq!(labels, workload["labels"], "{name}: labels");
+        let spec = pod.spec.expect("pod spec");
+        assert_eq!(
+            spec.service_account_name.as_deref(),
+            workload["serviceAccount"].as_str(),
+            "{name}: service account"
+        );
+        // guard drops the node's own connections to protected pods: no kubelet network probes.
+        for c in &spec.containers {
+            assert!(
+                c.liveness_probe.is_none()
+                    && c.readiness_probe.is_none()
+                    && c.startup_probe.is_none(),
+                "{name}: kubelet probes would be dropped by guard"
+            );
+        }
+    }
+}

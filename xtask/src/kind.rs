@@ -159,7 +159,10 @@ pub fn run(keep: bool) -> Result<()> {
     ]))?;
 
     println!("==> sample workloads and policies (deploy/examples)");
-    if output(kubectl(&root).args(["get", "namespace", "istio-system", "-o", "name"])).is_err() {
+    // The root namespace; removed again at the end only if this run created it.
+    let created_root_namespace =
+        output(kubectl(&root).args(["get", "namespace", "istio-system", "-o", "name"])).is_err();
+    if created_root_namespace {
         run_cmd(kubectl(&root).args(["create", "namespace", "istio-system"]))?;
     }
     run_cmd(kubectl(&root).args(["apply", "-k", "deploy/examples"]))?;
@@ -178,6 +181,9 @@ pub fn run(keep: bool) -> Result<()> {
     println!("==> uninstalling");
     run_cmd(kubectl(&root).args(["delete", "-k", "deploy/examples", "--wait=true"]))?;
     run_cmd(kubectl(&root).args(["delete", "-k", "deploy/", "--wait=true"]))?;
+    if created_root_namespace {
+        run_cmd(kubectl(&root).args(["delete", "namespace", "istio-system", "--wait=true"]))?;
+    }
     let leftovers = pins_left_on_nodes()?;
     if keep {
         println!("==> cluster `{CLUSTER}` kept (--keep); `kind delete cluster --name {CLUSTER}` removes it");
