@@ -126,7 +126,15 @@ pub fn run(keep: bool) -> Result<()> {
     check_tools()?;
     let root = workspace_root()?;
     let image = image(&root)?;
+    quick_start(&root, &image, keep).with_context(|| {
+        format!(
+            "`cargo xtask kind` stopped; the kind cluster `{CLUSTER}` (if created) is left as it is \
+             for inspection: `kind delete cluster --name {CLUSTER}` removes it"
+        )
+    })
+}
 
+fn quick_start(root: &Path, image: &str, keep: bool) -> Result<()> {
     if cluster_exists()? {
         println!("==> kind cluster `{CLUSTER}` exists: using it");
     } else {
@@ -142,14 +150,14 @@ pub fn run(keep: bool) -> Result<()> {
     println!("==> building {image}");
     run_cmd(
         Command::new("docker")
-            .args(["build", "-f", "deploy/Dockerfile", "-t", &image, "."])
-            .current_dir(&root),
+            .args(["build", "-f", "deploy/Dockerfile", "-t", image, "."])
+            .current_dir(root),
     )?;
-    run_cmd(Command::new("kind").args(["load", "docker-image", &image, "--name", CLUSTER]))?;
+    run_cmd(Command::new("kind").args(["load", "docker-image", image, "--name", CLUSTER]))?;
 
     println!("==> installing nodeward (kubectl apply -k deploy/)");
-    run_cmd(kubectl(&root).args(["apply", "-k", "deploy/"]))?;
-    run_cmd(kubectl(&root).args([
+    run_cmd(kubectl(root).args(["apply", "-k", "deploy/"]))?;
+    run_cmd(kubectl(root).args([
         "rollout",
         "status",
         "daemonset/nodeward",
@@ -161,12 +169,12 @@ pub fn run(keep: bool) -> Result<()> {
     println!("==> sample workloads and policies (deploy/examples)");
     // The root namespace; removed again at the end only if this run created it.
     let created_root_namespace =
-        output(kubectl(&root).args(["get", "namespace", "istio-system", "-o", "name"])).is_err();
+        output(kubectl(root).args(["get", "namespace", "istio-system", "-o", "name"])).is_err();
     if created_root_namespace {
-        run_cmd(kubectl(&root).args(["create", "namespace", "istio-system"]))?;
+        run_cmd(kubectl(root).args(["create", "namespace", "istio-system"]))?;
     }
-    run_cmd(kubectl(&root).args(["apply", "-k", "deploy/examples"]))?;
-    run_cmd(kubectl(&root).args([
+    run_cmd(kubectl(root).args(["apply", "-k", "deploy/examples"]))?;
+    run_cmd(kubectl(root).args([
         "wait",
         "--for=condition=Available",
         "deployment",
@@ -176,13 +184,13 @@ pub fn run(keep: bool) -> Result<()> {
         &format!("--timeout={WAIT}"),
     ]))?;
 
-    let failures = scenarios(&root)?;
+    let failures = scenarios(root)?;
 
     println!("==> uninstalling");
-    run_cmd(kubectl(&root).args(["delete", "-k", "deploy/examples", "--wait=true"]))?;
-    run_cmd(kubectl(&root).args(["delete", "-k", "deploy/", "--wait=true"]))?;
+    run_cmd(kubectl(root).args(["delete", "-k", "deploy/examples", "--wait=true"]))?;
+    run_cmd(kubectl(root).args(["delete", "-k", "deploy/", "--wait=true"]))?;
     if created_root_namespace {
-        run_cmd(kubectl(&root).args(["delete", "namespace", "istio-system", "--wait=true"]))?;
+        run_cmd(kubectl(root).args(["delete", "namespace", "istio-system", "--wait=true"]))?;
     }
     let leftovers = pins_left_on_nodes()?;
     if keep {
