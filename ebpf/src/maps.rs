@@ -89,7 +89,7 @@ pub fn record_opened(local_addr: u32, local_port: u16, remote_addr: u32, remote_
         side: nodeward_common::fastpath::SIDE_POD,
     };
     // A full LRU evicts its oldest entry; a failure only keeps that socket on TCP.
-    let _ = OPENED_FLOWS.insert(&key, &0, 0);
+    let _ = OPENED_FLOWS.insert(key, 0, 0);
 }
 
 /// The network namespace of the node (the enforcer's): one element, index 0.

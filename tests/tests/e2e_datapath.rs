@@ -705,6 +705,59 @@ fn bypass_refused(env: &Env) {
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
 }
 
+/// A pod that gives itself the protected pod's address and connects to it inside its own
+/// namespace makes two sockets with protected endpoints whose handshake never crossed the node:
+/// neither joins the fast path (the key binding to flows `steer`/`guard` opened).
+fn impostor_stays_on_tcp(env: &mut Env) {
+    let web = env.pod("web").ip;
+    let stranger = env.pod("stranger").netns.clone();
+    let status = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &stranger,
+            "addr",
+            "add",
+            &format!("{web}/32"),
+            "dev",
+            "lo",
+        ])
+        .status()
+        .expect("ip addr add");
+    assert!(status.success());
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_nw-pod-server"));
+    env.node
+        .spawn(&stranger, &server, &[&format!("{web}:8000")]);
+    let (added, unsteered) = (
+        counter(env, "fastpath_sockets_added"),
+        counter(env, "fastpath_sockets_unsteered"),
+    );
+    let target = url(env.pod("web"), "/impostor");
+    let answered = eventually(Duration::from_secs(5), || {
+        let out = env.node.exec(
+            &stranger,
+            &[
+                "curl",
+                "-s",
+                "-m",
+                SHORT,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &target,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout) == "200"
+    });
+    assert!(answered, "the impostor's own server did not answer locally");
+    assert_eq!(
+        counter(env, "fastpath_sockets_added"),
+        added,
+        "a socket whose handshake never crossed the node joined the fast path"
+    );
+    assert!(counter(env, "fastpath_sockets_unsteered") >= unsteered + 2);
+}
+
 /// `size` bytes up (POST, hashed by the pod) and down (`/bytes/<size>`, compared byte for byte).
 fn large_bodies(env: &Env, size: usize) {
     let upload = env.dir.0.join("upload.bin");
@@ -785,6 +838,7 @@ fn fast_path_keeps_every_answer_and_leaves_nothing_behind() {
     assert!(redirected > 0, "no message took the fast path");
 
     bypass_refused(&env);
+    impostor_stays_on_tcp(&mut env);
     large_bodies(&env, 8 << 20);
     assert!(counter(&env, "fastpath_msgs_redirected") > redirected);
 

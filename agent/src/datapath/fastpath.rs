@@ -250,7 +250,7 @@ pub fn sockets(ebpf: &Ebpf) -> Result<usize, DatapathError> {
         })?;
     let hash: SockHash<&MapData, SocketKey> = SockHash::try_from(map)
         .map_err(|source| DatapathError::map(FAST_PATH_SOCKETS_MAP, "open", source))?;
-    Ok(hash.keys().filter(Result::is_ok).count())
+    Ok(hash.keys().flatten().count())
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>

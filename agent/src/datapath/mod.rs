@@ -200,17 +200,16 @@ impl Datapath {
         // Routing before programs: a packet marked by a new program is delivered locally.
         install_routing(&mut netlink, &config, table_default)?;
 
-        let fast_path = match &config.fast_path {
-            Some(cgroup) => Some(fastpath::start(&mut ebpf, &layout, cgroup)?),
-            None => {
-                fastpath::write_node_netns(&mut ebpf, 0)?;
-                if fastpath::remove_link_pin(&layout)? {
-                    tracing::info!(
-                        "removed the fast path a previous run left attached (--fast-path off)"
-                    );
-                }
-                None
+        let fast_path = if let Some(cgroup) = &config.fast_path {
+            Some(fastpath::start(&mut ebpf, &layout, cgroup)?)
+        } else {
+            fastpath::write_node_netns(&mut ebpf, 0)?;
+            if fastpath::remove_link_pin(&layout)? {
+                tracing::info!(
+                    "removed the fast path a previous run left attached (--fast-path off)"
+                );
             }
+            None
         };
 
         let datapath = Self {

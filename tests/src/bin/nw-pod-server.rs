@@ -68,7 +68,7 @@ async fn answer(
     let body = body
         .collect()
         .await
-        .map(|b| b.to_bytes())
+        .map(http_body_util::Collected::to_bytes)
         .unwrap_or_default();
     let body_len = body.len();
     let body_fnv = nodeward_tests::fnv1a(&body);
