@@ -268,3 +268,28 @@ where
             source: Box::new(source),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_that_is_not_cgroup2_is_refused_with_the_flag_to_fix_it() {
+        let error = check_cgroup(&std::env::temp_dir()).expect_err("tmp is not a cgroup v2");
+        let message = error.to_string();
+        assert!(message.contains("--cgroup"), "{message}");
+        assert!(
+            message.contains("is not one (filesystem type 0x"),
+            "{message}"
+        );
+        let missing = check_cgroup(Path::new("/nonexistent/nodeward")).expect_err("missing");
+        assert!(missing.to_string().contains("No such file"), "{missing}");
+    }
+
+    #[test]
+    fn the_node_netns_cookie_is_readable_and_stable() {
+        let cookie = netns_cookie().expect("SO_NETNS_COOKIE (Linux >= 5.14)");
+        assert_ne!(cookie, 0);
+        assert_eq!(netns_cookie().expect("again"), cookie);
+    }
+}
