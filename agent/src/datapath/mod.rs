@@ -158,6 +158,9 @@ impl Datapath {
         // Everything that can be refused is checked before anything is created.
         config.validate()?;
         require_tcx()?;
+        if let Some(cgroup) = &config.fast_path {
+            fastpath::check_cgroup(cgroup)?;
+        }
         let netns = current_netns().map_err(|source| {
             DatapathError::netlink("identifying the network namespace", source)
         })?;
