@@ -837,11 +837,38 @@ fn fast_path_keeps_every_answer_and_leaves_nothing_behind() {
     let redirected = counter(&env, "fastpath_msgs_redirected");
     assert!(redirected > 0, "no message took the fast path");
 
+    let status = env.node.exec(
+        &env.node.netns,
+        &[
+            nodeward_bin().to_str().expect("utf-8"),
+            "status",
+            "--admin",
+            "127.0.0.1:15000",
+        ],
+    );
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("fast path:"))
+        .unwrap_or_else(|| panic!("no fast path line in `nodeward status`:\n{status}"));
+    eprintln!("{line}");
+    assert!(
+        line.starts_with(&format!("fast path: on (cgroup {})", cgroup.display())),
+        "{line}"
+    );
+
     bypass_refused(&env);
     impostor_stays_on_tcp(&mut env);
     large_bodies(&env, 8 << 20);
     assert!(counter(&env, "fastpath_msgs_redirected") > redirected);
 
+    eprintln!(
+        "fast path: sockets added {}, unsteered {}, messages redirected {}, passed {}",
+        counter(&env, "fastpath_sockets_added"),
+        counter(&env, "fastpath_sockets_unsteered"),
+        counter(&env, "fastpath_msgs_redirected"),
+        counter(&env, "fastpath_msgs_passed"),
+    );
     assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
     assert_eq!(
         cgroup_attached(&cgroup),

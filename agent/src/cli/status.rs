@@ -306,11 +306,12 @@ pub fn render(status: &Status) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "fast path: {}{cgroup}, {} sockets; added {} (not added {}); messages redirected {}, passed to TCP {}",
+            "fast path: {}{cgroup}, {} sockets; added {} (key taken {}, not opened through steer/guard {}); messages redirected {}, passed to TCP {}",
             f.mode,
             f.sockets,
             count(k, "fastpath_sockets_added"),
             count(k, "fastpath_sockets_failed"),
+            count(k, "fastpath_sockets_unsteered"),
             count(k, "fastpath_msgs_redirected"),
             count(k, "fastpath_msgs_passed"),
         );
