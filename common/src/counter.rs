@@ -3,7 +3,7 @@
 //! Stable indices, like the reason codes: a slot's meaning never changes and a retired slot stays
 //! reserved. Each verdict reason has exactly one slot ([`for_reason`]); a few more slots count
 //! events on the way to a verdict (`SEEN`, `PROTECTED`, `STEERED`, `LISTENER_MISSING`,
-//! `ASSIGN_FAILED`, `GUARD_SEEN`). The agent sums each slot over all CPUs.
+//! `ASSIGN_FAILED`, `GUARD_SEEN`, and the fast path's `FASTPATH_*`). The agent sums each slot over all CPUs.
 
 use crate::reason;
 
@@ -60,17 +60,39 @@ pub const GUARD_PASSED_FAILURE_OPEN: u32 = 22;
 /// `guard`: packets with [`reason::GUARD_DROP_MALFORMED_PROTECTED`].
 pub const GUARD_DROPPED_MALFORMED: u32 = 23;
 
+/// `fastpath_sockops`: sockets of protected endpoints added to `FAST_PATH_SOCKETS` when their
+/// connection was established (an event).
+pub const FASTPATH_SOCKETS_ADDED: u32 = 24;
+/// `fastpath_sockops`: sockets of protected endpoints that could not be added (the key was
+/// taken by another socket, or the map was full); they keep the TCP path (an event).
+pub const FASTPATH_SOCKETS_FAILED: u32 = 25;
+/// `fastpath_msg`: messages handed straight to the peer socket of their own connection (an
+/// event).
+pub const FASTPATH_MSGS_REDIRECTED: u32 = 26;
+/// `fastpath_msg`: messages whose peer socket is not in the map; they take the TCP path (an
+/// event).
+pub const FASTPATH_MSGS_PASSED: u32 = 27;
+
+/// `fastpath_sockops`: sockets of pods whose 4-tuple did not open through `steer` or `guard`
+/// (not in `OPENED_FLOWS`), kept out of the fast path (an event).
+pub const FASTPATH_SOCKETS_UNSTEERED: u32 = 28;
+
 /// Number of slots: the `max_entries` of `COUNTERS`.
-pub const LEN: u32 = 24;
+pub const LEN: u32 = 29;
 
 /// Slots that count events rather than one reason's verdicts.
-pub const EVENTS: [u32; 6] = [
+pub const EVENTS: [u32; 11] = [
     SEEN,
     PROTECTED,
     STEERED,
     LISTENER_MISSING,
     ASSIGN_FAILED,
     GUARD_SEEN,
+    FASTPATH_SOCKETS_ADDED,
+    FASTPATH_SOCKETS_FAILED,
+    FASTPATH_MSGS_REDIRECTED,
+    FASTPATH_MSGS_PASSED,
+    FASTPATH_SOCKETS_UNSTEERED,
 ];
 
 /// The slot that counts packets decided with `reason`, or `None` for a retired or unknown code.

@@ -12,11 +12,13 @@
 //! - [`config`]: the value of the `CONFIG` map (listener port, marks, failure mode, log level).
 //! - [`reason`]: why a kernel program decided what it decided, and the verdict of each reason.
 //! - [`counter`]: slots of the `COUNTERS` per-CPU array.
+//! - [`fastpath`]: the key of the `FAST_PATH_SOCKETS` sock hash (same-node fast path).
 #![no_std]
 
 pub mod config;
 pub mod counter;
 pub mod endpoint;
+pub mod fastpath;
 pub mod reason;
 
 pub use config::KernelConfig;

@@ -22,7 +22,7 @@ use nodeward_common::{counter, reason, KernelConfig};
 use nodeward_ebpf::net::is_new_flow;
 
 use crate::{
-    maps::{config, count},
+    maps::{config, count, record_opened},
     packet::{classify, Flow, Malformed, Target},
     sock::Socket,
     verdict::{finish, Program},
@@ -69,6 +69,9 @@ fn decide(ctx: &TcContext, flow: &Flow, config: &KernelConfig) -> u32 {
     // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if config.upstream_mark != 0 && mark & config.upstream_mark == config.upstream_mark {
+        if is_new_flow(flow.flags) {
+            record_opened(flow.daddr, flow.dport, flow.saddr, flow.sport);
+        }
         return reason::GUARD_PASS_ENFORCER;
     }
     if !is_new_flow(flow.flags) {

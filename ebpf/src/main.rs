@@ -5,6 +5,8 @@
 //!   to the enforcer's transparent listener (`bpf_sk_assign`).
 //! - [`guard`]: TC egress on each protected pod's host-side interface: drops what reaches the pod
 //!   without having been steered (no bypass).
+//! - [`fastpath`]: `sock_ops` on the agent's cgroup and `sk_msg` on the `FAST_PATH_SOCKETS` sock
+//!   hash: bytes between the enforcer and local pods skip the TCP/IP stack (`--fast-path on`).
 //!
 //! Helpers:
 //! - [`maps`]: the maps shared with the agent (`agent/src/datapath`), each documented.
@@ -19,6 +21,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod fastpath;
 mod guard;
 mod maps;
 mod packet;

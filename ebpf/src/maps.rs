@@ -8,11 +8,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use nodeward_common::{
     config::{FAILURE_MODE_CLOSED, LOG_OFF},
-    counter, EndpointKey, KernelConfig, PORT_ANY,
+    counter,
+    fastpath::SocketKey,
+    EndpointKey, KernelConfig, PORT_ANY,
 };
 
 /// Destinations nodeward enforces for.
@@ -46,6 +48,64 @@ pub static CONFIG: Array<KernelConfig> = Array::pinned(1, 0);
 /// - Value: `u64` number of packets.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
+
+/// Sockets of the same-node fast path.
+///
+/// - Written by: `fastpath_sockops`, when a connection of a socket in the agent's cgroup whose
+///   local or remote endpoint is protected is established (`BPF_NOEXIST`: the first socket with a
+///   key keeps it). The kernel removes a socket when it closes. The agent never writes it.
+/// - Read by: `fastpath_msg` (attached to this map), which redirects each message to the peer.
+/// - Key: [`SocketKey`], the socket's own 4-tuple and side (node namespace or pod).
+/// - Value: the socket (the kernel's reference; `u32` in user space).
+#[map]
+pub static FAST_PATH_SOCKETS: SockHash<SocketKey> = SockHash::pinned(65_536, 0);
+
+/// Connections that opened through the TC data path, by the 4-tuple their pod-side end has: what
+/// binds a pod's socket in `FAST_PATH_SOCKETS` to a flow the node's routing delivered.
+///
+/// - Written by: `steer` (a SYN assigned to the enforcer's listener: the client's end, local =
+///   source) and `guard` (the enforcer's upstream SYN into a pod: the pod's end, local =
+///   destination), only while the fast path is on (`NODE_NETNS` set).
+/// - Read by: `fastpath_sockops`, which lets a pod's socket in only when its key is here, and
+///   removes the entry (one socket per opened flow). LRU: entries of flows that never completed
+///   age out.
+/// - Key: [`SocketKey`] of the pod-side socket, side [`SIDE_POD`](nodeward_common::fastpath::SIDE_POD).
+/// - Value: `u32`, 0.
+#[map]
+pub static OPENED_FLOWS: LruHashMap<SocketKey, u32> = LruHashMap::pinned(65_536, 0);
+
+/// Records that a connection whose pod-side end is (`local`, `remote`) (network byte order)
+/// opened through the TC data path; nothing while the fast path is off.
+#[inline]
+pub fn record_opened(local_addr: u32, local_port: u16, remote_addr: u32, remote_port: u16) {
+    if node_netns_cookie().is_none() {
+        return;
+    }
+    let key = SocketKey {
+        local_addr,
+        remote_addr,
+        local_port,
+        remote_port,
+        side: nodeward_common::fastpath::SIDE_POD,
+    };
+    // A full LRU evicts its oldest entry; a failure only keeps that socket on TCP.
+    let _ = OPENED_FLOWS.insert(key, 0, 0);
+}
+
+/// The network namespace of the node (the enforcer's): one element, index 0.
+///
+/// - Written by: the agent when it starts with the fast path on (its own `SO_NETNS_COOKIE`).
+/// - Read by: `fastpath_sockops` and `fastpath_msg`, to tell the enforcer's sockets from pods'.
+/// - Key: `u32` index 0.
+/// - Value: `u64` network namespace cookie; 0 (unset) keeps every socket out of the fast path.
+#[map]
+pub static NODE_NETNS: Array<u64> = Array::pinned(1, 0);
+
+/// The node's network namespace cookie, or `None` while the agent has not written it.
+#[inline]
+pub fn node_netns_cookie() -> Option<u64> {
+    NODE_NETNS.get(0).copied().filter(|cookie| *cookie != 0)
+}
 
 /// What the programs do when `CONFIG` cannot be read (never for an array with one element, but the
 /// lookup is fallible): no listener port, no marks, fail closed, no logs. A packet to a protected

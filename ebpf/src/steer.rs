@@ -27,7 +27,7 @@ use nodeward_common::{counter, reason, KernelConfig};
 use nodeward_ebpf::net::{is_flow_socket, is_new_flow};
 
 use crate::{
-    maps::{config, count},
+    maps::{config, count, record_opened},
     packet::{classify, Flow, Malformed, Target},
     sock::Socket,
     verdict::{finish, Program},
@@ -90,6 +90,7 @@ fn decide(ctx: &TcContext, flow: &Flow, config: &KernelConfig) -> u32 {
         Some(listener) => {
             if listener.assign(ctx).is_ok() {
                 mark(ctx, config.steer_mark);
+                record_opened(flow.saddr, flow.sport, flow.daddr, flow.dport);
                 return reason::STEER_LISTENER;
             }
             count(counter::ASSIGN_FAILED);

@@ -6,6 +6,22 @@ pub mod netns;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+/// `n` bytes of a fixed, non-repeating-at-small-periods pattern, for bodies checked byte for byte.
+#[must_use]
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| ((i.wrapping_mul(31) ^ (i >> 9)) % 251) as u8)
+        .collect()
+}
+
+/// 64-bit FNV-1a of `bytes` (what `nw-pod-server` reports as `body_fnv`).
+#[must_use]
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The repository root.
 #[must_use]
 pub fn repo_root() -> PathBuf {

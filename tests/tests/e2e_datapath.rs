@@ -217,7 +217,11 @@ impl Env {
 /// the JWKS URI) into a temp dir; starts `nodeward run` with a pin dir of its own plus `extra`
 /// arguments; waits for /readyz.
 fn start(test: &str, pods: &[PodSpec], policies: &str, extra: &[&str]) -> Env {
-    let node = TestNode::new();
+    start_on(TestNode::new(), test, pods, policies, extra)
+}
+
+/// [`start`] on a node made by the caller (e.g. one with its own cgroup).
+fn start_on(node: TestNode, test: &str, pods: &[PodSpec], policies: &str, extra: &[&str]) -> Env {
     remove_leftover_pins();
     let pid = std::process::id();
     let pins = PinDir(PathBuf::from(format!(
@@ -594,4 +598,352 @@ fn crash_fails_closed_and_restart_enforces_again() {
 #[test]
 fn crash_fails_open_and_restart_enforces_again() {
     crash_and_restart("open");
+}
+
+// --- The same-node fast path (`--fast-path on`): sock_ops + sk_msg on the node's own cgroup. ---
+
+/// `BPF_CGROUP_SOCK_OPS`.
+const SOCK_OPS: u32 = 3;
+
+fn counter(env: &Env, name: &str) -> u64 {
+    metric(
+        &env.node,
+        &format!("nodeward_datapath_packets_total{{counter=\"{name}\"}}"),
+    )
+}
+
+fn fast_path_state(env: &Env) -> serde_json::Value {
+    let state: serde_json::Value =
+        serde_json::from_str(&admin(&env.node, "/debug/state")).expect("state JSON");
+    state["fastPath"].clone()
+}
+
+/// Policies of the fast-path tests: `require` needs a JWT (scenario 2), `web` lets any known
+/// principal in (scenario 4).
+fn fast_path_policies() -> String {
+    format!(
+        "{}apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-jwt, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin-jwt}}}}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"testing@secure.istio.io/*\"]}}}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: known, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  rules:\n  - from: [{{source: {{principals: [\"*\"]}}}}]\n",
+        request_authn("httpbin-jwt"),
+    )
+}
+
+/// A node with its own cgroup, the agent started with `--fast-path <mode> --cgroup <it>`.
+fn start_fast_path(test: &str, mode: &str) -> (Env, PathBuf) {
+    let mut node = TestNode::new();
+    let cgroup = node.use_cgroup();
+    let cgroup_arg = cgroup.to_str().expect("utf-8").to_owned();
+    let env = start_on(
+        node,
+        test,
+        &[
+            ("require", 11, Some("httpbin-jwt")),
+            ("web", 12, Some("web")),
+            ("stranger", 21, None),
+        ],
+        &fast_path_policies(),
+        &["--fast-path", mode, "--cgroup", &cgroup_arg],
+    );
+    (env, cgroup)
+}
+
+/// The reference answers, as without the fast path: 403 without a token, 401 with garbage,
+/// 200 with demo.jwt (token removed, path normalized, reached by the enforcer); a known client
+/// may GET web, a stranger may not.
+fn reference_answers(env: &Env) {
+    let (status, body) = env.curl_short("sleep", "GET", "require", "/");
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    let (status, _) = env.curl("GET", "require", "/", &[&bearer("garbage")]);
+    assert_eq!(status, 401);
+    let demo = bearer(&sample("demo.jwt"));
+    let (status, body) = env.curl("GET", "require", "/a/../headers", &[&demo]);
+    assert_eq!(status, 200, "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).expect("pod JSON");
+    assert_eq!(seen["uri"], "/headers", "normalized path: {seen}");
+    assert!(
+        seen["headers"].get("authorization").is_none(),
+        "token removed: {seen}"
+    );
+    assert!(
+        seen["peer"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("10.200.255.1"),
+        "reached by the enforcer: {seen}"
+    );
+    let (status, body) = env.curl("GET", "web", "/", &[]);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = env.curl_short("stranger", "GET", "web", "/");
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+}
+
+/// Bypass attempts with the fast path on: the node itself connecting straight to a protected
+/// pod is dropped by `guard` (no answer); an unregistered pod is steered and judged (403).
+fn bypass_refused(env: &Env) {
+    let dropped = counter(env, "guard_dropped_bypass");
+    let target = url(env.pod("web"), "/");
+    let out = env.node.exec(
+        &env.node.netns,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            SHORT,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &target,
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "000",
+        "the node reached a protected pod without the enforcer"
+    );
+    assert!(counter(env, "guard_dropped_bypass") > dropped);
+    let (status, body) = env.curl_short("stranger", "GET", "web", "/");
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+}
+
+/// A pod that gives itself the protected pod's address and connects to it inside its own
+/// namespace makes two sockets with protected endpoints whose handshake never crossed the node:
+/// neither joins the fast path (the key binding to flows `steer`/`guard` opened).
+fn impostor_stays_on_tcp(env: &mut Env) {
+    let web = env.pod("web").ip;
+    let stranger = env.pod("stranger").netns.clone();
+    let status = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &stranger,
+            "addr",
+            "add",
+            &format!("{web}/32"),
+            "dev",
+            "lo",
+        ])
+        .status()
+        .expect("ip addr add");
+    assert!(status.success());
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_nw-pod-server"));
+    env.node
+        .spawn(&stranger, &server, &[&format!("{web}:8000")]);
+    let (added, unsteered) = (
+        counter(env, "fastpath_sockets_added"),
+        counter(env, "fastpath_sockets_unsteered"),
+    );
+    let target = url(env.pod("web"), "/impostor");
+    let answered = eventually(Duration::from_secs(5), || {
+        let out = env.node.exec(
+            &stranger,
+            &[
+                "curl",
+                "-s",
+                "-m",
+                SHORT,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &target,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout) == "200"
+    });
+    assert!(answered, "the impostor's own server did not answer locally");
+    assert_eq!(
+        counter(env, "fastpath_sockets_added"),
+        added,
+        "a socket whose handshake never crossed the node joined the fast path"
+    );
+    assert!(counter(env, "fastpath_sockets_unsteered") >= unsteered + 2);
+}
+
+/// `size` bytes up (POST, hashed by the pod) and down (`/bytes/<size>`, compared byte for byte).
+fn large_bodies(env: &Env, size: usize) {
+    let upload = env.dir.0.join("upload.bin");
+    let body = nodeward_tests::pattern(size);
+    std::fs::write(&upload, &body).expect("write");
+    let at = format!("@{}", upload.display());
+    let target = url(env.pod("web"), "/upload");
+    let out = env.node.exec(
+        &env.client(),
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "30",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &at,
+            &target,
+        ],
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "upload answer: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert_eq!(seen["body_len"], size, "{seen}");
+    assert_eq!(
+        seen["body_fnv"],
+        format!("{:016x}", nodeward_tests::fnv1a(&body)),
+        "the pod received the body intact"
+    );
+    let download = env.dir.0.join("download.bin");
+    let target = url(env.pod("web"), &format!("/bytes/{size}"));
+    let out = env.node.exec(
+        &env.client(),
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "30",
+            "-o",
+            download.to_str().expect("utf-8"),
+            "-w",
+            "%{http_code}",
+            &target,
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let got = std::fs::read(&download).expect("download");
+    assert_eq!(got.len(), size);
+    assert!(got == body, "the client received the body intact");
+}
+
+/// `--fast-path on`: the reference answers are the same, messages are redirected socket to
+/// socket (counters), bypass attempts are still refused, large bodies arrive intact both ways,
+/// and a clean stop leaves nothing attached to the cgroup and no pin.
+#[test]
+fn fast_path_keeps_every_answer_and_leaves_nothing_behind() {
+    let (mut env, cgroup) = start_fast_path("fastpath", "on");
+    assert_eq!(
+        cgroup_attached(&cgroup),
+        1,
+        "fastpath_sockops on the cgroup"
+    );
+    let state = fast_path_state(&env);
+    assert_eq!(state["mode"], "on", "{state}");
+    assert_eq!(state["cgroup"], cgroup.to_str().expect("utf-8"), "{state}");
+
+    reference_answers(&env);
+    assert!(
+        counter(&env, "fastpath_sockets_added") >= 4,
+        "client, enforcer (both legs) and pod sockets joined: {}",
+        counter(&env, "fastpath_sockets_added")
+    );
+    let redirected = counter(&env, "fastpath_msgs_redirected");
+    assert!(redirected > 0, "no message took the fast path");
+
+    let status = env.node.exec(
+        &env.node.netns,
+        &[
+            nodeward_bin().to_str().expect("utf-8"),
+            "status",
+            "--admin",
+            "127.0.0.1:15000",
+        ],
+    );
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("fast path:"))
+        .unwrap_or_else(|| panic!("no fast path line in `nodeward status`:\n{status}"));
+    eprintln!("{line}");
+    assert!(
+        line.starts_with(&format!("fast path: on (cgroup {})", cgroup.display())),
+        "{line}"
+    );
+
+    bypass_refused(&env);
+    impostor_stays_on_tcp(&mut env);
+    large_bodies(&env, 8 << 20);
+    assert!(counter(&env, "fastpath_msgs_redirected") > redirected);
+
+    eprintln!(
+        "fast path: sockets added {}, unsteered {}, messages redirected {}, passed {}",
+        counter(&env, "fastpath_sockets_added"),
+        counter(&env, "fastpath_sockets_unsteered"),
+        counter(&env, "fastpath_msgs_redirected"),
+        counter(&env, "fastpath_msgs_passed"),
+    );
+    assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
+    assert_eq!(
+        cgroup_attached(&cgroup),
+        0,
+        "a clean stop detaches sock_ops"
+    );
+    assert!(
+        !env.pins.0.exists(),
+        "pins left in {}",
+        env.pins.0.display()
+    );
+}
+
+/// A crash (SIGKILL) leaves the fast path attached and the kernel failing closed; a restart
+/// takes it over (one attachment, not two) and enforces again through it.
+#[test]
+fn fast_path_survives_a_crash_and_restart() {
+    let (mut env, cgroup) = start_fast_path("fastpath-crash", "on");
+    reference_answers(&env);
+    env.kill_agent();
+    assert!(
+        env.pins.0.join("fastpath/sockops").exists(),
+        "a crash leaves the pinned link"
+    );
+    assert_eq!(cgroup_attached(&cgroup), 1);
+    assert_eq!(
+        env.curl_short("sleep", "GET", "require", "/").0,
+        0,
+        "fail closed while the agent is down"
+    );
+
+    env.start_agent();
+    assert_eq!(cgroup_attached(&cgroup), 1, "the restart replaced the link");
+    let redirected = counter(&env, "fastpath_msgs_redirected");
+    reference_answers(&env);
+    bypass_refused(&env);
+    assert!(counter(&env, "fastpath_msgs_redirected") > redirected);
+    assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
+    assert_eq!(cgroup_attached(&cgroup), 0);
+    assert!(!env.pins.0.exists());
+}
+
+/// `--fast-path off` attaches nothing to the cgroup, also after a crashed `on` run left its
+/// fast path attached: the restart with `off` detaches it and enforcement is unchanged.
+#[test]
+fn fast_path_off_attaches_nothing_even_after_a_crashed_on() {
+    let (mut env, cgroup) = start_fast_path("fastpath-off", "on");
+    assert_eq!(cgroup_attached(&cgroup), 1);
+    env.kill_agent();
+    for arg in &mut env.args {
+        if arg == "on" {
+            "off".clone_into(arg);
+        }
+    }
+    env.start_agent();
+    assert_eq!(
+        cgroup_attached(&cgroup),
+        0,
+        "--fast-path off left sock_ops attached"
+    );
+    assert!(!env.pins.0.join("fastpath/sockops").exists());
+    assert_eq!(fast_path_state(&env)["mode"], "off");
+    let redirected = counter(&env, "fastpath_msgs_redirected");
+    reference_answers(&env);
+    bypass_refused(&env);
+    large_bodies(&env, 1 << 20);
+    assert_eq!(
+        counter(&env, "fastpath_msgs_redirected"),
+        redirected,
+        "no message took a fast path that is off"
+    );
+    assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
+    assert!(!env.pins.0.exists());
+}
+
+fn cgroup_attached(cgroup: &Path) -> u32 {
+    nodeward_tests::netns::cgroup_attached_programs(cgroup, SOCK_OPS)
 }

@@ -55,6 +55,21 @@ pub struct DebugState {
     pub policies: Vec<PolicyState>,
     pub jwt_rules: Vec<JwtRuleState>,
     pub issuers: Vec<IssuerState>,
+    /// The same-node fast path; absent with `--datapath off` (and from older agents).
+    #[serde(default, rename = "fastPath", skip_serializing_if = "Option::is_none")]
+    pub fast_path: Option<FastPathStatus>,
+}
+
+/// The same-node fast path (`--fast-path`), as the data path runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FastPathStatus {
+    /// `on` or `off`.
+    pub mode: String,
+    /// The cgroup v2 directory `fastpath_sockops` is attached to, when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// Sockets in the fast path's sock hash now.
+    pub sockets: usize,
 }
 
 /// One workload of the registry and what protects it.
@@ -319,5 +334,14 @@ pub fn debug_state(admin: &Admin) -> DebugState {
         policies,
         jwt_rules,
         issuers,
+        fast_path: admin
+            .datapath
+            .as_ref()
+            .and_then(|d| d.fast_path())
+            .map(|f| FastPathStatus {
+                mode: if f.cgroup.is_some() { "on" } else { "off" }.to_owned(),
+                cgroup: f.cgroup,
+                sockets: f.sockets,
+            }),
     }
 }

@@ -76,6 +76,14 @@ pub enum DatapathMode {
     Off,
 }
 
+/// Whether the data path runs the same-node fast path (`sock_ops` + `sk_msg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathMode {
+    On,
+    Off,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Policy file or directory (YAML, read recursively); repeatable (comma-separated in
@@ -117,6 +125,23 @@ pub struct RunArgs {
     /// listener some other way (tests on loopback, a demo without pods).
     #[arg(long, env = "NODEWARD_DATAPATH", value_enum, default_value_t = DatapathMode::On)]
     pub datapath: DatapathMode,
+    /// The same-node fast path: bytes between the enforcer and pods of this node go from socket
+    /// to socket (`sock_ops` + `sk_msg`), skipping the TCP/IP stack; connections still open
+    /// through the steering, and every request is still judged. Needs `--datapath on`. `off`
+    /// (the default until the benchmark decides) leaves none of it attached, also when a
+    /// previous run left it.
+    #[arg(long, env = "NODEWARD_FAST_PATH", value_enum, default_value_t = FastPathMode::Off)]
+    pub fast_path: FastPathMode,
+    /// The cgroup v2 directory the fast path's `sock_ops` program is attached to (sockets of
+    /// processes in it and below are considered; only those of protected endpoints join). The
+    /// default is the cgroup v2 root, as Cilium does.
+    #[arg(
+        long,
+        env = "NODEWARD_CGROUP",
+        default_value = "/sys/fs/cgroup",
+        value_name = "DIR"
+    )]
+    pub cgroup: PathBuf,
     /// Where the data path pins its programs and maps on the BPF filesystem (a restarted agent
     /// takes them over from there).
     #[arg(
@@ -187,6 +212,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// `--fast-path on` without the data path it rides on.
+    #[error("--fast-path on needs --datapath on: the fast path only carries connections the kernel data path steered")]
+    FastPathWithoutDatapath,
     /// SIGTERM/SIGINT handlers could not be installed.
     #[error("installing the SIGTERM handler: {0}")]
     Signal(#[source] std::io::Error),
@@ -208,7 +236,7 @@ impl RunError {
     #[must_use]
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) => 2,
+            Self::Config(_) | Self::FastPathWithoutDatapath => 2,
             _ => 1,
         }
     }
@@ -411,6 +439,10 @@ fn datapath_config(args: &RunArgs) -> DatapathConfig {
             FailureMode::Closed => crate::datapath::FailureMode::Closed,
             FailureMode::Open => crate::datapath::FailureMode::Open,
         },
+        fast_path: match args.fast_path {
+            FastPathMode::On => Some(args.cgroup.clone()),
+            FastPathMode::Off => None,
+        },
         ..DatapathConfig::default()
     }
 }
@@ -504,6 +536,9 @@ fn run_agent(args: &RunArgs) -> Result<(), RunError> {
         )
     };
 
+    if args.fast_path == FastPathMode::On && args.datapath == DatapathMode::Off {
+        return Err(RunError::FastPathWithoutDatapath);
+    }
     let datapath = match args.datapath {
         DatapathMode::On => {
             let config = datapath_config(args);
@@ -511,6 +546,7 @@ fn run_agent(args: &RunArgs) -> Result<(), RunError> {
             info!(
                 listener_port = args.listen.port(),
                 failure_mode = args.failure_mode.as_str(),
+                fast_path = ?args.fast_path,
                 "kernel data path attached"
             );
             Some(datapath)

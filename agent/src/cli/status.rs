@@ -297,6 +297,25 @@ pub fn render(status: &Status) -> String {
     }
     render_registry(&mut out, s);
     render_counters(&mut out, &status.counters);
+    if let Some(f) = &s.fast_path {
+        let k = &status.counters.datapath;
+        let cgroup = f
+            .cgroup
+            .as_ref()
+            .map(|c| format!(" (cgroup {})", c.display()))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "fast path: {}{cgroup}, {} sockets; added {} (key taken {}, not opened through steer/guard {}); messages redirected {}, passed to TCP {}",
+            f.mode,
+            f.sockets,
+            count(k, "fastpath_sockets_added"),
+            count(k, "fastpath_sockets_failed"),
+            count(k, "fastpath_sockets_unsteered"),
+            count(k, "fastpath_msgs_redirected"),
+            count(k, "fastpath_msgs_passed"),
+        );
+    }
     out.trim_end().to_owned()
 }
 
@@ -374,6 +393,7 @@ fn render_counters(out: &mut String, k: &Counters) {
             count(&k.datapath, "passed_failure_open"),
         );
     }
+
     for (workload, decisions) in &k.requests_by_workload {
         let _ = writeln!(
             out,

@@ -7,6 +7,7 @@
 //!   maps/COUNTERS
 //!   links/steer-<ifindex>         one TCX link per attachment (keeps the program attached and
 //!   links/guard-<ifindex>         loaded while the agent is down)
+//!   fastpath/sockops              the fast path's cgroup link (`--fast-path on`)
 //! ```
 //!
 //! An attachment pin is named by the interface's index, which stays the same while the interface
@@ -89,6 +90,16 @@ impl PinLayout {
         self.root.join("links")
     }
 
+    /// Where the fast path's cgroup link is pinned.
+    pub fn fast_path(&self) -> PathBuf {
+        self.root.join("fastpath")
+    }
+
+    /// The pin of the fast path's `sock_ops` cgroup link.
+    pub fn fast_path_link(&self) -> PathBuf {
+        self.fast_path().join("sockops")
+    }
+
     /// The pin of `hook`'s attachment to `ifindex`.
     pub fn link(&self, hook: Hook, ifindex: u32) -> PathBuf {
         self.links().join(hook.pin_name(ifindex))
@@ -96,7 +107,12 @@ impl PinLayout {
 
     /// Creates the directories.
     pub fn create(&self) -> Result<(), DatapathError> {
-        for dir in [self.root.clone(), self.maps(), self.links()] {
+        for dir in [
+            self.root.clone(),
+            self.maps(),
+            self.links(),
+            self.fast_path(),
+        ] {
             fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
                 operation: "creating",
                 path: dir,

@@ -90,6 +90,9 @@ pub struct DatapathConfig {
     /// but loopback anyway; naming the uplinks makes
     /// [`Datapath::start`](super::Datapath::start) fail when one is missing.
     pub uplinks: Vec<String>,
+    /// The same-node fast path (`sock_ops` + `sk_msg`): `Some(cgroup v2 directory)` attaches it
+    /// there, `None` (default) leaves nothing of it attached.
+    pub fast_path: Option<PathBuf>,
     /// Initial `CONFIG.log_level` ([`nodeward_common::config`]): 0 off (default), 1 drops, 2
     /// every decision on a protected endpoint.
     pub log_level: u32,
@@ -107,6 +110,7 @@ impl Default for DatapathConfig {
             bpffs: PathBuf::from("/sys/fs/bpf"),
             pin_dir: PathBuf::from("/sys/fs/bpf/nodeward"),
             uplinks: Vec::new(),
+            fast_path: None,
             log_level: LOG_OFF,
         }
     }

@@ -55,6 +55,16 @@ pub struct Counters {
     pub guard_passed_failure_open: u64,
     /// `guard`: packets to protected endpoints with a cut-short TCP header, dropped.
     pub guard_dropped_malformed: u64,
+    /// `fastpath_sockops`: sockets of protected endpoints added to the fast path.
+    pub fastpath_sockets_added: u64,
+    /// `fastpath_sockops`: sockets of protected endpoints not added (key taken, map full).
+    pub fastpath_sockets_failed: u64,
+    /// `fastpath_sockops`: pods' sockets whose 4-tuple did not open through steer/guard, kept out.
+    pub fastpath_sockets_unsteered: u64,
+    /// `fastpath_msg`: messages handed to the peer socket of their connection.
+    pub fastpath_msgs_redirected: u64,
+    /// `fastpath_msg`: messages without a peer in the map, sent through TCP.
+    pub fastpath_msgs_passed: u64,
 }
 
 impl Counters {
@@ -85,6 +95,11 @@ impl Counters {
             guard_dropped_failure_closed: at(counter::GUARD_DROPPED_FAILURE_CLOSED),
             guard_passed_failure_open: at(counter::GUARD_PASSED_FAILURE_OPEN),
             guard_dropped_malformed: at(counter::GUARD_DROPPED_MALFORMED),
+            fastpath_sockets_added: at(counter::FASTPATH_SOCKETS_ADDED),
+            fastpath_sockets_failed: at(counter::FASTPATH_SOCKETS_FAILED),
+            fastpath_msgs_redirected: at(counter::FASTPATH_MSGS_REDIRECTED),
+            fastpath_msgs_passed: at(counter::FASTPATH_MSGS_PASSED),
+            fastpath_sockets_unsteered: at(counter::FASTPATH_SOCKETS_UNSTEERED),
         }
     }
 
@@ -140,6 +155,14 @@ impl Counters {
             ),
             ("guard_passed_failure_open", self.guard_passed_failure_open),
             ("guard_dropped_malformed", self.guard_dropped_malformed),
+            ("fastpath_sockets_added", self.fastpath_sockets_added),
+            ("fastpath_sockets_failed", self.fastpath_sockets_failed),
+            ("fastpath_msgs_redirected", self.fastpath_msgs_redirected),
+            ("fastpath_msgs_passed", self.fastpath_msgs_passed),
+            (
+                "fastpath_sockets_unsteered",
+                self.fastpath_sockets_unsteered,
+            ),
         ]
     }
 }

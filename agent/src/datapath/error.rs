@@ -244,6 +244,33 @@ pub enum DatapathError {
         operation: &'static str,
     },
 
+    /// `--cgroup` is not the directory of a cgroup v2 (the fast path's `sock_ops` attaches there).
+    #[error(
+        "the fast path attaches to a cgroup v2 directory, and {path} is not one ({found}); pass \
+         `--cgroup` with the cgroup2 mount (`mount -t cgroup2`; on a hybrid hierarchy often \
+         /sys/fs/cgroup/unified) or a directory under it"
+    )]
+    NotCgroup2 {
+        /// The directory given.
+        path: PathBuf,
+        /// What it is instead.
+        found: String,
+    },
+
+    /// The kernel refused a fast-path program or attachment.
+    #[error(
+        "the kernel refused the fast path ({step}): {detail}; it needs BPF_PROG_TYPE_SOCK_OPS \
+         with bpf_sock_hash_update and BPF_PROG_TYPE_SK_MSG with bpf_msg_redirect_hash (Linux \
+         >= 4.17), bpf_get_netns_cookie in both (Linux >= 5.15), cgroup BPF links (Linux >= \
+         5.7) and CAP_BPF/CAP_NET_ADMIN; run with `--fast-path off` where these are missing"
+    )]
+    FastPath {
+        /// What was being done: loading `fastpath_sockops`, attaching to the cgroup, ...
+        step: String,
+        /// What aya or the system reported, with every cause (the errno is the last one).
+        detail: String,
+    },
+
     /// Cleaning up (on shutdown or over leftovers) left some things behind; each is listed.
     #[error("cleaning up the datapath left things behind: {}", .failures.join("; "))]
     Cleanup {
@@ -258,6 +285,23 @@ impl DatapathError {
             map,
             operation,
             source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn fast_path(
+        step: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        let mut detail = source.to_string();
+        let mut cause = std::error::Error::source(&source);
+        while let Some(e) = cause {
+            detail.push_str(": ");
+            detail.push_str(&e.to_string());
+            cause = e.source();
+        }
+        Self::FastPath {
+            step: step.into(),
+            detail,
         }
     }
 

@@ -10,7 +10,10 @@
 //!   and `ip route add local 0.0.0.0/0 dev lo table <table>`, so packets `steer` marked are
 //!   delivered to the node's stack, where `bpf_sk_assign` put their socket (the enforcer's);
 //! - `steer` on the TC ingress of every interface but loopback (pods' host-side veths and
-//!   uplinks), each attachment a pinned TCX link.
+//!   uplinks), each attachment a pinned TCX link;
+//! - with [`DatapathConfig::fast_path`], the same-node fast path: `fastpath_sockops` on that
+//!   cgroup v2 (a pinned cgroup link) and `fastpath_msg` on the `FAST_PATH_SOCKETS` sock hash
+//!   (see `fastpath.rs`); without it, none of that stays attached, also from a previous run.
 //!
 //! What it keeps in step ([`Datapath::sync`], [`Datapath::rescan_interfaces`]): the
 //! `PROTECTED_ENDPOINTS` map, `guard` on the TC egress of every protected local pod's host-side
@@ -39,6 +42,7 @@ mod bpffs;
 mod config;
 mod counters;
 mod error;
+mod fastpath;
 mod kernel_log;
 mod links;
 mod netlink;
@@ -59,6 +63,10 @@ pub use self::bpffs::on_bpffs;
 pub use self::config::{DatapathConfig, FailureMode, UnknownFailureMode};
 pub use self::counters::Counters;
 pub use self::error::DatapathError;
+pub use self::fastpath::{
+    check_cgroup, FAST_PATH_SOCKETS_MAP, MSG_PROGRAM as FAST_PATH_MSG_PROGRAM, NODE_NETNS_MAP,
+    SOCKOPS_PROGRAM as FAST_PATH_SOCKOPS_PROGRAM,
+};
 pub use self::object::{CONFIG_MAP, COUNTERS_MAP, PROTECTED_ENDPOINTS_MAP};
 use self::{
     bpffs::{Hook, PinLayout},
@@ -130,6 +138,16 @@ struct Inner {
     netlink: Netlink,
     attachments: Attachments,
     kernel_config: KernelConfig,
+    fast_path: Option<fastpath::FastPath>,
+}
+
+/// The fast path's state, for `/debug/state` and `nodeward status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FastPathState {
+    /// The cgroup `fastpath_sockops` is attached to; `None` when the fast path is off.
+    pub cgroup: Option<std::path::PathBuf>,
+    /// Sockets in `FAST_PATH_SOCKETS` now.
+    pub sockets: usize,
 }
 
 impl Datapath {
@@ -140,6 +158,9 @@ impl Datapath {
         // Everything that can be refused is checked before anything is created.
         config.validate()?;
         require_tcx()?;
+        if let Some(cgroup) = &config.fast_path {
+            fastpath::check_cgroup(cgroup)?;
+        }
         let netns = current_netns().map_err(|source| {
             DatapathError::netlink("identifying the network namespace", source)
         })?;
@@ -160,6 +181,10 @@ impl Datapath {
             root: config.pin_dir.clone(),
         };
         layout.create()?;
+        if config.fast_path.is_none() {
+            // The previous run's sock hash (with its `sk_msg` program) must not be adopted.
+            fastpath::retire_map_pin(&layout)?;
+        }
         let carried = object::retire_incompatible_pins(&layout.maps())?;
         let mut ebpf = object::load(&layout.maps())?;
         let kernel_config = config.kernel(config.log_level);
@@ -178,6 +203,18 @@ impl Datapath {
         // Routing before programs: a packet marked by a new program is delivered locally.
         install_routing(&mut netlink, &config, table_default)?;
 
+        let fast_path = if let Some(cgroup) = &config.fast_path {
+            Some(fastpath::start(&mut ebpf, &layout, cgroup)?)
+        } else {
+            fastpath::write_node_netns(&mut ebpf, 0)?;
+            if fastpath::remove_link_pin(&layout)? {
+                tracing::info!(
+                    "removed the fast path a previous run left attached (--fast-path off)"
+                );
+            }
+            None
+        };
+
         let datapath = Self {
             netns,
             layout,
@@ -186,6 +223,7 @@ impl Datapath {
                 netlink,
                 attachments: Attachments::default(),
                 kernel_config,
+                fast_path,
             }),
             kernel_log,
             config,
@@ -197,6 +235,7 @@ impl Datapath {
             listener_port = datapath.config.listener_port,
             failure_mode = %datapath.config.failure_mode,
             interfaces = report.attached.len(),
+            fast_path = ?datapath.config.fast_path,
             "datapath started"
         );
         Ok(datapath)
@@ -394,6 +433,15 @@ impl Datapath {
         Ok(())
     }
 
+    /// The fast path's cgroup (when on) and the sockets it holds.
+    pub fn fast_path(&self) -> Result<FastPathState, DatapathError> {
+        let inner = self.lock();
+        Ok(FastPathState {
+            cgroup: inner.fast_path.as_ref().map(|f| f.cgroup.clone()),
+            sockets: fastpath::sockets(&inner.ebpf)?,
+        })
+    }
+
     /// The configuration the programs read, as in the map.
     pub fn kernel_config(&self) -> Result<KernelConfig, DatapathError> {
         object::read_config(&self.lock().ebpf)
@@ -424,12 +472,16 @@ impl Datapath {
             ebpf,
             mut netlink,
             mut attachments,
+            fast_path,
             ..
         } = inner
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut failures = fast_path
+            .map(|f| fastpath::stop(f, &layout))
+            .unwrap_or_default();
         // Programs first: from here on no packet is marked, so the routing can go.
-        let mut failures = attachments.detach_all();
+        failures.extend(attachments.detach_all());
         drop(kernel_log);
         drop(ebpf);
         let report = remove_leftovers(&config, &layout, &mut netlink, &mut failures);
@@ -653,6 +705,10 @@ fn remove_leftovers(
         }
         Err(e) => record(Err(e)),
     }
+    match fastpath::remove_link_pin(layout) {
+        Ok(removed) => report.links += usize::from(removed),
+        Err(e) => record(Err(e)),
+    }
     match layout.map_pins() {
         Ok(pins) => {
             for path in pins {
@@ -662,7 +718,12 @@ fn remove_leftovers(
         }
         Err(e) => record(Err(e)),
     }
-    for dir in [layout.links(), layout.maps(), layout.root.clone()] {
+    for dir in [
+        layout.links(),
+        layout.maps(),
+        layout.fast_path(),
+        layout.root.clone(),
+    ] {
         match fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

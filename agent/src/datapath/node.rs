@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use super::{Counters, Datapath, DatapathConfig, DatapathError};
@@ -126,6 +127,12 @@ impl NodeDatapath {
         }
     }
 
+    /// The fast path's state (for `/debug/state`); `None` once stopped or unreadable.
+    #[must_use]
+    pub fn fast_path(&self) -> Option<super::FastPathState> {
+        self.lock().as_ref().and_then(|d| d.fast_path().ok())
+    }
+
     /// The endpoints in the map (for status).
     #[must_use]
     pub fn endpoints(&self) -> Vec<(Ipv4Addr, u16)> {
@@ -155,12 +162,29 @@ impl Collector for DatapathMetrics {
         };
         let mut family = encoder.encode_descriptor(
             "datapath_packets",
-            "Packets counted by the kernel programs, by counter (steer and guard)",
+            "Events counted by the kernel programs, by counter: packets (steer, guard), sockets and messages (fastpath_*)",
             None,
             MetricType::Counter,
         )?;
         for (name, value) in counters.named() {
             ConstCounter::new(value).encode(family.encode_family(&[("counter", name)])?)?;
+        }
+        if let Some(fast_path) = self.0.fast_path() {
+            let on = encoder.encode_descriptor(
+                "datapath_fast_path",
+                "1 when the same-node fast path (sock_ops + sk_msg) is attached, else 0",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(fast_path.cgroup.is_some())).encode(on)?;
+            let sockets = encoder.encode_descriptor(
+                "datapath_fast_path_sockets",
+                "Sockets in the fast path's sock hash now",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(fast_path.sockets).unwrap_or(i64::MAX))
+                .encode(sockets)?;
         }
         Ok(())
     }

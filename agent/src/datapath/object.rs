@@ -9,7 +9,9 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
-use nodeward_common::{counter, EndpointKey, KernelConfig, ENDPOINT_FLAGS_NONE};
+use nodeward_common::{
+    counter, fastpath::SocketKey, EndpointKey, KernelConfig, ENDPOINT_FLAGS_NONE,
+};
 
 use super::{bpffs::Hook, Counters, DatapathError};
 
@@ -34,7 +36,7 @@ struct MapSpec {
 
 /// The pinned maps of this build. A pinned map that differs (left by another version) is not
 /// adopted: see [`retire_incompatible_pins`].
-const MAP_SPECS: [MapSpec; 3] = [
+const MAP_SPECS: [MapSpec; 6] = [
     MapSpec {
         name: PROTECTED_ENDPOINTS_MAP,
         map_type: MapType::Hash,
@@ -55,6 +57,27 @@ const MAP_SPECS: [MapSpec; 3] = [
         key_size: size_of::<u32>() as u32,
         value_size: size_of::<u64>() as u32,
         max_entries: counter::LEN,
+    },
+    MapSpec {
+        name: super::fastpath::FAST_PATH_SOCKETS_MAP,
+        map_type: MapType::SockHash,
+        key_size: size_of::<SocketKey>() as u32,
+        value_size: size_of::<u32>() as u32,
+        max_entries: 65_536,
+    },
+    MapSpec {
+        name: super::fastpath::OPENED_FLOWS_MAP,
+        map_type: MapType::LruHash,
+        key_size: size_of::<SocketKey>() as u32,
+        value_size: size_of::<u32>() as u32,
+        max_entries: 65_536,
+    },
+    MapSpec {
+        name: super::fastpath::NODE_NETNS_MAP,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<u64>() as u32,
+        max_entries: 1,
     },
 ];
 
@@ -121,7 +144,7 @@ fn remove_pin(path: &Path) -> Result<(), DatapathError> {
 }
 
 /// Loads the object with its maps pinned in (or adopted from) `maps_dir`, and loads (verifies)
-/// both programs without attaching them.
+/// both TC programs without attaching them (the fast path's are loaded only when it is on).
 pub fn load(maps_dir: &Path) -> Result<Ebpf, DatapathError> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(maps_dir)

@@ -234,6 +234,7 @@ impl Node {
             bpffs: self.bpffs.clone(),
             pin_dir: self.bpffs.join("nodeward"),
             uplinks: Vec::new(),
+            fast_path: None,
             log_level: 0,
         }
     }

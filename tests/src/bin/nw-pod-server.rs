@@ -1,6 +1,8 @@
 //! The HTTP server of a test pod: answers every request with a JSON description of what it
-//! received (method, path and query, headers, body length), so tests can check what reached
-//! the pod; with `--jwks FILE` it also serves that file at `/jwks.json` (a JWKS server pod).
+//! received (method, path and query, headers, body length and FNV-1a hash), so tests can check
+//! what reached the pod; `GET /bytes/<n>` answers `n` bytes of [`nodeward_tests::pattern`]
+//! instead (large downloads checked byte for byte); with `--jwks FILE` it also serves that file at
+//! `/jwks.json` (a JWKS server pod).
 //!
 //! Usage: `nw-pod-server ADDR [--jwks FILE]`; runs until killed.
 
@@ -54,8 +56,22 @@ async fn answer(
     if let (Some(jwks), "/jwks.json") = (jwks, req.uri().path()) {
         return Response::new(Full::new(jwks));
     }
+    if let Some(n) = req
+        .uri()
+        .path()
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        return Response::new(Full::new(Bytes::from(nodeward_tests::pattern(n))));
+    }
     let (parts, body) = req.into_parts();
-    let body_len = body.collect().await.map_or(0, |b| b.to_bytes().len());
+    let body = body
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .unwrap_or_default();
+    let body_len = body.len();
+    let body_fnv = nodeward_tests::fnv1a(&body);
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
@@ -71,6 +87,7 @@ async fn answer(
         "uri": parts.uri.to_string(),
         "headers": headers,
         "body_len": body_len,
+        "body_fnv": format!("{body_fnv:016x}"),
         "peer": peer.to_string(),
     });
     Response::new(Full::new(Bytes::from(seen.to_string())))
