@@ -184,6 +184,8 @@ pub struct JwtRule {
     pub issuer: String,
     #[serde(default)]
     pub audiences: Vec<String>,
+    /// Istio's CRD also accepts the proto's own spelling, `jwks_uri`.
+    #[serde(alias = "jwks_uri")]
     pub jwks_uri: Option<String>,
     /// Inline JWKS, as a JSON string.
     pub jwks: Option<String>,

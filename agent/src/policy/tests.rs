@@ -203,3 +203,26 @@ impl Drop for Cleanup {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+#[test]
+fn jwks_uri_is_read_in_both_spellings_istio_accepts_but_not_twice() {
+    for spelling in ["jwksUri", "jwks_uri"] {
+        let yaml = ra(&format!(
+            "{{jwtRules: [{{issuer: i, {spelling}: \"https://i.example/jwks\"}}]}}"
+        ));
+        let loaded = load_str(Path::new("p.yaml"), &yaml);
+        assert!(loaded.errors.is_empty(), "{spelling}: {:?}", loaded.errors);
+        assert_eq!(
+            loaded.request_authentications[0].spec.jwt_rules[0]
+                .jwks_uri
+                .as_deref(),
+            Some("https://i.example/jwks"),
+        );
+    }
+    let both = ra("{jwtRules: [{issuer: i, jwksUri: \"https://a/\", jwks_uri: \"https://b/\"}]}");
+    let found = errors(&both);
+    assert!(
+        found.iter().any(|e| e.contains("duplicate field")),
+        "{found:?}"
+    );
+}
