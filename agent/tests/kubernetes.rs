@@ -520,6 +520,18 @@ async fn watchers_follow_adds_updates_and_deletes() {
         "a deleted pod's address has no identity"
     );
 
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_objects_become_one_event_and_keep_the_last_valid_version() {
+    let api = ApiStandIn::start(&["v1", "v1beta1"]);
+    seed(&api);
+    let source = Source::start(&api);
+    source
+        .until("the initial lists", |s| !s.workloads.is_empty())
+        .await;
+
     // An invalid new object: reported once as an Event, skipped; the others still apply.
     api.apply(authz("foo", "broken", &json!({"action": "DENY"})));
     let snapshot = source

@@ -145,40 +145,8 @@ fn authz(name: &str, spec: &Value) -> Value {
     })
 }
 
-#[test]
-fn the_agent_follows_the_api_server() {
-    let api = ApiStandIn::start(&["v1", "v1beta1"]);
-    api.apply(pod("foo", "httpbin", "node-a", "10.244.1.7"));
-    api.apply(pod("foo", "sleep", "node-b", "10.244.2.5"));
-    api.apply(pod("foo", "intruder", "node-c", "10.244.3.5"));
-    api.apply(authz(
-        "allow-sleep",
-        &json!({"selector": {"matchLabels": {"app": "httpbin"}}, "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/foo/sa/sleep"]}}]}]}),
-    ));
-    api.apply(authz("broken", &json!({"action": "DENY"})));
-    // The policy lists fail at first: readiness names the watchers that are not synced.
-    api.fail_next(2);
-    let mut agent = Daemon::start(&api);
-    agent.wait_for("/healthz", |d| {
-        d.get("/healthz").is_some_and(|(s, _)| s == 200)
-    });
-    agent.wait_for("/readyz 200", |d| {
-        d.get("/readyz").is_some_and(|(s, _)| s == 200)
-    });
-    let (_, readyz) = agent.get("/readyz").expect("/readyz answers");
-    for watcher in [
-        "pods-on-node",
-        "pods",
-        "authorizationpolicies",
-        "requestauthentications",
-    ] {
-        assert!(
-            readyz.contains(&format!("[+]kubernetes-{watcher} synced, watching")),
-            "{readyz}"
-        );
-    }
-
-    let state = agent.state();
+/// `/debug/state`: this node's pod only, the valid policy, the invalid one as an error.
+fn assert_state(state: &Value) {
     let workloads: Vec<&str> = state["workloads"]
         .as_array()
         .expect("workloads")
@@ -212,6 +180,42 @@ fn the_agent_follows_the_api_server() {
         "{errors}"
     );
     assert_eq!(state["config"]["kubernetes"]["node_name"], "node-a");
+}
+
+#[test]
+fn the_agent_follows_the_api_server() {
+    let api = ApiStandIn::start(&["v1", "v1beta1"]);
+    api.apply(pod("foo", "httpbin", "node-a", "10.244.1.7"));
+    api.apply(pod("foo", "sleep", "node-b", "10.244.2.5"));
+    api.apply(pod("foo", "intruder", "node-c", "10.244.3.5"));
+    api.apply(authz(
+        "allow-sleep",
+        &json!({"selector": {"matchLabels": {"app": "httpbin"}}, "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/foo/sa/sleep"]}}]}]}),
+    ));
+    api.apply(authz("broken", &json!({"action": "DENY"})));
+    // The policy lists fail at first: readiness names the watchers that are not synced.
+    api.fail_next(2);
+    let mut agent = Daemon::start(&api);
+    agent.wait_for("/healthz", |d| {
+        d.get("/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    agent.wait_for("/readyz 200", |d| {
+        d.get("/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    let (_, readyz) = agent.get("/readyz").expect("/readyz answers");
+    for watcher in [
+        "pods-on-node",
+        "pods",
+        "authorizationpolicies",
+        "requestauthentications",
+    ] {
+        assert!(
+            readyz.contains(&format!("[+]kubernetes-{watcher} synced, watching")),
+            "{readyz}"
+        );
+    }
+
+    assert_state(&agent.state());
 
     // The running agent decides: sources on other nodes have identities from the API.
     for (source, expected) in [("10.244.2.5", 0), ("10.244.3.5", 1)] {
@@ -309,6 +313,14 @@ fn kubernetes_flags_are_checked() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("--kubernetes needs --node-name"),
+        "{stderr}"
+    );
+
+    let out = run(&["--datapath", "off"], &[("NODEWARD_KUBERNETES", "false")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--policies and --workloads are required without --kubernetes"),
         "{stderr}"
     );
 

@@ -205,6 +205,10 @@ pub enum RunError {
     /// The standalone configuration cannot be used at all.
     #[error("{0}")]
     Config(#[source] StartError),
+    /// Standalone mode without its inputs (clap cannot tell `NODEWARD_KUBERNETES=false` from
+    /// `--kubernetes` when it checks required flags).
+    #[error("--policies and --workloads are required without --kubernetes")]
+    MissingInputs,
     /// Kubernetes mode without `--node-name`.
     #[error("--kubernetes needs --node-name (or NODEWARD_NODE_NAME, or NODE_NAME from the Downward API: spec.nodeName)")]
     NodeName,
@@ -246,7 +250,7 @@ impl RunError {
     #[must_use]
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::NodeName | Self::Kubernetes(_) => 2,
+            Self::Config(_) | Self::MissingInputs | Self::NodeName | Self::Kubernetes(_) => 2,
             _ => 1,
         }
     }
@@ -485,13 +489,13 @@ fn start_state(
             source: Source::Kubernetes(source, health),
         });
     }
+    let Some(workloads) = args.workloads.clone().filter(|_| !args.policies.is_empty()) else {
+        return Err(RunError::MissingInputs);
+    };
     let config = StandaloneConfig {
         root_namespace: args.root_namespace.clone(),
         trust_domain: args.trust_domain.clone(),
-        ..StandaloneConfig::new(
-            args.policies.clone(),
-            args.workloads.clone().unwrap_or_default(),
-        )
+        ..StandaloneConfig::new(args.policies.clone(), workloads)
     };
     let standalone =
         Standalone::start(config, Arc::clone(&store), Arc::clone(&metrics), on_publish)
