@@ -266,6 +266,26 @@ fn the_agent_follows_the_api_server() {
     agent.wait_for("the deleted policy gone", |d| {
         d.state()["policies"].as_array().is_some_and(Vec::is_empty)
     });
+
+    // SIGTERM stops the watchers and exits 0.
+    let kill = Command::new("kill")
+        .args(["-TERM", &agent.child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(kill.success(), "kill -TERM failed");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().expect("waiting for the agent") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit within 15 s of SIGTERM; its log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "its log:\n{}", agent.log());
 }
 
 #[test]
