@@ -2,7 +2,7 @@
 //! at the node.
 //!
 //! Data path: datapath (eBPF loader) -> enforcer (proxy) -> authn (JWT) -> [`authz`] (policy)
-//! -> upstream. Sources of truth ([`policy`] files, later Kubernetes) feed one state store.
+//! -> upstream. Sources of truth ([`policy`] files, [`kubernetes`] watchers) feed one state store.
 //! [`admin`] serves health, readiness, metrics, state and checks off the data plane.
 
 pub mod admin;
@@ -11,6 +11,7 @@ pub mod authz;
 pub mod cli;
 pub mod datapath;
 pub mod enforcer;
+pub mod kubernetes;
 pub mod metrics;
 pub mod policy;
 pub mod state;

@@ -399,6 +399,7 @@ mod tests {
                 max_headers: 100,
                 header_read_timeout: "10s".into(),
                 detect_timeout: "5s".into(),
+                kubernetes: None,
             },
             normalization: Normalization::Base,
             datapath: None,

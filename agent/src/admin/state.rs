@@ -35,6 +35,17 @@ pub struct AgentConfig {
     pub max_headers: usize,
     pub header_read_timeout: String,
     pub detect_timeout: String,
+    /// Kubernetes mode (`--kubernetes`); `None` in standalone mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesInfo>,
+}
+
+/// The Kubernetes flags of `nodeward run --kubernetes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesInfo {
+    pub node_name: String,
+    /// `--kubeconfig`; `None`: inferred (KUBECONFIG, ~/.kube/config, in-cluster).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// The whole `/debug/state` document.

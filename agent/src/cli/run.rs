@@ -1,17 +1,19 @@
-//! `nodeward run`: the agent in standalone mode. Policies and the registry of pods come from
-//! files that are watched; the enforcer serves steered connections on a transparent listener;
-//! the admin server answers health, readiness, metrics, state and checks.
+//! `nodeward run`: the agent. Policies and the registry of pods come from files that are
+//! watched (standalone mode) or from the Kubernetes API (`--kubernetes`); the enforcer serves
+//! steered connections on a transparent listener; the admin server answers health, readiness,
+//! metrics, state and checks.
 //!
 //! Runtimes (ztunnel's rule: admin off the data plane):
 //!
 //! | thread / runtime | runs |
 //! | --- | --- |
-//! | data plane: multi-thread tokio (`nodeward-data`) | transparent listener, one task per connection; file watcher; JWKS refresh |
+//! | data plane: multi-thread tokio (`nodeward-data`) | transparent listener, one task per connection; file watcher or Kubernetes watchers; JWKS refresh |
 //! | admin: current-thread tokio on its own OS thread (`nodeward-admin`) | `/healthz`, `/readyz`, `/metrics`, `/debug/state`, `POST /check` |
 //!
 //! Startup order: metrics, state store and JWKS store (every published snapshot tells the
-//! JWKS store its sources), the standalone source (a configuration that cannot start exits 2),
-//! its watcher, the enforcer's listener (exit 1 when it cannot bind), the admin server.
+//! JWKS store its sources), the standalone source (a configuration that cannot start exits 2)
+//! or the Kubernetes client (no usable configuration exits 2; its first snapshot is published
+//! once every initial list is complete), its watcher, the enforcer's listener (exit 1 when it cannot bind), the admin server.
 //!
 //! Shutdown (SIGTERM or SIGINT): `/readyz` turns 503, the listener stops accepting, HTTP
 //! connections finish their in-flight requests (graceful shutdown) within `--drain-timeout`,
@@ -39,6 +41,7 @@ use crate::authz::path::Normalization;
 use crate::datapath::node::{DatapathMetrics, NodeDatapath};
 use crate::datapath::DatapathConfig;
 use crate::enforcer::{transparent_listener, Enforcer, EnforcerConfig, Limits};
+use crate::kubernetes::{self, Health, Kubernetes, KubernetesConfig, KubernetesMetrics};
 use crate::metrics::Metrics;
 use crate::state::standalone::{
     OnPublish, Standalone, StandaloneConfig, StartError, DEFAULT_ROOT_NAMESPACE,
@@ -91,14 +94,43 @@ pub struct RunArgs {
     #[arg(
         long = "policies",
         env = "NODEWARD_POLICIES",
-        required = true,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes",
         value_name = "DIR",
         value_delimiter = ','
     )]
     pub policies: Vec<PathBuf>,
     /// The registry of pods (`workloads:` list; see examples/workloads.yaml). Watched.
-    #[arg(long, env = "NODEWARD_WORKLOADS", value_name = "FILE")]
-    pub workloads: PathBuf,
+    #[arg(
+        long,
+        env = "NODEWARD_WORKLOADS",
+        value_name = "FILE",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub workloads: Option<PathBuf>,
+    /// Kubernetes mode: pods and policies come from the API server (watched) instead of
+    /// `--policies`/`--workloads`.
+    #[arg(long, env = "NODEWARD_KUBERNETES")]
+    pub kubernetes: bool,
+    /// This node's name, whose pods the agent protects (with `--kubernetes`; required). Also
+    /// read from `NODE_NAME` (the Downward API's usual name) when `NODEWARD_NODE_NAME` is unset.
+    #[arg(
+        long,
+        env = "NODEWARD_NODE_NAME",
+        value_name = "NAME",
+        requires = "kubernetes"
+    )]
+    pub node_name: Option<String>,
+    /// Kubeconfig file (with `--kubernetes`); without it: `KUBECONFIG`, `~/.kube/config`, then
+    /// the in-cluster service account.
+    #[arg(
+        long,
+        env = "NODEWARD_KUBECONFIG",
+        value_name = "FILE",
+        requires = "kubernetes"
+    )]
+    pub kubeconfig: Option<PathBuf>,
     /// Admin server address (/healthz, /readyz, /metrics, /debug/state, /check). It has no
     /// authentication: keep it on loopback.
     #[arg(
@@ -198,6 +230,16 @@ pub enum RunError {
     /// The standalone configuration cannot be used at all.
     #[error("{0}")]
     Config(#[source] StartError),
+    /// Standalone mode without its inputs (clap cannot tell `NODEWARD_KUBERNETES=false` from
+    /// `--kubernetes` when it checks required flags).
+    #[error("--policies and --workloads are required without --kubernetes")]
+    MissingInputs,
+    /// Kubernetes mode without `--node-name`.
+    #[error("--kubernetes needs --node-name (or NODEWARD_NODE_NAME, or NODE_NAME from the Downward API: spec.nodeName)")]
+    NodeName,
+    /// Kubernetes mode without a usable client configuration.
+    #[error("{0}")]
+    Kubernetes(#[source] kubernetes::ClientError),
     /// The enforcer's transparent listener could not be opened.
     #[error("cannot listen on {addr} (--listen): {source}{}", listen_hint(source))]
     Listen {
@@ -236,7 +278,11 @@ impl RunError {
     #[must_use]
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::FastPathWithoutDatapath => 2,
+            Self::Config(_)
+            | Self::FastPathWithoutDatapath
+            | Self::MissingInputs
+            | Self::NodeName
+            | Self::Kubernetes(_) => 2,
             _ => 1,
         }
     }
@@ -286,7 +332,15 @@ fn agent_config(args: &RunArgs) -> AgentConfig {
             .iter()
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
             .collect(),
-        workloads: std::path::absolute(&args.workloads).unwrap_or_else(|_| args.workloads.clone()),
+        workloads: args
+            .workloads
+            .as_ref()
+            .map(|w| std::path::absolute(w).unwrap_or_else(|_| w.clone()))
+            .unwrap_or_default(),
+        kubernetes: node_name(args).map(|node| crate::admin::state::KubernetesInfo {
+            node_name: node,
+            kubeconfig: args.kubeconfig.clone(),
+        }),
         path_normalization: name(args.path_normalization),
         drain_timeout: humantime::format_duration(args.drain_timeout).to_string(),
         max_header_bytes: args.max_header_bytes,
@@ -294,6 +348,17 @@ fn agent_config(args: &RunArgs) -> AgentConfig {
         header_read_timeout: humantime::format_duration(args.header_read_timeout).to_string(),
         detect_timeout: humantime::format_duration(args.detect_timeout).to_string(),
     }
+}
+
+/// `--node-name`, else `NODE_NAME`, in Kubernetes mode.
+fn node_name(args: &RunArgs) -> Option<String> {
+    if !args.kubernetes {
+        return None;
+    }
+    args.node_name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .filter(|n| !n.is_empty())
 }
 
 /// The readiness checks of the standalone agent: `config`, `jwks`, `listener`, `running`.
@@ -353,18 +418,34 @@ fn readiness_checks(
     (listening, stopping)
 }
 
-/// The state side of the agent: metrics, the state store fed by the standalone source, and
-/// the JWKS store fed by every published snapshot.
+/// Where the state comes from.
+enum Source {
+    Standalone(Standalone),
+    Kubernetes(Kubernetes, Arc<Health>),
+}
+
+impl Source {
+    /// Follows changes until `shutdown`.
+    async fn watch(self, shutdown: CancellationToken) {
+        match self {
+            Self::Standalone(standalone) => standalone.watch(shutdown).await,
+            Self::Kubernetes(kubernetes, _) => kubernetes.run(shutdown).await,
+        }
+    }
+}
+
+/// The state side of the agent: metrics, the state store fed by the source, and the JWKS
+/// store fed by every published snapshot.
 struct State {
     metrics: Arc<Metrics>,
     jwks: JwksStore,
     jwks_metrics: JwksMetrics,
     store: Arc<StateStore>,
-    standalone: Standalone,
+    source: Source,
 }
 
 /// Metrics first (every part registers or counts into them), then the stores, then the
-/// standalone source's first snapshot.
+/// standalone source's first snapshot (or the Kubernetes client).
 fn start_state(
     args: &RunArgs,
     handle: &tokio::runtime::Handle,
@@ -384,6 +465,12 @@ fn start_state(
     metrics
         .registry_mut()
         .register_collector(Box::new(jwks_metrics.clone()));
+    let health = args.kubernetes.then(|| Arc::new(Health::new()));
+    if let Some(health) = &health {
+        metrics
+            .registry_mut()
+            .register_collector(Box::new(KubernetesMetrics(Arc::clone(health))));
+    }
     let metrics = Arc::new(metrics);
 
     // Every published snapshot tells the JWKS store its sources. The hook runs on the thread
@@ -406,10 +493,41 @@ fn start_state(
             }
         })
     };
+    if let Some(health) = health {
+        let node_name = node_name(args).ok_or(RunError::NodeName)?;
+        let client = handle
+            .block_on(kubernetes::client(args.kubeconfig.as_deref()))
+            .map_err(RunError::Kubernetes)?;
+        info!(node = %node_name, "Kubernetes mode: waiting for the initial lists of pods and policies");
+        let config = KubernetesConfig {
+            node_name,
+            root_namespace: args.root_namespace.clone(),
+            trust_domain: args.trust_domain.clone(),
+            debounce: kubernetes::source::DEFAULT_DEBOUNCE,
+        };
+        let source = Kubernetes::new(
+            client,
+            config,
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            Arc::clone(&health),
+            on_publish,
+        );
+        return Ok(State {
+            metrics,
+            jwks,
+            jwks_metrics,
+            store,
+            source: Source::Kubernetes(source, health),
+        });
+    }
+    let Some(workloads) = args.workloads.clone().filter(|_| !args.policies.is_empty()) else {
+        return Err(RunError::MissingInputs);
+    };
     let config = StandaloneConfig {
         root_namespace: args.root_namespace.clone(),
         trust_domain: args.trust_domain.clone(),
-        ..StandaloneConfig::new(args.policies.clone(), args.workloads.clone())
+        ..StandaloneConfig::new(args.policies.clone(), workloads)
     };
     let standalone =
         Standalone::start(config, Arc::clone(&store), Arc::clone(&metrics), on_publish)
@@ -427,7 +545,7 @@ fn start_state(
         jwks,
         jwks_metrics,
         store,
-        standalone,
+        source: Source::Standalone(standalone),
     })
 }
 
@@ -565,6 +683,9 @@ fn run_agent(args: &RunArgs) -> Result<(), RunError> {
     };
     let readiness = Arc::new(Readiness::new());
     let (listening, stopping) = readiness_checks(&readiness, &state.store, &state.jwks);
+    if let Source::Kubernetes(_, health) = &state.source {
+        health.add_checks(&readiness);
+    }
     if let Some(datapath) = &datapath {
         let datapath = Arc::clone(datapath);
         readiness.add_check("datapath", move || {
@@ -577,7 +698,7 @@ fn run_agent(args: &RunArgs) -> Result<(), RunError> {
     }
 
     let shutdown = CancellationToken::new();
-    let watcher = runtime.spawn(state.standalone.watch(shutdown.clone()));
+    let watcher = runtime.spawn(state.source.watch(shutdown.clone()));
     if let Some(datapath) = &datapath {
         runtime.spawn(follow_interfaces(
             Arc::clone(datapath),

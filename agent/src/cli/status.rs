@@ -276,13 +276,17 @@ pub fn render(status: &Status) -> String {
         c.trust_domain,
         c.path_normalization
     );
-    let policies: Vec<String> = c.policies.iter().map(|p| p.display().to_string()).collect();
-    let _ = writeln!(
-        out,
-        "           policies {}; workloads {}",
-        policies.join(", "),
-        c.workloads.display()
-    );
+    if let Some(k) = &c.kubernetes {
+        let _ = writeln!(out, "           Kubernetes mode, node {}", k.node_name);
+    } else {
+        let policies: Vec<String> = c.policies.iter().map(|p| p.display().to_string()).collect();
+        let _ = writeln!(
+            out,
+            "           policies {}; workloads {}",
+            policies.join(", "),
+            c.workloads.display()
+        );
+    }
     if s.errors.is_empty() {
         let _ = writeln!(out, "errors:    none");
     } else {

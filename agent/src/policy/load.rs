@@ -17,7 +17,8 @@ pub const GROUP: &str = "security.istio.io";
 /// The versions read; `v1` and `v1beta1` share one schema.
 pub const VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
-/// Where an object came from: a file and its 1-based document number.
+/// Where an object came from: a file and its 1-based document number, or (document 0) a
+/// source that is not a file, such as `kubernetes:security.istio.io/v1`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Origin {
     pub file: PathBuf,
@@ -26,6 +27,9 @@ pub struct Origin {
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.document == 0 {
+            return write!(f, "{}", self.file.display());
+        }
         write!(f, "{} (document {})", self.file.display(), self.document)
     }
 }
@@ -212,6 +216,15 @@ pub fn load_str(file: &Path, text: &str) -> Loaded {
             }
         }
     }
+    out
+}
+
+/// Reads one object already parsed (an object from the Kubernetes API, as YAML value): the
+/// same schema and validation as a document of a file.
+#[must_use]
+pub fn load_object(origin: Origin, value: serde_yaml::Value) -> Loaded {
+    let mut out = Loaded::default();
+    load_value(origin, value, &mut out);
     out
 }
 

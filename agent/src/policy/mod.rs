@@ -9,7 +9,7 @@ pub mod scope;
 pub mod validate;
 
 pub use load::{
-    load_paths, load_str, AuthorizationPolicy, LoadError, Loaded, Object, Origin,
+    load_object, load_paths, load_str, AuthorizationPolicy, LoadError, Loaded, Object, Origin,
     RequestAuthentication,
 };
 pub use validate::Action;

@@ -1,8 +1,9 @@
 //! The state store: one immutable [`Snapshot`] of everything the enforcer reads (workloads,
 //! compiled policies, per-workload views), swapped atomically on every change. Sources of
-//! truth (standalone files in [`standalone`], Kubernetes later) build snapshots; readers never
-//! lock.
+//! truth (standalone files in [`standalone`], the Kubernetes API in [`crate::kubernetes`]) build
+//! snapshots through one [`publish::Publisher`]; readers never lock.
 
+pub mod publish;
 pub mod standalone;
 pub mod workloads;
 
@@ -46,6 +47,16 @@ pub struct SourceIdentity {
     pub principal: String,
 }
 
+/// A pod known only as a source of traffic (in Kubernetes mode, every pod of the cluster): its
+/// address gives its traffic a namespace and a service account.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodIdentity {
+    pub ip: IpAddr,
+    pub namespace: String,
+    /// The service account's name (without the namespace).
+    pub service_account: String,
+}
+
 /// One consistent view of the node's configuration.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -59,8 +70,9 @@ pub struct Snapshot {
     pub authn: AuthnSet,
     /// Destination views by workload IP.
     pub by_ip: HashMap<IpAddr, Arc<WorkloadView>>,
-    /// Source identities by workload IP (every known workload, local or not).
-    pub sources: HashMap<IpAddr, SourceIdentity>,
+    /// Source identities by workload IP (every known workload, local or not, and every pod
+    /// known only as a source); one shared identity per namespace and service account.
+    pub sources: HashMap<IpAddr, Arc<SourceIdentity>>,
     /// Problems with the inputs right now (the last good content of each bad file serves).
     pub errors: Vec<String>,
 }
@@ -77,8 +89,38 @@ impl Snapshot {
         authentication: AuthnSet,
         errors: Vec<String>,
     ) -> Self {
-        let mut by_ip = HashMap::new();
-        let mut sources = HashMap::new();
+        Self::build_with_peers(
+            generation,
+            trust_domain,
+            root_namespace,
+            workloads,
+            &[],
+            authorization,
+            authentication,
+            errors,
+        )
+    }
+
+    /// [`Snapshot::build`] with pods known only as sources (`peers`). `workloads` are the
+    /// destinations (views are computed for them only); both give source identity, a workload
+    /// winning over a peer with the same address.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "every part of a snapshot, named at the call site"
+    )]
+    #[must_use]
+    pub fn build_with_peers(
+        generation: u64,
+        trust_domain: &str,
+        root_namespace: &str,
+        workloads: Vec<Arc<Workload>>,
+        peers: &[PodIdentity],
+        authorization: PolicySet,
+        authentication: AuthnSet,
+        errors: Vec<String>,
+    ) -> Self {
+        let sources = source_identities(trust_domain, &workloads, peers);
+        let mut by_ip = HashMap::with_capacity(workloads.len());
         for w in &workloads {
             let view = WorkloadView {
                 workload: w.clone(),
@@ -87,17 +129,6 @@ impl Snapshot {
                 authn: authentication.for_workload(&w.namespace, &w.labels),
             };
             by_ip.insert(w.ip, Arc::new(view));
-            sources.insert(
-                w.ip,
-                SourceIdentity {
-                    namespace: w.namespace.clone(),
-                    service_account: format!("{}/{}", w.namespace, w.service_account),
-                    principal: format!(
-                        "{trust_domain}/ns/{}/sa/{}",
-                        w.namespace, w.service_account
-                    ),
-                },
-            );
         }
         Self {
             generation,
@@ -136,7 +167,7 @@ impl Snapshot {
     /// The identity of a source address, when it is a known workload.
     #[must_use]
     pub fn source(&self, ip: IpAddr) -> Option<&SourceIdentity> {
-        self.sources.get(&normalize_ip(ip))
+        self.sources.get(&normalize_ip(ip)).map(AsRef::as_ref)
     }
 
     /// The authorization view of a connection's peer: its address (also the remote address: no
@@ -158,6 +189,41 @@ impl Snapshot {
     pub fn labels_of(&self, ip: IpAddr) -> Option<&BTreeMap<String, String>> {
         self.destination(ip).map(|v| &v.workload.labels)
     }
+}
+
+/// Every known address's identity; one shared [`SourceIdentity`] per namespace and service
+/// account (10,000 pods of a few hundred service accounts share a few hundred).
+fn source_identities(
+    trust_domain: &str,
+    workloads: &[Arc<Workload>],
+    peers: &[PodIdentity],
+) -> HashMap<IpAddr, Arc<SourceIdentity>> {
+    let mut sources = HashMap::with_capacity(workloads.len() + peers.len());
+    let mut identities: HashMap<(&str, &str), Arc<SourceIdentity>> = HashMap::new();
+    let peers = peers.iter().map(|p| {
+        (
+            normalize_ip(p.ip),
+            p.namespace.as_str(),
+            p.service_account.as_str(),
+        )
+    });
+    let workloads = workloads
+        .iter()
+        .map(|w| (w.ip, w.namespace.as_str(), w.service_account.as_str()));
+    // Workloads last: they win over a peer with the same address.
+    for (ip, namespace, service_account) in peers.chain(workloads) {
+        let identity = identities
+            .entry((namespace, service_account))
+            .or_insert_with(|| {
+                Arc::new(SourceIdentity {
+                    namespace: namespace.to_owned(),
+                    service_account: format!("{namespace}/{service_account}"),
+                    principal: format!("{trust_domain}/ns/{namespace}/sa/{service_account}"),
+                })
+            });
+        sources.insert(ip, Arc::clone(identity));
+    }
+    sources
 }
 
 /// IPv4-mapped IPv6 addresses (from dual-stack sockets) as IPv4.

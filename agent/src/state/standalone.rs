@@ -1,7 +1,7 @@
 //! The standalone source of truth: `nodeward run --policies DIR... --workloads FILE`.
 //!
 //! [`Standalone`] reads the policy files and the workloads file, compiles them into a
-//! [`Snapshot`] and publishes it in the [`StateStore`]; [`Standalone::watch`] then follows
+//! [`Snapshot`](super::Snapshot) and publishes it in the [`StateStore`]; [`Standalone::watch`] then follows
 //! changes (inotify through `notify`, debounced, plus a slow periodic rescan in case an event
 //! is missed) and publishes a new snapshot whenever what is in force changes.
 //!
@@ -29,7 +29,7 @@
 //!   temporary file and renaming it over the target avoids the question altogether.
 //!
 //! Every error is logged at `warn` (with file, object and field) when something changed, and
-//! is in [`Snapshot::errors`] and the `nodeward_config_errors` gauge while it lasts.
+//! is in [`Snapshot::errors`](super::Snapshot::errors) and the `nodeward_config_errors` gauge while it lasts.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
@@ -46,13 +46,13 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::publish::{Inputs, Publisher};
+pub use super::publish::{OnPublish, ReloadOutcome};
 use super::workloads::{
     load_workloads, Workload, WorkloadError, WorkloadsFileError, WorkloadsLoad,
 };
-use super::{Snapshot, StateStore};
-use crate::authn::AuthnSet;
-use crate::authz::PolicySet;
-use crate::metrics::{Metrics, ResultLabels};
+use super::StateStore;
+use crate::metrics::Metrics;
 use crate::policy::{load_str, AuthorizationPolicy, LoadError, RequestAuthentication};
 
 /// Quiet time after the last file event before a reload (editors write a temp file and
@@ -98,11 +98,6 @@ impl StandaloneConfig {
     }
 }
 
-/// Called with every snapshot published (the runner tells the JWKS store the key sources).
-/// It runs on the thread that reloaded (a blocking-pool thread under [`Standalone::watch`])
-/// while the source is locked: keep it short, and do not call back into the source.
-pub type OnPublish = Arc<dyn Fn(&Arc<Snapshot>) + Send + Sync>;
-
 /// Why the standalone source cannot start; the daemon should refuse to run.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -118,17 +113,6 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
-}
-
-/// The result of one reload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReloadOutcome {
-    /// The generation in force after the reload.
-    pub generation: u64,
-    /// A new snapshot was published (something in force, or the list of errors, changed).
-    pub published: bool,
-    /// The problems found, as in [`Snapshot::errors`].
-    pub errors: Vec<String>,
 }
 
 /// What started a reload.
@@ -150,27 +134,14 @@ struct FileContent {
     authn: Vec<RequestAuthentication>,
 }
 
-/// Everything a snapshot is built from; equal inputs give an equal snapshot.
-#[derive(Debug, PartialEq)]
-struct Inputs {
-    authz: Vec<AuthorizationPolicy>,
-    authn: Vec<RequestAuthentication>,
-    workloads: Vec<Workload>,
-    errors: Vec<String>,
-}
-
 /// The standalone source: the content in force of every file, and the store it publishes to.
 pub struct Standalone {
     config: StandaloneConfig,
-    store: Arc<StateStore>,
-    metrics: Arc<Metrics>,
-    on_publish: OnPublish,
+    publisher: Publisher,
     /// Policy files seen, with the content in force (last good, or first seen).
     files: BTreeMap<PathBuf, FileContent>,
     /// The registry in force.
     workloads: Vec<Workload>,
-    /// What the snapshot this source published last was built from.
-    published: Option<Inputs>,
 }
 
 impl fmt::Debug for Standalone {
@@ -209,14 +180,18 @@ impl Standalone {
             let (path, source) = scan.failed.swap_remove(at);
             return Err(StartError::Policies { path, source });
         }
-        let mut this = Self {
-            config,
+        let publisher = Publisher::new(
             store,
             metrics,
             on_publish,
+            &config.trust_domain,
+            &config.root_namespace,
+        );
+        let mut this = Self {
+            config,
+            publisher,
             files: BTreeMap::new(),
             workloads: Vec::new(),
-            published: None,
         };
         this.reload_from(Trigger::Start, scan, Ok(registry));
         Ok(this)
@@ -343,77 +318,20 @@ impl Standalone {
                 .flat_map(|c| c.authn.iter().cloned())
                 .collect(),
             workloads: self.workloads.clone(),
+            peers: Vec::new(),
             errors: issues.iter().map(Issue::message).collect(),
         };
-        let changed = self.published.as_ref() != Some(&inputs);
-        let current = self.store.load().generation;
-        if trigger == Trigger::Rescan && !changed {
-            return ReloadOutcome {
-                generation: current,
-                published: false,
-                errors: inputs.errors,
-            };
-        }
-
-        let result = if issues.is_empty() { "ok" } else { "error" };
-        self.metrics
-            .reloads
-            .get_or_create(&ResultLabels { result })
-            .inc();
-        self.metrics
-            .config_errors
-            .set(i64::try_from(issues.len()).unwrap_or(i64::MAX));
-        if !changed {
-            info!(
-                generation = current,
-                errors = issues.len(),
-                ?trigger,
-                "configuration reloaded: nothing changed"
-            );
-            return ReloadOutcome {
-                generation: current,
-                published: false,
-                errors: inputs.errors,
-            };
-        }
-        for file in &removed {
-            info!(file = %file.display(), "policy file removed: its objects no longer apply");
-        }
-        for issue in &issues {
-            issue.log();
-        }
-
-        let generation = current + 1;
-        let root = &self.config.root_namespace;
-        let snapshot = Snapshot::build(
-            generation,
-            &self.config.trust_domain,
-            root,
-            inputs.workloads.iter().cloned().map(Arc::new).collect(),
-            PolicySet::compile(&inputs.authz, root),
-            AuthnSet::compile(&inputs.authn, root),
-            inputs.errors.clone(),
-        );
-        self.store.publish(snapshot);
-        info!(
-            generation,
-            workloads = inputs.workloads.len(),
-            authorization_policies = inputs.authz.len(),
-            request_authentications = inputs.authn.len(),
-            policy_files = self.files.len(),
-            errors = issues.len(),
-            ?trigger,
-            "configuration published"
-        );
-        let published = self.store.load();
-        (self.on_publish)(&published);
-        let errors = inputs.errors.clone();
-        self.published = Some(inputs);
-        ReloadOutcome {
-            generation: published.generation,
-            published: true,
-            errors,
-        }
+        let files = self.files.len();
+        self.publisher
+            .offer(inputs, trigger == Trigger::Rescan, &trigger, || {
+                for file in &removed {
+                    info!(file = %file.display(), "policy file removed: its objects no longer apply");
+                }
+                for issue in &issues {
+                    issue.log();
+                }
+                debug!(policy_files = files, "policy files in force");
+            })
     }
 
     /// Brings every policy file's content in force up to date; returns the files dropped.
@@ -554,7 +472,7 @@ const FILE_KEPT: &str =
 const FILE_NEW: &str = " (left out; the file's other objects apply)";
 
 impl Issue {
-    /// The operator's sentence, as it appears in [`Snapshot::errors`].
+    /// The operator's sentence, as it appears in [`Snapshot::errors`](super::Snapshot::errors).
     fn message(&self) -> String {
         match self {
             Self::PolicyPath { path, source } => format!(
