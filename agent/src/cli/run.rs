@@ -165,15 +165,11 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_FAST_PATH", value_enum, default_value_t = FastPathMode::Off)]
     pub fast_path: FastPathMode,
     /// The cgroup v2 directory the fast path's `sock_ops` program is attached to (sockets of
-    /// processes in it and below are considered; only those of protected endpoints join). The
-    /// default is the cgroup v2 root, as Cilium does.
-    #[arg(
-        long,
-        env = "NODEWARD_CGROUP",
-        default_value = "/sys/fs/cgroup",
-        value_name = "DIR"
-    )]
-    pub cgroup: PathBuf,
+    /// processes in it and below are considered; only those of protected endpoints join).
+    /// Default: the cgroup v2 root, as Cilium does: /sys/fs/cgroup, or on a hybrid hierarchy
+    /// where the `cgroup2` file system is mounted (often /sys/fs/cgroup/unified).
+    #[arg(long, env = "NODEWARD_CGROUP", value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
     /// Where the data path pins its programs and maps on the BPF filesystem (a restarted agent
     /// takes them over from there).
     #[arg(
@@ -558,7 +554,11 @@ fn datapath_config(args: &RunArgs) -> DatapathConfig {
             FailureMode::Open => crate::datapath::FailureMode::Open,
         },
         fast_path: match args.fast_path {
-            FastPathMode::On => Some(args.cgroup.clone()),
+            FastPathMode::On => Some(
+                args.cgroup
+                    .clone()
+                    .unwrap_or_else(crate::datapath::cgroup2_root),
+            ),
             FastPathMode::Off => None,
         },
         ..DatapathConfig::default()

@@ -56,6 +56,33 @@ pub struct FastPath {
     msg: ManuallyDrop<SkMsgLink>,
 }
 
+/// The root of the cgroup v2 hierarchy: /sys/fs/cgroup when it is a cgroup2 file system
+/// (unified hierarchy, every current distribution and Kubernetes node), else the first
+/// `cgroup2` mount in /proc/self/mountinfo (hybrid hierarchy: /sys/fs/cgroup/unified). When
+/// neither exists, /sys/fs/cgroup, which [`check_cgroup`] then refuses with the fix.
+#[must_use]
+pub fn cgroup2_root() -> PathBuf {
+    let unified = PathBuf::from("/sys/fs/cgroup");
+    if check_cgroup(&unified).is_ok() {
+        return unified;
+    }
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|text| cgroup2_mount(&text))
+        .unwrap_or(unified)
+}
+
+/// The mount point of the first `cgroup2` file system in a mountinfo text.
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // `id parent major:minor root mount-point options [optional...] - fstype source ...`
+        let (before, after) = line.split_once(" - ")?;
+        (after.split_whitespace().next()? == "cgroup2")
+            .then(|| before.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
 /// Whether `path` is a cgroup v2 directory.
 pub fn check_cgroup(path: &Path) -> Result<(), DatapathError> {
     let not_cgroup2 = |found: String| DatapathError::NotCgroup2 {
@@ -272,6 +299,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cgroup2_root_is_found_in_unified_and_hybrid_mount_tables() {
+        let hybrid = "25 1 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                      26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw\n\
+                      27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(cgroup2_mount("31 1 0:27 / /proc rw - proc proc rw\n"), None);
+        // On this machine, whatever its layout, the answer is a cgroup v2 directory.
+        check_cgroup(&cgroup2_root()).expect("the machine's cgroup v2 root");
+    }
 
     #[test]
     fn a_directory_that_is_not_cgroup2_is_refused_with_the_flag_to_fix_it() {

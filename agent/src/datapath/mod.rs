@@ -64,8 +64,8 @@ pub use self::config::{DatapathConfig, FailureMode, UnknownFailureMode};
 pub use self::counters::Counters;
 pub use self::error::DatapathError;
 pub use self::fastpath::{
-    check_cgroup, FAST_PATH_SOCKETS_MAP, MSG_PROGRAM as FAST_PATH_MSG_PROGRAM, NODE_NETNS_MAP,
-    SOCKOPS_PROGRAM as FAST_PATH_SOCKOPS_PROGRAM,
+    cgroup2_root, check_cgroup, FAST_PATH_SOCKETS_MAP, MSG_PROGRAM as FAST_PATH_MSG_PROGRAM,
+    NODE_NETNS_MAP, SOCKOPS_PROGRAM as FAST_PATH_SOCKOPS_PROGRAM,
 };
 pub use self::object::{CONFIG_MAP, COUNTERS_MAP, PROTECTED_ENDPOINTS_MAP};
 use self::{
