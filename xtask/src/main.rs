@@ -8,6 +8,7 @@
 //! - `cargo xtask demo`: setup, build, then the README's main job: Istio's reference scenarios
 //!   decided by nodeward.
 
+mod bench;
 mod demo;
 mod setup;
 mod system;
@@ -31,6 +32,9 @@ enum Command {
     Test,
     /// Run setup, build, and show Istio's reference scenarios decided by nodeward.
     Demo,
+    /// Run the benchmark (as root): direct, nodeward and HAProxy side by side; writes
+    /// target/bench/bench.{md,json}.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -38,5 +42,6 @@ fn main() -> Result<()> {
         Command::Setup => setup::run(),
         Command::Test => test::run(),
         Command::Demo => demo::run(),
+        Command::Bench(args) => bench::run(&args),
     }
 }
