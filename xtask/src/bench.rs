@@ -36,7 +36,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
 use nodeward_tests::netns::{Pod, TestNode, NODE_ADDR};
 use serde_json::{json, Value};
 
@@ -45,7 +48,10 @@ use crate::{setup, system};
 /// Debian packages the bench needs (not the test suite's: they stay out of `setup`).
 const PACKAGES: [(&str, &str); 4] = [
     ("nginx-light", "the server pod's HTTP server"),
-    ("haproxy", "row 4: the JWT-checking proxy a user would otherwise deploy"),
+    (
+        "haproxy",
+        "row 4: the JWT-checking proxy a user would otherwise deploy",
+    ),
     ("wrk", "the client pod's load generator"),
     ("openssl", "the public key HAProxy verifies with"),
 ];
@@ -190,8 +196,8 @@ pub fn run(args: &Args) -> Result<()> {
     setup::run()?;
     setup::debian_packages("bench packages", &PACKAGES)?;
     let root = workspace_root()?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let nodeward = if let Some(agent) = &args.agent {
         ensure!(agent.is_file(), "--agent {}: no such file", agent.display());
         fs::canonicalize(agent)?
@@ -316,7 +322,12 @@ impl<'a> Bench<'a> {
         node.spawn_logged(
             &server.netns,
             &nginx,
-            &["-c", path_str(&conf)?, "-e", path_str(&dir.0.join("nginx.err"))?],
+            &[
+                "-c",
+                path_str(&conf)?,
+                "-e",
+                path_str(&dir.0.join("nginx.err"))?,
+            ],
             &dir.0.join("nginx.log"),
         );
         let bench = Self {
@@ -345,9 +356,11 @@ impl<'a> Bench<'a> {
         let kid = jwks["keys"][0]["kid"]
             .as_str()
             .context("testdata/istio-samples/jwks.json has no kid")?;
+        // The agent watches its inputs' directories: nothing else is written there (a log
+        // file next to them would wake its watcher on every line).
         for (dir, app) in [
-            ("policies-enforce", "bench-server"),
-            ("policies-unprotected", "not-on-this-node"),
+            ("inputs/policies-enforce", "bench-server"),
+            ("inputs/policies-unprotected", "not-on-this-node"),
         ] {
             fs::create_dir_all(self.path(dir))?;
             fs::write(
@@ -355,12 +368,14 @@ impl<'a> Bench<'a> {
                 policies_yaml(app, &serde_json::to_string(&jwks)?),
             )?;
         }
-        fs::write(self.path("workloads.yaml"), self.workloads_yaml())?;
+        fs::write(self.path("inputs/workloads.yaml"), self.workloads_yaml())?;
 
-        println!("==> minting RS256 tokens with Istio's sample key (testdata/istio-samples/key.pem)");
+        println!(
+            "==> minting RS256 tokens with Istio's sample key (testdata/istio-samples/key.pem)"
+        );
         let started = Instant::now();
-        let key = EncodingKey::from_rsa_pem(&fs::read(istio.join("key.pem"))?)?;
-        let same = mint(&key, kid, "same", 0..1)?;
+        let key = Signer::new(&fs::read_to_string(istio.join("key.pem"))?, kid)?;
+        let same = mint(&key, "same", 0..1)?;
         fs::write(self.path("token-same"), &same[0])?;
         if self.runs_row("enforced-cold") {
             let paced = usize::try_from(u64::from(self.args.rate) * self.args.duration * 12 / 10)?;
@@ -372,7 +387,7 @@ impl<'a> Bench<'a> {
             ];
             let mut next = 0;
             for (file, count) in batches {
-                let tokens = mint_parallel(&key, kid, file, next..next + count)?;
+                let tokens = mint_parallel(&key, file, next..next + count)?;
                 next += count;
                 fs::write(self.path(file), tokens.join("\n") + "\n")?;
             }
@@ -447,7 +462,12 @@ impl<'a> Bench<'a> {
 
     fn run_row(&mut self, row: &Row) -> Result<RowResult> {
         let (pid, url, agent_args, process) = match &row.proxy {
-            Proxy::None => (None, format!("http://{}:{PORT}/", self.server.ip), vec![], "-"),
+            Proxy::None => (
+                None,
+                format!("http://{}:{PORT}/", self.server.ip),
+                vec![],
+                "-",
+            ),
             Proxy::Agent(agent) => {
                 let (pid, args) = self.start_agent(row.key, agent)?;
                 (
@@ -491,13 +511,27 @@ impl<'a> Bench<'a> {
             Tokens::Same => None,
             Tokens::Distinct => Some(format!("tokens-{phase}")),
         };
-        let warm = self.wrk(row.key, "warmup", url, Load::Closed, self.args.warmup, tokens("warmup"))?;
+        let warm = self.wrk(
+            row.key,
+            "warmup",
+            url,
+            Load::Closed,
+            self.args.warmup,
+            tokens("warmup"),
+        )?;
         println!("    warm-up: {:.0} req/s", warm.rate);
         let perf = match (self.args.perf, pid) {
             (true, Some(pid)) => Some(self.start_perf(row.key, pid)),
             _ => None,
         };
-        let closed = self.wrk(row.key, "closed", url, Load::Closed, self.args.duration, tokens("closed"));
+        let closed = self.wrk(
+            row.key,
+            "closed",
+            url,
+            Load::Closed,
+            self.args.duration,
+            tokens("closed"),
+        );
         if let Some(perf) = perf {
             let _ = self.node.terminate(perf, Duration::from_secs(30));
         }
@@ -507,11 +541,18 @@ impl<'a> Bench<'a> {
             self.args.connections, closed.rate, closed.p50_us, closed.p99_us, closed.requests
         );
         let cpu_before = pid.map(cpu_seconds).transpose()?;
-        let paced = self.wrk(row.key, "paced", url, Load::Paced, self.args.duration, tokens("paced"))?;
+        let paced = self.wrk(
+            row.key,
+            "paced",
+            url,
+            Load::Paced,
+            self.args.duration,
+            tokens("paced"),
+        )?;
         let cpu_after = pid.map(cpu_seconds).transpose()?;
         let cpu_per_1k = cpu_before
             .zip(cpu_after)
-            .map(|(b, a)| (a - b) / (paced.requests as f64 / 1000.0));
+            .map(|(b, a)| (a - b) / (float(paced.requests) / 1000.0));
         let rss_kib = pid.map(rss_kib).transpose()?;
         println!(
             "    fixed rate: {:.0} req/s, p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs{}{}",
@@ -519,8 +560,13 @@ impl<'a> Bench<'a> {
             paced.p50_us,
             paced.p90_us,
             paced.p99_us,
-            cpu_per_1k.map_or(String::new(), |c| format!(", {process} CPU {c:.4} s per 1,000 requests")),
-            rss_kib.map_or(String::new(), |(hwm, _)| format!(", peak RSS {:.1} MB", hwm as f64 / 1024.0)),
+            cpu_per_1k.map_or(String::new(), |c| format!(
+                ", {process} CPU {c:.4} s per 1,000 requests"
+            )),
+            rss_kib.map_or(String::new(), |(hwm, _)| format!(
+                ", peak RSS {:.1} MB",
+                float(hwm) / 1024.0
+            )),
         );
         Ok(RowResult {
             key: row.key,
@@ -536,21 +582,21 @@ impl<'a> Bench<'a> {
 
     fn start_agent(&mut self, key: &str, agent: &AgentRow) -> Result<(u32, Vec<String>)> {
         let policies = self.path(match agent.policies {
-            Policies::Enforce => "policies-enforce",
-            Policies::Unprotected => "policies-unprotected",
+            Policies::Enforce => "inputs/policies-enforce",
+            Policies::Unprotected => "inputs/policies-unprotected",
         });
-        let mut args: Vec<String> = vec![
+        let mut command: Vec<String> = vec![
             "run".into(),
             "--policies".into(),
             path_str(&policies)?.to_owned(),
             "--workloads".into(),
-            path_str(&self.path("workloads.yaml"))?.to_owned(),
+            path_str(&self.path("inputs/workloads.yaml"))?.to_owned(),
             "--bpf-pin-dir".into(),
             PIN_DIR.into(),
         ];
-        args.extend(agent.extra_args.iter().map(|&a| a.to_owned()));
-        println!("    nodeward {}", args.join(" "));
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        command.extend(agent.extra_args.iter().map(|&a| a.to_owned()));
+        println!("    nodeward {}", command.join(" "));
+        let argv: Vec<&str> = command.iter().map(String::as_str).collect();
         let node_ns = self.node.netns.clone();
         let log = self.path(&format!("agent-{key}.log"));
         let pid = self
@@ -558,7 +604,10 @@ impl<'a> Bench<'a> {
             .spawn_logged(&node_ns, &self.nodeward, &argv, &log);
         self.wait_ready(&log)?;
         // What the table shows: the row's own arguments, not the temp paths.
-        Ok((pid, agent.extra_args.iter().map(|&a| a.to_owned()).collect()))
+        Ok((
+            pid,
+            agent.extra_args.iter().map(|&a| a.to_owned()).collect(),
+        ))
     }
 
     fn start_haproxy(&mut self) -> Result<u32> {
@@ -630,7 +679,11 @@ impl<'a> Bench<'a> {
             let no_group = fs::read_to_string(self.root.join("testdata/istio-samples/demo.jwt"))?;
             for (token, expected, what) in [
                 (None, 403, "no token"),
-                (Some(no_group.trim()), 403, "a token without groups: [group1]"),
+                (
+                    Some(no_group.trim()),
+                    403,
+                    "a token without groups: [group1]",
+                ),
                 (Some("garbage"), 401, "a garbage token"),
             ] {
                 let (status, _) = self.curl(url, token);
@@ -654,13 +707,7 @@ impl<'a> Bench<'a> {
         self.node.curl(&self.client.netns, "GET", url, &headers)
     }
 
-    fn wait_status(
-        &self,
-        url: &str,
-        token: Option<&str>,
-        expected: u16,
-        what: &str,
-    ) -> Result<()> {
+    fn wait_status(&self, url: &str, token: Option<&str>, expected: u16, what: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut last = (0, String::new());
         while Instant::now() < deadline {
@@ -688,9 +735,12 @@ impl<'a> Bench<'a> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             check_interrupted()?;
-            let (status, _) =
-                self.node
-                    .curl(&self.node.netns, "GET", "http://127.0.0.1:15000/readyz", &[]);
+            let (status, _) = self.node.curl(
+                &self.node.netns,
+                "GET",
+                "http://127.0.0.1:15000/readyz",
+                &[],
+            );
             if status == 200 {
                 return Ok(());
             }
@@ -781,7 +831,7 @@ impl<'a> Bench<'a> {
         }
         let seconds = num("/duration_us") / 1e6;
         Ok(Run {
-            requests: requests as u64,
+            requests: count(requests),
             seconds,
             rate: requests / seconds,
             p50_us: num("/latency_us/p50"),
@@ -873,14 +923,18 @@ fn policies_yaml(app: &str, jwks: &str) -> String {
 /// HAProxy doing what the agent does in row 3: a Bearer token is required to pass the ALLOW
 /// policy (403 without, like Istio), RS256 signature with the issuer's key, issuer, `exp`
 /// (HAProxy has no skew setting), principal iss/sub and `group1` among the first four entries
-/// of `groups` (HAProxy 2.6's json_query returns scalars only, so an array is read by index).
+/// of `groups` (HAProxy 2.6's `json_query` returns scalars only, so an array is read by index).
 /// Two threads, like the agent's two data-plane workers on this machine; upstream connections
 /// are reused (`http-reuse always`), like the agent's pool.
 fn haproxy_cfg(public_key: &Path, server: &Pod) -> Result<String> {
     let key = path_str(public_key)?;
-    let groups: String = (0..4)
-        .map(|i| format!("  acl in_group var(txn.bearer),jwt_payload_query('$.groups[{i}]') -m str group1\n"))
-        .collect();
+    let mut groups = String::new();
+    for i in 0..4 {
+        writeln!(
+            groups,
+            "  acl in_group var(txn.bearer),jwt_payload_query('$.groups[{i}]') -m str group1"
+        )?;
+    }
     Ok(format!(
         "# cargo xtask bench, row 4\n\
          global\n  nbthread 2\n  maxconn 4096\n\
@@ -923,30 +977,57 @@ fn write_nginx_conf(dir: &Path, server: &Pod) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Signs RS256 tokens: Istio's sample key (PKCS#1 PEM), parsed once.
+struct Signer {
+    key: RsaKeyPair,
+    header: String,
+}
+
+impl Signer {
+    fn new(pem: &str, kid: &str) -> Result<Self> {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = STANDARD.decode(body.trim()).context("key.pem is not PEM")?;
+        let key = RsaKeyPair::from_der(&der)
+            .map_err(|e| anyhow::anyhow!("key.pem is not an RSA private key: {e}"))?;
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": kid});
+        Ok(Self {
+            key,
+            header: URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?),
+        })
+    }
+
+    fn sign(&self, claims: &Value, rng: &SystemRandom) -> Result<String> {
+        let input = format!(
+            "{}.{}",
+            self.header,
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims)?)
+        );
+        let mut signature = vec![0; self.key.public_modulus_len()];
+        self.key
+            .sign(&RSA_PKCS1_SHA256, rng, input.as_bytes(), &mut signature)
+            .map_err(|e| anyhow::anyhow!("signing a bench token: {e}"))?;
+        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature)))
+    }
+}
+
 /// RS256 tokens of Istio's sample issuer with `groups: [group1, group2]`, one per index (the
 /// index is the `jti`, so each is distinct), valid for two hours.
-fn mint(key: &EncodingKey, kid: &str, tag: &str, range: std::ops::Range<usize>) -> Result<Vec<String>> {
+fn mint(key: &Signer, tag: &str, range: std::ops::Range<usize>) -> Result<Vec<String>> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some(kid.to_owned());
+    let rng = SystemRandom::new();
     range
         .map(|i| {
             let claims = json!({
                 "iss": ISSUER, "sub": ISSUER, "groups": ["group1", "group2"],
                 "iat": now, "exp": now + 7200, "jti": format!("bench-{tag}-{i}"),
             });
-            jsonwebtoken::encode(&header, &claims, key).context("signing a bench token")
+            key.sign(&claims, &rng)
         })
         .collect()
 }
 
 /// [`mint`] on every core.
-fn mint_parallel(
-    key: &EncodingKey,
-    kid: &str,
-    tag: &str,
-    range: std::ops::Range<usize>,
-) -> Result<Vec<String>> {
+fn mint_parallel(key: &Signer, tag: &str, range: std::ops::Range<usize>) -> Result<Vec<String>> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let chunk = range.len().div_ceil(cores).max(1);
     let parts: Vec<std::ops::Range<usize>> = (range.start..range.end)
@@ -956,11 +1037,14 @@ fn mint_parallel(
     std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .into_iter()
-            .map(|part| scope.spawn(move || mint(key, kid, tag, part)))
+            .map(|part| scope.spawn(move || mint(key, tag, part)))
             .collect();
         let mut all = Vec::new();
         for h in handles {
-            all.extend(h.join().map_err(|_| anyhow::anyhow!("a minting thread panicked"))??);
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a minting thread panicked"))??,
+            );
         }
         Ok(all)
     })
@@ -971,16 +1055,19 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat: the measured process is gone"))?;
     // Fields after the command (which may hold spaces) start at field 3.
-    let rest = stat.rsplit_once(')').context("malformed /proc/<pid>/stat")?.1;
+    let rest = stat
+        .rsplit_once(')')
+        .context("malformed /proc/<pid>/stat")?
+        .1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = fields.get(11).context("no utime")?.parse::<u64>()?
         + fields.get(12).context("no stime")?.parse::<u64>()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok(ticks as f64 / hz as f64)
+    Ok(float(ticks) / float(u64::try_from(hz)?))
 }
 
-/// (VmHWM, VmRSS) in KiB.
+/// (`VmHWM`, `VmRSS`) in KiB.
 fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Result<u64> {
@@ -1029,7 +1116,9 @@ fn machine() -> Result<Machine> {
         cpu,
         cores: std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get),
         memory_gib: mem_kib / 1024.0 / 1024.0,
-        kernel: system::output(Command::new("uname").arg("-r"))?.trim().to_owned(),
+        kernel: system::output(Command::new("uname").arg("-r"))?
+            .trim()
+            .to_owned(),
     })
 }
 
@@ -1067,7 +1156,7 @@ impl Report {
             let ratio = e.closed.rate / h.closed.rate;
             t.push(Target {
                 what: "enforced throughput / HAProxy",
-                value: format!("{:.2}x", ratio),
+                value: format!("{ratio:.2}x"),
                 limit: ">= 1.00x",
                 pass: ratio >= 1.0,
             });
@@ -1102,7 +1191,7 @@ impl Report {
             .filter_map(|r| r.rss_kib.map(|(hwm, _)| (hwm, r.key)))
             .max();
         if let Some((hwm, key)) = rss {
-            let mb = hwm as f64 / 1024.0;
+            let mb = float(hwm) / 1024.0;
             t.push(Target {
                 what: "agent peak RSS (VmHWM), largest row",
                 value: format!("{mb:.1} MB ({key})"),
@@ -1149,7 +1238,7 @@ impl Report {
                 r.cpu_per_1k
                     .map_or("-".into(), |c| format!("{c:.3} ({})", r.process)),
                 r.rss_kib
-                    .map_or("-".into(), |(hwm, _)| format!("{:.1}", hwm as f64 / 1024.0)),
+                    .map_or("-".into(), |(hwm, _)| format!("{:.1}", float(hwm) / 1024.0)),
             );
         }
         s.push_str("\nTargets (issue 7), as ratios within this run:\n\n");
@@ -1228,6 +1317,24 @@ fn command_line(args: &Args) -> String {
     c
 }
 
+/// A count or size as a float, for ratios (all far below 2^52).
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts and sizes far below 2^52"
+)]
+fn float(n: u64) -> f64 {
+    n as f64
+}
+
+/// wrk's request count (a float in its JSON) as an integer.
+#[expect(
+    clippy::cast_sign_loss,
+    reason = "checked >= 1 before; wrk counts are integers"
+)]
+fn count(n: f64) -> u64 {
+    n.max(0.0) as u64
+}
+
 fn which(program: &str) -> Result<PathBuf> {
     for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
         let p = Path::new(dir).join(program);
@@ -1262,7 +1369,8 @@ mod tests {
 
     #[test]
     fn recording_replaces_only_what_is_between_the_markers() {
-        let text = "# Benchmarks\nprose\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\nnotes\n";
+        let text =
+            "# Benchmarks\nprose\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\nnotes\n";
         let new = between_markers(text, "new table\n").unwrap();
         assert_eq!(
             new,
@@ -1284,7 +1392,8 @@ mod tests {
         let closed = wrk_script(Path::new("/r.json"), None, None, "T").unwrap();
         assert!(closed.contains(r#"wrk.headers["Authorization"] = "Bearer T""#));
         assert!(!closed.contains("function delay") && !closed.contains("function request"));
-        let paced = wrk_script(Path::new("/r.json"), Some(10.0), Some(Path::new("/t")), "T").unwrap();
+        let paced =
+            wrk_script(Path::new("/r.json"), Some(10.0), Some(Path::new("/t")), "T").unwrap();
         assert!(paced.contains("function delay") && paced.contains("function request"));
         assert!(paced.contains(r#"io.lines("/t")"#));
     }
