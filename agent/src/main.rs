@@ -7,10 +7,11 @@ use nodeward::cli::{init_logging, Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match &cli.command {
+    // Kept to the end: dropping it flushes the log.
+    let _log = match &cli.command {
         Command::Run(args) => init_logging(args.log_format, "info", true),
         _ => init_logging(LogFormat::Text, "warn", false),
-    }
+    };
     let code = match cli.command {
         Command::Run(args) => nodeward::cli::run::run(&args),
         Command::Status(args) => nodeward::cli::status::run(&args),

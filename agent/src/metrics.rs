@@ -3,9 +3,10 @@
 //! `/metrics`. Label values are bounded: workloads are `namespace/name`, reasons and
 //! decisions are fixed words.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -15,14 +16,26 @@ use prometheus_client::registry::Registry;
 /// `nodeward_requests_total` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// `namespace/name` of the destination workload.
-    pub workload: String,
+    /// `namespace/name` of the destination workload (shared with the snapshot: a request's
+    /// labels are built without allocating).
+    pub workload: SharedLabel,
     /// `allow` or `deny`.
     pub decision: &'static str,
     pub code: u16,
     /// `allowed`, `no_allow_policies`, `denied_by_policy`, `no_allow_matched`,
     /// `custom_not_supported`, `authn_<error>`, `upstream_error`, ...
-    pub reason: String,
+    pub reason: Cow<'static, str>,
+}
+
+/// A label value shared with the state (a workload's `namespace/name`): cloned without
+/// allocating.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct SharedLabel(pub Arc<str>);
+
+impl EncodeLabelValue for SharedLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
 }
 
 /// Labels with one `reason`.

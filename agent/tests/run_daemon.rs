@@ -171,6 +171,19 @@ impl Daemon {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// The log once it holds `needle`, or after 5 s: the daemon writes its buffered lines
+    /// every 100 ms.
+    fn log_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log();
+            if log.contains(needle) || Instant::now() >= deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn get(&self, path: &str) -> Option<(u16, String, String)> {
         http(&self.admin, "GET", path, "")
     }
@@ -429,7 +442,7 @@ fn admin_endpoints_serve_health_readiness_metrics_and_state() {
     assert_state_shows_no_secrets(&agent, &demo);
 
     // The access log: one line for the request, under its own target, without the token.
-    let log = agent.log();
+    let log = agent.log_with("path=/probe");
     let access = log
         .lines()
         .find(|l| l.contains(" access: ") && l.contains("path=/probe"))
@@ -820,7 +833,9 @@ fn edits_apply_within_a_second_and_bad_edits_keep_the_last_good_state() {
         stdout(&out)
     );
     assert!(
-        agent.log().contains("40-get-only.yaml"),
+        agent
+            .log_with("40-get-only.yaml")
+            .contains("40-get-only.yaml"),
         "the error is logged"
     );
 

@@ -410,6 +410,7 @@ impl TestNode {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.children.retain(|c| c.id() != pid);
     }
 
     /// Runs a command inside `netns` and returns its output (whatever its exit status).
@@ -429,17 +430,20 @@ impl TestNode {
             .args(["-TERM", &pid.to_string()])
             .status();
         let deadline = std::time::Instant::now() + wait;
-        loop {
+        let code = loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
+                break status.code();
             }
             if std::time::Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return None;
+                break None;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        };
+        // Reaped: its pid may be reused, so the node's Drop must not signal it again.
+        self.children.retain(|c| c.id() != pid);
+        code
     }
 
     /// Waits up to `limit` for a process started with [`TestNode::spawn`] to exit by itself and

@@ -11,6 +11,7 @@
 //!   `kubectl apply -k deploy/`, the scenarios with `kubectl exec` + curl, uninstall); needs a
 //!   Docker daemon, kind and kubectl and fails before changing anything without them.
 
+mod bench;
 mod demo;
 mod kind;
 mod setup;
@@ -41,6 +42,9 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Run the benchmark (as root): direct, nodeward and HAProxy side by side; writes
+    /// target/bench/bench.{md,json}.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -49,5 +53,6 @@ fn main() -> Result<()> {
         Command::Test => test::run(),
         Command::Demo => demo::run(),
         Command::Kind { keep } => kind::run(keep),
+        Command::Bench(args) => bench::run(&args),
     }
 }

@@ -46,7 +46,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_STAMP: &str = ".bpf-linker-nightly-stamp";
 
 pub fn run() -> Result<()> {
-    debian_packages()?;
+    debian_packages("debian packages", &DEBIAN_PACKAGES)?;
     toolchain_components()?;
     nightly_toolchain()?;
     nightly_rust_src()?;
@@ -61,13 +61,13 @@ fn report(step: &str, installed: bool) {
     );
 }
 
-fn debian_packages() -> Result<()> {
-    let step = format!(
-        "debian packages ({})",
-        DEBIAN_PACKAGES.map(|(name, _)| name).join(", ")
-    );
+/// Installs the missing ones of `packages` (name, what needs it); `apt-get update` only when
+/// one is missing.
+pub fn debian_packages(what: &str, packages: &[(&str, &str)]) -> Result<()> {
+    let names: Vec<&str> = packages.iter().map(|(name, _)| *name).collect();
+    let step = format!("{what} ({})", names.join(", "));
     let mut missing = Vec::new();
-    for (package, _) in DEBIAN_PACKAGES {
+    for &(package, _) in packages {
         if !deb_installed(package)? {
             missing.push(package);
         }
@@ -77,7 +77,7 @@ fn debian_packages() -> Result<()> {
         return Ok(());
     }
     if !system::is_root()? {
-        let why: Vec<String> = DEBIAN_PACKAGES
+        let why: Vec<String> = packages
             .iter()
             .filter(|(name, _)| missing.contains(name))
             .map(|(name, why)| format!("{name} ({why})"))

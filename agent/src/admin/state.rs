@@ -195,7 +195,7 @@ fn workload_state(view: &WorkloadView, snapshot: &Snapshot) -> WorkloadState {
     let w = &view.workload;
     let authz = &view.authz;
     WorkloadState {
-        id: view.id.clone(),
+        id: view.id.to_string(),
         name: w.name.clone(),
         namespace: w.namespace.clone(),
         service_account: w.service_account.clone(),
@@ -234,7 +234,7 @@ fn jwt_rule_state(rule: &CompiledJwtRule, views: &[&WorkloadView]) -> JwtRuleSta
         workloads: views
             .iter()
             .filter(|v| v.authn.rules.iter().any(|r| r.origin == rule.origin))
-            .map(|v| v.id.clone())
+            .map(|v| v.id.to_string())
             .collect(),
     }
 }
@@ -314,7 +314,7 @@ pub fn debug_state(admin: &Admin) -> DebugState {
             workloads: views
                 .iter()
                 .filter(|v| v.authz.all().any(|applied| applied.id == p.id))
-                .map(|v| v.id.clone())
+                .map(|v| v.id.to_string())
                 .collect(),
         })
         .collect();

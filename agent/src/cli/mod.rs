@@ -3,12 +3,14 @@
 
 pub mod check;
 pub mod jwt;
+pub mod logbuf;
 pub mod run;
 pub mod status;
 
 use std::io::IsTerminal as _;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 /// nodeward: Istio RequestAuthentication and AuthorizationPolicy enforced at the node.
@@ -78,7 +80,16 @@ pub fn log_filter(env: Option<&str>, default: &str, access_log: bool) -> String 
 /// Logs to standard error in `format` (colours only on a terminal), filtered by
 /// [`log_filter`]. A filter that does not
 /// parse is reported and `default` used instead.
-pub fn init_logging(format: LogFormat, default: &str, access_log: bool) {
+///
+/// With the access log (the daemon), lines are buffered and written every 100 ms
+/// ([`logbuf`]): a request never waits for a `write(2)` to standard error. Keep the returned
+/// guard until exit; dropping it writes out what is buffered. One-shot commands write directly.
+#[must_use = "dropping the guard stops the log writer"]
+pub fn init_logging(
+    format: LogFormat,
+    default: &str,
+    access_log: bool,
+) -> Option<logbuf::FlushGuard> {
     let env = std::env::var(LOG_ENV).ok();
     let spec = log_filter(env.as_deref(), default, access_log);
     let (filter, bad) = match EnvFilter::try_new(&spec) {
@@ -88,10 +99,16 @@ pub fn init_logging(format: LogFormat, default: &str, access_log: bool) {
             Some(e),
         ),
     };
+    let (writer, guard) = if access_log {
+        let (buffer, guard) = logbuf::LogBuffer::start();
+        (BoxMakeWriter::new(buffer), Some(guard))
+    } else {
+        (BoxMakeWriter::new(std::io::stderr), None)
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -99,6 +116,7 @@ pub fn init_logging(format: LogFormat, default: &str, access_log: bool) {
     if let Some(e) = bad {
         tracing::warn!(filter = %spec, error = %e, "{LOG_ENV} does not parse; using the default filter");
     }
+    guard
 }
 
 #[cfg(test)]

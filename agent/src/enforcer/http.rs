@@ -3,6 +3,7 @@
 //! removed unless forwarded on purpose, the JWT output headers set, hop-by-hop headers
 //! dropped. Bodies stream both ways; an allowed Upgrade (WebSocket) is spliced.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +25,7 @@ use crate::authn::rules::rewrite;
 use crate::authn::{www_authenticate, Outcome, RequestParts};
 use crate::authz::path::normalize;
 use crate::authz::{Http, Request as AuthzRequest, DENIED_BODY};
-use crate::metrics::{ReasonLabels, RequestLabels};
+use crate::metrics::{ReasonLabels, RequestLabels, SharedLabel};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -132,7 +133,7 @@ pub(super) async fn serve(
 struct Judged {
     decision: &'static str,
     status: u16,
-    reason: String,
+    reason: Cow<'static, str>,
     policy: Option<String>,
     principal: Option<String>,
 }
@@ -153,7 +154,7 @@ impl Enforcer {
         let workload = snapshot.destination(info.original_dst.ip()).cloned();
         let workload_id = workload
             .as_ref()
-            .map_or_else(|| "-".to_owned(), |w| w.id.clone());
+            .map_or_else(super::no_workload, |w| w.id.clone());
         let (response, judged) = self
             .judge(
                 req,
@@ -169,7 +170,7 @@ impl Enforcer {
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
-                workload: workload_id.clone(),
+                workload: SharedLabel(workload_id.clone()),
                 decision: judged.decision,
                 code: judged.status,
                 reason: judged.reason.clone(),
@@ -210,13 +211,13 @@ impl Enforcer {
         workload: Option<&crate::state::WorkloadView>,
         started: Instant,
     ) -> (Response<Body>, Judged) {
-        let deny = |status: StatusCode, reason: &str, body: String| {
+        let deny = |status: StatusCode, reason: Cow<'static, str>, body: String| {
             (
                 full(status, body),
                 Judged {
                     decision: "deny",
                     status: status.as_u16(),
-                    reason: reason.to_owned(),
+                    reason,
                     policy: None,
                     principal: None,
                 },
@@ -231,7 +232,7 @@ impl Enforcer {
                 .inc();
             let (mut res, judged) = deny(
                 StatusCode::BAD_REQUEST,
-                "bad_request",
+                "bad_request".into(),
                 "Bad Request: conflicting Content-Length / Transfer-Encoding\n".into(),
             );
             res.headers_mut()
@@ -242,7 +243,7 @@ impl Enforcer {
             // Steered here, yet no workload is known at this address: fail closed.
             return deny(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unknown_destination",
+                "unknown_destination".into(),
                 format!("no workload at {}\n", info.original_dst),
             );
         };
@@ -260,7 +261,7 @@ impl Enforcer {
                     .inc();
                 return deny(
                     StatusCode::BAD_REQUEST,
-                    "bad_path",
+                    "bad_path".into(),
                     format!("Bad Request: {e}\n"),
                 );
             }
@@ -289,7 +290,7 @@ impl Enforcer {
         if let Outcome::Rejected { error, rule, .. } = &outcome {
             let (mut res, mut judged) = deny(
                 StatusCode::from_u16(error.status()).unwrap_or(StatusCode::UNAUTHORIZED),
-                &format!("authn_{}", error_word(*error)),
+                format!("authn_{}", error_word(*error)).into(),
                 error.body(),
             );
             if error.status() == 401 {
@@ -304,8 +305,9 @@ impl Enforcer {
                 .observe(started.elapsed().as_secs_f64());
             return (res, judged);
         }
+        // Borrowed from the verified token (shared with the cache): no copy of the claims.
         let auth = match &outcome {
-            Outcome::Authenticated(a) => Some(a.verified.auth.clone()),
+            Outcome::Authenticated(a) => Some(&a.verified.auth),
             _ => None,
         };
 
@@ -320,11 +322,11 @@ impl Enforcer {
                 path: &normalized.path,
                 host: &host,
                 headers: req.headers(),
-                auth: auth.as_ref(),
+                auth,
             }),
         };
         let decision = workload.authz.evaluate(&request);
-        let principal = auth.as_ref().map(crate::authz::AuthInfo::principal);
+        let principal = auth.map(crate::authz::AuthInfo::principal);
         let policy = decision.decided_by.as_ref().map(|m| m.policy.clone());
         if !decision.allow {
             self.metrics
@@ -332,7 +334,7 @@ impl Enforcer {
                 .observe(started.elapsed().as_secs_f64());
             let (res, mut judged) = deny(
                 StatusCode::FORBIDDEN,
-                reason_word(decision.reason),
+                reason_word(decision.reason).into(),
                 DENIED_BODY.to_owned(),
             );
             judged.policy = policy;
@@ -359,7 +361,7 @@ impl Enforcer {
         let judged = Judged {
             decision: "allow",
             status: 0,
-            reason: reason_word(decision.reason).to_owned(),
+            reason: reason_word(decision.reason).into(),
             policy,
             principal,
         };
@@ -404,7 +406,9 @@ impl Enforcer {
                     HeaderValue::from_static("chunked"),
                 );
             }
-            let Ok(uri) = path_and_query.parse() else {
+            // Absolute, with the pod's address: the upstream pool is keyed by it (never by
+            // the Host header, which is sent as the client wrote it).
+            let Ok(uri) = format!("http://{}{path_and_query}", info.original_dst).parse() else {
                 judged.status = 400;
                 judged.decision = "deny";
                 judged.reason = "bad_path".into();

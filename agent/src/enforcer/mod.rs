@@ -103,6 +103,13 @@ pub struct ConnectionInfo {
     pub original_dst: SocketAddr,
 }
 
+/// The workload label of a connection to an address no workload has: `-`, shared so a
+/// request's metric labels never allocate.
+fn no_workload() -> Arc<str> {
+    static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
+    NONE.clone()
+}
+
 /// Seconds since the Unix epoch, for token times.
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now()

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ConnectionInfo, Enforcer};
 use crate::authz::Request;
-use crate::metrics::RequestLabels;
+use crate::metrics::{RequestLabels, SharedLabel};
 
 pub(super) async fn serve(
     enforcer: Arc<Enforcer>,
@@ -25,7 +25,7 @@ pub(super) async fn serve(
     let workload = snapshot.destination(info.original_dst.ip()).cloned();
     let workload_id = workload
         .as_ref()
-        .map_or_else(|| "-".to_owned(), |w| w.id.clone());
+        .map_or_else(super::no_workload, |w| w.id.clone());
     let (allow, reason, policy) = match &workload {
         None => (false, "unknown_destination", None),
         Some(view) => {
@@ -50,10 +50,10 @@ pub(super) async fn serve(
         .metrics
         .requests
         .get_or_create(&RequestLabels {
-            workload: workload_id.clone(),
+            workload: SharedLabel(workload_id.clone()),
             decision,
             code: 0,
-            reason: format!("tcp_{reason}"),
+            reason: format!("tcp_{reason}").into(),
         })
         .inc();
     tracing::info!(

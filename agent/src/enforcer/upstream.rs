@@ -147,24 +147,20 @@ impl Upstream {
         }
     }
 
-    /// Sends an HTTP/1.1 request to `dst`; `req`'s URI is the path and query (origin form),
-    /// its Host header the client's.
+    /// Sends an HTTP/1.1 request to `dst`; `req`'s URI is absolute with `dst` as its
+    /// authority (`http://<pod address><path>`: the pool is keyed by it, never by the Host
+    /// header), its Host header the client's. The request line carries the origin form.
     pub async fn send_http1(
         &self,
         dst: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", hyper::http::uri::PathAndQuery::as_str)
-            .to_owned();
-        // The pool is keyed by the URI's authority: the pod's address, never the Host header.
-        let uri = format!("http://{dst}{path}");
-        *req.uri_mut() = uri.parse().map_err(|_| UpstreamError::Connect {
-            addr: dst,
-            source: std::io::ErrorKind::InvalidInput.into(),
-        })?;
+        debug_assert_eq!(
+            req.uri()
+                .authority()
+                .map(hyper::http::uri::Authority::as_str),
+            Some(dst.to_string()).as_deref()
+        );
         *req.version_mut() = hyper::Version::HTTP_11;
         self.http1
             .request(req)

@@ -23,7 +23,7 @@ pub use workloads::Workload;
 pub struct WorkloadView {
     pub workload: Arc<Workload>,
     /// `namespace/name`, the metric and log label.
-    pub id: String,
+    pub id: Arc<str>,
     pub authz: WorkloadPolicies,
     pub authn: JwtRules,
 }
@@ -124,7 +124,7 @@ impl Snapshot {
         for w in &workloads {
             let view = WorkloadView {
                 workload: w.clone(),
-                id: format!("{}/{}", w.namespace, w.name),
+                id: format!("{}/{}", w.namespace, w.name).into(),
                 authz: authorization.for_workload(&w.namespace, &w.labels),
                 authn: authentication.for_workload(&w.namespace, &w.labels),
             };
