@@ -1090,6 +1090,55 @@ fn node_traffic_is_judged_and_only_probes_pass() {
     add_probes(&env);
     node_traffic_answers(&env);
     bypass_refused(&env);
+    a_pod_cannot_pose_as_the_node(&env);
+}
+
+/// A pod that sends from the node's address (it owns it inside its own namespace) does not get
+/// the probe exemption: the node's kernel drops a packet with a local source address that
+/// arrives on a pod's interface (a martian), before any socket sees it.
+fn a_pod_cannot_pose_as_the_node(env: &Env) {
+    let node_addr = nodeward_tests::netns::NODE_ADDR.to_string();
+    let stranger = env.pod("stranger").netns.clone();
+    let status = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &stranger,
+            "addr",
+            "add",
+            &format!("{node_addr}/32"),
+            "dev",
+            "lo",
+        ])
+        .status()
+        .expect("ip addr add");
+    assert!(status.success());
+    let target = url(env.pod("require"), "/healthz");
+    let out = env.node.exec(
+        &stranger,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            SHORT,
+            "--interface",
+            &node_addr,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &target,
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "000",
+        "a pod spoofing the node's address got an answer to the probe path"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "curl timed out (its SYN went unanswered), rather than failing to bind: {out:?}"
+    );
 }
 
 /// With the agent killed, the node's traffic follows `--failure-mode` like a pod's: closed
