@@ -147,14 +147,17 @@ fn local_addresses() -> std::io::Result<HashSet<IpAddr>> {
             // SAFETY: `ifa_addr` points at a sockaddr whose family says its real type.
             let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
             if family == libc::AF_INET {
-                // SAFETY: an `AF_INET` address is a `sockaddr_in`.
-                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                // SAFETY: an `AF_INET` address is a `sockaddr_in` (read unaligned: the list
+                // only promises a `sockaddr`'s alignment).
+                let sin =
+                    unsafe { std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in>()) };
                 addrs.insert(IpAddr::from(
                     u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
                 ));
             } else if family == libc::AF_INET6 {
-                // SAFETY: an `AF_INET6` address is a `sockaddr_in6`.
-                let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                // SAFETY: an `AF_INET6` address is a `sockaddr_in6` (read unaligned, as above).
+                let sin6 =
+                    unsafe { std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in6>()) };
                 addrs.insert(IpAddr::from(sin6.sin6_addr.s6_addr));
             }
         }

@@ -446,23 +446,7 @@ fn entry(value: &serde_yaml::Value) -> Result<Workload, Vec<(String, WorkloadPro
         );
     }
 
-    let mut probes = Vec::new();
-    for (i, raw) in raw.probes.unwrap_or_default().into_iter().enumerate() {
-        let probe = match &raw.path {
-            Some(path) => Probe::http(raw.port, path),
-            None => Probe::tcp(raw.port),
-        };
-        match probe {
-            Ok(probe) => probes.push(probe),
-            Err(problem) => {
-                let field = match problem {
-                    ProbeProblem::Port => format!("probes[{i}].port"),
-                    ProbeProblem::Path { .. } => format!("probes[{i}].path"),
-                };
-                problems.push((field, WorkloadProblem::Probe(problem)));
-            }
-        }
-    }
+    let probes = probes(raw.probes.unwrap_or_default(), &mut problems);
 
     let ip = ip_text.and_then(|text| match text.parse::<IpAddr>() {
         Err(_) => {
@@ -492,6 +476,29 @@ fn entry(value: &serde_yaml::Value) -> Result<Workload, Vec<(String, WorkloadPro
         }),
         _ => Err(problems),
     }
+}
+
+/// The `probes` of an entry checked: the valid ones, and a problem (with its field) for each
+/// other.
+fn probes(raw: Vec<RawProbe>, problems: &mut Vec<(String, WorkloadProblem)>) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let probe = match &raw.path {
+            Some(path) => Probe::http(raw.port, path),
+            None => Probe::tcp(raw.port),
+        };
+        match probe {
+            Ok(probe) => probes.push(probe),
+            Err(problem) => {
+                let field = match problem {
+                    ProbeProblem::Port => format!("probes[{i}].port"),
+                    ProbeProblem::Path { .. } => format!("probes[{i}].path"),
+                };
+                problems.push((field, WorkloadProblem::Probe(problem)));
+            }
+        }
+    }
+    probes
 }
 
 fn unicast(ip: IpAddr) -> bool {
