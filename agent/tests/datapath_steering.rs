@@ -99,8 +99,9 @@ fn tcx_programs(node: &Node, iface: &str, attach_type: TcAttachType) -> Vec<u32>
         .collect()
 }
 
-/// (3) No bypass: every path into the protected pod that skips `steer` is dropped by `guard`,
-/// and a rescan hooks a new interface.
+/// (3) No bypass: every path into the protected pod that skips `steer` meets `guard`: the node's
+/// own flows are sent through `lo` to the enforcer, forwarded ones from an unhooked interface are
+/// dropped; and a rescan hooks a new interface.
 fn assert_no_bypass(
     node: &mut Node,
     datapath: &Datapath,
@@ -122,6 +123,10 @@ fn assert_no_bypass(
         after.guard_dropped_bypass > before.guard_dropped_bypass,
         "guard counted the bypass attempt: {after:?}"
     );
+    assert_eq!(
+        after.guard_redirected_listener, before.guard_redirected_listener,
+        "a forwarded flow is not sent to lo: {after:?}"
+    );
     assert_reply(
         &rogue.ns,
         OTHER_POD,
@@ -129,18 +134,27 @@ fn assert_no_bypass(
         &direct_from(ROGUE_IP),
         "the unhooked client still reaches unprotected pods",
     );
-    // (b) A client in the node's namespace itself (never crosses a TC ingress hook).
+    // (b) A client in the node's namespace itself (never crosses a TC ingress hook): through
+    // the enforcer too, which sees the node's address as the peer.
     let before = counters(datapath);
-    assert_dropped(
+    assert_reply(
         &node.ns,
         POD,
         None,
-        "node-local client to the protected pod",
+        &through_enforcer(),
+        "node-local client to the protected pod: judged by the enforcer",
     );
     let after = counters(datapath);
     assert!(
-        after.guard_dropped_bypass > before.guard_dropped_bypass,
-        "{after:?}"
+        after.guard_redirected_listener > before.guard_redirected_listener
+            && after.guard_redirected_established > before.guard_redirected_established,
+        "guard sent the node's flow to lo: {after:?}"
+    );
+    assert_eq!(after.guard_dropped_bypass, before.guard_dropped_bypass);
+    assert_eq!(
+        enforcer.accepted().last().map(|a| (a.peer.ip(), a.local)),
+        Some((NODE_IP.into(), SocketAddr::V4(POD))),
+        "the enforcer got the node's connection with the pod's address"
     );
     // (c) The same path with the enforcer's upstream mark is the enforcer's own, and passes.
     assert_reply(
@@ -200,7 +214,11 @@ fn protected_pod_is_reached_only_through_the_enforcer() {
         "guard on the protected pod's interface: {attached:?}"
     );
     assert!(
-        !attached.iter().any(|(iface, _)| iface == "lo"),
+        attached.contains(&("lo".to_owned(), "steer")),
+        "steer on lo, where guard redirects the node's own flows: {attached:?}"
+    );
+    assert!(
+        !attached.contains(&("lo".to_owned(), "guard")),
         "{attached:?}"
     );
 

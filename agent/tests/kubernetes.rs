@@ -196,6 +196,47 @@ fn pods_translate_to_steered_workloads_and_identities() {
 }
 
 #[test]
+fn the_kubelets_plain_http_and_tcp_probes_become_the_workloads_probes() {
+    let mut value = pod("foo", "httpbin", NODE, Some("10.244.1.7"), "Running");
+    let running = typed_pod(pod("foo", "httpbin", NODE, Some("10.244.1.7"), "Running"));
+    assert!(pods::local_workload(&running).expect("steered").probes.is_empty());
+    value["spec"]["initContainers"] = json!([{
+        "name": "sidecar", "image": "proxy", "restartPolicy": "Always",
+        "ports": [{"name": "admin", "containerPort": 9901}],
+        "startupProbe": {"tcpSocket": {"port": "admin"}}
+    }]);
+    value["spec"]["containers"][0]["ports"] =
+        json!([{"name": "http", "containerPort": 80}, {"name": "grpc", "containerPort": 9090}]);
+    value["spec"]["containers"][0]["livenessProbe"] =
+        json!({"httpGet": {"path": "/healthz?deep=1", "port": "http"}, "periodSeconds": 10});
+    value["spec"]["containers"][0]["readinessProbe"] =
+        json!({"httpGet": {"path": "/ready", "port": 80, "scheme": "HTTP"}});
+    // Repeated, HTTPS, another host, gRPC, a port name nobody declares: not exempt.
+    value["spec"]["containers"][0]["startupProbe"] =
+        json!({"httpGet": {"path": "/healthz", "port": 80}});
+    value["spec"]["containers"].as_array_mut().unwrap().push(json!({
+        "name": "other", "image": "x",
+        "livenessProbe": {"httpGet": {"path": "/tls", "port": 8443, "scheme": "HTTPS"}},
+        "readinessProbe": {"httpGet": {"path": "/far", "port": 8080, "host": "10.0.0.9"}},
+        "startupProbe": {"grpc": {"port": 9090}}
+    }));
+    value["spec"]["containers"].as_array_mut().unwrap().push(json!({
+        "name": "third", "image": "x",
+        "livenessProbe": {"tcpSocket": {"port": "undeclared"}}
+    }));
+    let workload = pods::local_workload(&typed_pod(value)).expect("steered");
+    let probes: Vec<(u16, Option<&str>)> = workload
+        .probes
+        .iter()
+        .map(|p| (p.port, p.path.as_deref()))
+        .collect();
+    assert_eq!(
+        probes,
+        [(9901, None), (80, Some("/healthz")), (80, Some("/ready"))]
+    );
+}
+
+#[test]
 fn policies_translate_like_the_same_policy_in_a_file() {
     let spec = json!({
         "selector": {"matchLabels": {"app": "httpbin"}},

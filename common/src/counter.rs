@@ -77,8 +77,14 @@ pub const FASTPATH_MSGS_PASSED: u32 = 27;
 /// (not in `OPENED_FLOWS`), kept out of the fast path (an event).
 pub const FASTPATH_SOCKETS_UNSTEERED: u32 = 28;
 
+/// `guard`: packets with [`reason::GUARD_REDIRECT_LISTENER`] (new flows from the node, or through
+/// an interface `steer` is not attached to, sent to `lo` ingress).
+pub const GUARD_REDIRECTED_LISTENER: u32 = 29;
+/// `guard`: packets with [`reason::GUARD_REDIRECT_ESTABLISHED`].
+pub const GUARD_REDIRECTED_ESTABLISHED: u32 = 30;
+
 /// Number of slots: the `max_entries` of `COUNTERS`.
-pub const LEN: u32 = 29;
+pub const LEN: u32 = 31;
 
 /// Slots that count events rather than one reason's verdicts.
 pub const EVENTS: [u32; 11] = [
@@ -117,6 +123,8 @@ pub const fn for_reason(reason: u32) -> Option<u32> {
         reason::GUARD_PASS_NOT_IPV4_TCP => Some(GUARD_NOT_IPV4_TCP),
         reason::GUARD_PASS_MALFORMED => Some(GUARD_MALFORMED),
         reason::GUARD_DROP_MALFORMED_PROTECTED => Some(GUARD_DROPPED_MALFORMED),
+        reason::GUARD_REDIRECT_LISTENER => Some(GUARD_REDIRECTED_LISTENER),
+        reason::GUARD_REDIRECT_ESTABLISHED => Some(GUARD_REDIRECTED_ESTABLISHED),
         _ => None,
     }
 }

@@ -11,6 +11,8 @@
 //! - *steered*: `TC_ACT_OK`, after `skb->mark |= steer_mark` and `bpf_sk_assign` (ends the TCX
 //!   chain: no later program may send the packet elsewhere).
 //! - *dropped*: `TC_ACT_SHOT`.
+//! - *redirected to the node*: `TC_ACT_REDIRECT` after `bpf_redirect(lo, BPF_F_INGRESS)`: `guard`
+//!   hands a node-originated packet to the node's loopback ingress, where `steer` steers it.
 
 /// `steer`, no opinion: IPv4/TCP, but the destination (address, port) and (address, any port)
 /// are not in `PROTECTED_ENDPOINTS`. Costs one or two hash lookups.
@@ -61,8 +63,10 @@ pub const DROP_MALFORMED_PROTECTED: u32 = 9;
 pub const GUARD_PASS_ENFORCER: u32 = 10;
 
 /// `guard`, dropped: a new flow to a protected pod without the upstream mark while the enforcer is
-/// up: it reached the pod without being steered (from an interface `steer` is not attached to, or
-/// from the node itself). A bypass attempt.
+/// up, forwarded from an interface `steer` is not attached to (an unregistered path, a veth
+/// created since the last rescan): a bypass attempt. Also a packet the node sent that `guard`
+/// would redirect to `lo` ([`GUARD_REDIRECT_LISTENER`], [`GUARD_REDIRECT_ESTABLISHED`]) when
+/// `bpf_redirect` refuses. (Before code 19, the node's own new flows got this code too.)
 pub const GUARD_DROP_BYPASS: u32 = 11;
 
 /// `guard`, dropped: a new flow to a protected pod without the upstream mark while the enforcer's
@@ -88,8 +92,20 @@ pub const GUARD_PASS_MALFORMED: u32 = 17;
 /// `guard`, dropped: as [`DROP_MALFORMED_PROTECTED`], on the way into the pod.
 pub const GUARD_DROP_MALFORMED_PROTECTED: u32 = 18;
 
+/// `guard`, redirected to the node: a new flow (SYN) to a protected pod without the upstream mark,
+/// sent by the node itself (a host process, a host-network pod, the kubelet's probes: `skb->sk`
+/// is a local socket), while the enforcer's listener exists. It never crossed `steer`, so it goes
+/// to the node's loopback ingress, where `steer` (attached to `lo`) assigns it to the enforcer
+/// like any other new flow.
+pub const GUARD_REDIRECT_LISTENER: u32 = 19;
+
+/// `guard`, redirected to the node: a packet the node sent, of a flow the enforcer holds (its
+/// socket for the 4-tuple, not listening and not in TIME-WAIT), without the upstream mark: the rest of a flow
+/// [`GUARD_REDIRECT_LISTENER`] sent to the enforcer. `steer` on `lo` assigns it to that socket.
+pub const GUARD_REDIRECT_ESTABLISHED: u32 = 20;
+
 /// One past the highest code in use.
-pub const COUNT: u32 = 19;
+pub const COUNT: u32 = 21;
 
 /// The verdict a code comes with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +117,8 @@ pub enum Verdict {
     Steered,
     /// `TC_ACT_SHOT`.
     Dropped,
+    /// `TC_ACT_REDIRECT`: the program called `bpf_redirect` to the node's loopback ingress.
+    RedirectedToNode,
 }
 
 /// The verdict of `reason`, or `None` for a retired or unknown code.
@@ -124,6 +142,7 @@ pub const fn verdict(reason: u32) -> Option<Verdict> {
         | GUARD_DROP_BYPASS
         | GUARD_DROP_NO_LISTENER
         | GUARD_DROP_MALFORMED_PROTECTED => Some(Verdict::Dropped),
+        GUARD_REDIRECT_LISTENER | GUARD_REDIRECT_ESTABLISHED => Some(Verdict::RedirectedToNode),
         _ => None,
     }
 }

@@ -1,25 +1,47 @@
 //! `guard`: TC egress on the host-side interface of each protected local pod, i.e. on packets
-//! going *into* the pod. Closes every path that skips `steer`.
+//! going *into* the pod. Sends every path that skips `steer` through the enforcer.
 //!
 //! `steer` judges packets on the interfaces it is attached to. A packet can still reach a pod
-//! without crossing one: from the node itself (a host process, a host-network pod), or from an
-//! interface nobody hooked yet (a veth created since the last rescan, an unregistered pod). On the
-//! way into the pod every such path meets `guard`. For an IPv4/TCP packet to a protected endpoint:
+//! without crossing one: from the node itself (a host process, a host-network pod, the kubelet's
+//! probes: such packets enter no interface), or from an interface nobody hooked yet (a veth
+//! created since the last rescan, an unregistered pod). On the way into the pod every such path
+//! meets `guard`. For an IPv4/TCP packet to a protected endpoint:
 //! - `skb->mark` carries every bit of `upstream_mark`: the enforcer's own upstream connection
 //!   (`SO_MARK` on its sockets), passed ([`reason::GUARD_PASS_ENFORCER`]);
-//! - not a new flow (no SYN, or SYN+ACK): passed ([`reason::GUARD_PASS_NOT_NEW`]); as in `steer`,
+//! - a packet the node itself sent (`skb->sk` set: a local socket's) of a flow the enforcer holds
+//!   (its socket for the 4-tuple, not listening, not in TIME-WAIT: its accepted socket has the
+//!   pod's address as local address): redirected to the node's loopback ingress
+//!   ([`reason::GUARD_REDIRECT_ESTABLISHED`]);
+//! - not a new flow (no SYN, or SYN+ACK) with no enforcer socket: passed
+//!   ([`reason::GUARD_PASS_NOT_NEW`]); it answers a connection the pod opened, and as in `steer`
 //!   only a SYN can open a connection into the pod;
-//! - a new flow while the enforcer's listener exists: it was not steered, so it is a bypass
-//!   attempt, dropped ([`reason::GUARD_DROP_BYPASS`]);
+//! - a new flow while the enforcer's listener exists: it was not steered. Sent by the node
+//!   itself, it is redirected to the node's loopback ingress ([`reason::GUARD_REDIRECT_LISTENER`]);
+//!   forwarded from an interface `steer` is not attached to (yet), it is dropped
+//!   ([`reason::GUARD_DROP_BYPASS`]): such a flow cannot be judged through `lo`, because the
+//!   node's stack drops forwarded packets that early demux matched to a local socket (the
+//!   enforcer's), so the rest of the flow would never arrive;
 //! - a new flow while the listener is missing: `failure_mode` decides
 //!   ([`reason::GUARD_DROP_NO_LISTENER`] or [`reason::GUARD_PASS_NO_LISTENER`]).
+//!
+//! Redirected packets (`bpf_redirect(lo, BPF_F_INGRESS)`) meet `steer`, which the agent attaches
+//! to `lo` ingress too: it marks them and `bpf_sk_assign`s them to the enforcer exactly as it does
+//! for a pod's packets, and the `fwmark` rule makes them local deliveries. The enforcer's answers
+//! to a node address are local deliveries already (`accept_local` on `lo`, which the agent sets,
+//! lets the redirected packets, whose source is a local address, be delivered). A redirect the
+//! helper refuses is dropped ([`reason::GUARD_DROP_BYPASS`]): nothing reaches the pod unjudged.
 //!
 //! Packets that `steer` assigned to the enforcer never get here: they are delivered to the node's
 //! stack, not forwarded to the pod.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, TC_ACT_REDIRECT},
+    helpers::generated::bpf_redirect,
+    macros::classifier,
+    programs::TcContext,
+};
 use nodeward_common::{counter, reason, KernelConfig};
-use nodeward_ebpf::net::is_new_flow;
+use nodeward_ebpf::net::{is_flow_socket, is_new_flow, LOOPBACK_IFINDEX};
 
 use crate::{
     maps::{config, count, record_opened},
@@ -74,16 +96,39 @@ fn decide(ctx: &TcContext, flow: &Flow, config: &KernelConfig) -> u32 {
         }
         return reason::GUARD_PASS_ENFORCER;
     }
+    // SAFETY: as above; `sk` is the sending socket of a packet the node made, null for a
+    // forwarded one. Only compared with null here.
+    let from_node = unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() };
+    if from_node && Socket::of_flow(ctx, flow).is_some_and(|sk| is_flow_socket(sk.state())) {
+        return redirect_to_node(reason::GUARD_REDIRECT_ESTABLISHED);
+    }
     if !is_new_flow(flow.flags) {
         return reason::GUARD_PASS_NOT_NEW;
     }
     if Socket::listener(ctx, flow, config.listener_port).is_some() {
-        return reason::GUARD_DROP_BYPASS;
+        return if from_node {
+            redirect_to_node(reason::GUARD_REDIRECT_LISTENER)
+        } else {
+            reason::GUARD_DROP_BYPASS
+        };
     }
     count(counter::LISTENER_MISSING);
     if config.fails_open() {
         reason::GUARD_PASS_NO_LISTENER
     } else {
         reason::GUARD_DROP_NO_LISTENER
+    }
+}
+
+/// Asks the kernel to hand the packet to the node's loopback ingress once the program returns
+/// `TC_ACT_REDIRECT`; `reason` when it accepted, [`reason::GUARD_DROP_BYPASS`] when it refused.
+#[inline]
+fn redirect_to_node(reason: u32) -> u32 {
+    // SAFETY: a helper without pointers; it only records the target for after the program.
+    let action = unsafe { bpf_redirect(LOOPBACK_IFINDEX, u64::from(BPF_F_INGRESS)) };
+    if action == i64::from(TC_ACT_REDIRECT) {
+        reason
+    } else {
+        reason::GUARD_DROP_BYPASS
     }
 }

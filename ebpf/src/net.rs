@@ -37,6 +37,13 @@ pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// `sk_state` of a listening socket (`TCP_LISTEN` in the kernel's `include/net/tcp_states.h`).
 pub const TCP_LISTEN: u32 = 10;
+/// The loopback device's interface index: 1 in every network namespace (`LOOPBACK_IFINDEX` in
+/// the kernel), so the programs need not be told.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
+pub const PACKET_HOST: u32 = 0;
+
 /// `sk_state` of a socket in TIME-WAIT (`TCP_TIME_WAIT`).
 pub const TCP_TIME_WAIT: u32 = 6;
 

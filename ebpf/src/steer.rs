@@ -1,4 +1,5 @@
-//! `steer`: TC ingress on every interface of the node (the host side of pods' veths, uplinks).
+//! `steer`: TC ingress on every interface of the node (the host side of pods' veths, uplinks,
+//! and `lo`, where `guard` redirects what the node itself sends to protected pods).
 //! Sends every TCP flow into a protected pod to the enforcer.
 //!
 //! For an IPv4/TCP packet whose destination is in `PROTECTED_ENDPOINTS` ((address, port), then
@@ -20,11 +21,18 @@
 //!    SYN is steered. `guard` checks the same on the way into the pod.
 //!
 //! Everything else gets no opinion (`TC_ACT_UNSPEC`): a packet to an unprotected pod costs the
-//! header reads and one or two hash lookups.
+//! header reads and one or two hash lookups. On `lo` that is the cost for the node's ordinary
+//! loopback traffic (127.0.0.0/8, the node's own addresses): its destinations are never pods'.
+//!
+//! On `lo` the steered packets are the ones `guard` redirected there (`bpf_redirect` to ingress):
+//! their Ethernet header still names the pod's interface, so the kernel typed them
+//! `PACKET_OTHERHOST`, which IP would drop; `steer` retypes a packet it steers on `lo` as
+//! `PACKET_HOST`. Flows opened on `lo` are not recorded for the fast path (their client is a node
+//! socket, never a pod's).
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{helpers::generated::bpf_skb_change_type, macros::classifier, programs::TcContext};
 use nodeward_common::{counter, reason, KernelConfig};
-use nodeward_ebpf::net::{is_flow_socket, is_new_flow};
+use nodeward_ebpf::net::{is_flow_socket, is_new_flow, LOOPBACK_IFINDEX, PACKET_HOST};
 
 use crate::{
     maps::{config, count, record_opened},
@@ -75,6 +83,7 @@ fn decide(ctx: &TcContext, flow: &Flow, config: &KernelConfig) -> u32 {
     if let Some(sk) = Socket::of_flow(ctx, flow) {
         if is_flow_socket(sk.state()) {
             mark(ctx, config.steer_mark);
+            retype_on_loopback(ctx);
             if sk.assign(ctx).is_err() {
                 // The mark alone still delivers the packet locally, where the node's own lookup
                 // finds the same socket by its 4-tuple.
@@ -90,7 +99,9 @@ fn decide(ctx: &TcContext, flow: &Flow, config: &KernelConfig) -> u32 {
         Some(listener) => {
             if listener.assign(ctx).is_ok() {
                 mark(ctx, config.steer_mark);
-                record_opened(flow.saddr, flow.sport, flow.daddr, flow.dport);
+                if !retype_on_loopback(ctx) {
+                    record_opened(flow.saddr, flow.sport, flow.daddr, flow.dport);
+                }
                 return reason::STEER_LISTENER;
             }
             count(counter::ASSIGN_FAILED);
@@ -110,4 +121,19 @@ fn mark(ctx: &TcContext, steer_mark: u32) {
     // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
     let current = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(current | steer_mark);
+}
+
+/// On `lo` ingress, makes a steered packet `PACKET_HOST` (see the module doc) and returns `true`;
+/// elsewhere returns `false` and changes nothing.
+#[inline]
+fn retype_on_loopback(ctx: &TcContext) -> bool {
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if ifindex != LOOPBACK_IFINDEX {
+        return false;
+    }
+    // SAFETY: the program's own context; the helper only sets `pkt_type` (it refuses nothing
+    // between `PACKET_HOST` and `PACKET_OTHERHOST`).
+    let _ = unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+    true
 }

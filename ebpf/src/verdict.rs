@@ -7,10 +7,12 @@
 //!   the chain the packet passes, untouched;
 //! - steered: `TC_ACT_OK` (`TCX_PASS`): ends the chain, the packet goes to the local stack with the
 //!   socket it was assigned;
-//! - dropped: `TC_ACT_SHOT`.
+//! - dropped: `TC_ACT_SHOT`;
+//! - redirected to the node: `TC_ACT_REDIRECT`, the program having called `bpf_redirect` (`guard`,
+//!   to the node's loopback ingress).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     programs::TcContext,
 };
 use aya_log_ebpf::{info, warn};
@@ -44,6 +46,12 @@ const ACT_OK: i32 = TC_ACT_OK as i32;
     reason = "u32 in the BPF target's bindings, i32 in the host's"
 )]
 const ACT_SHOT: i32 = TC_ACT_SHOT as i32;
+/// `TC_ACT_REDIRECT` as a program's return value.
+#[expect(
+    clippy::unnecessary_cast,
+    reason = "u32 in the BPF target's bindings, i32 in the host's"
+)]
+const ACT_REDIRECT: i32 = TC_ACT_REDIRECT as i32;
 
 /// Counts `reason` in its slot and returns its TC action. `flow` and `config` are given for packets
 /// to protected endpoints, which are the only ones logged.
@@ -67,6 +75,7 @@ pub fn finish(
             ACT_OK
         }
         Some(Verdict::Dropped) => ACT_SHOT,
+        Some(Verdict::RedirectedToNode) => ACT_REDIRECT,
         // Every code in use has a verdict; an unknown one (impossible) has no opinion, like
         // packets nodeward does not judge.
         Some(Verdict::NoOpinion) | None => TC_ACT_UNSPEC,

@@ -676,31 +676,20 @@ fn reference_answers(env: &Env) {
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
 }
 
-/// Bypass attempts with the fast path on: the node itself connecting straight to a protected
-/// pod is dropped by `guard` (no answer); an unregistered pod is steered and judged (403).
+/// No bypass with the fast path on: the node itself connecting to a protected pod is sent
+/// through the enforcer by `guard` (judged: `web` wants a known principal, the node has none);
+/// an unregistered pod is steered and judged (403).
 fn bypass_refused(env: &Env) {
-    let dropped = counter(env, "guard_dropped_bypass");
-    let target = url(env.pod("web"), "/");
-    let out = env.node.exec(
-        &env.node.netns,
-        &[
-            "curl",
-            "-s",
-            "-m",
-            SHORT,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &target,
-        ],
-    );
+    let redirected = counter(env, "guard_redirected_listener");
+    let (status, body) = env
+        .node
+        .curl(&env.node.netns, "GET", &url(env.pod("web"), "/"), &[]);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "000",
+        (status, body.as_str()),
+        (403, "RBAC: access denied"),
         "the node reached a protected pod without the enforcer"
     );
-    assert!(counter(env, "guard_dropped_bypass") > dropped);
+    assert!(counter(env, "guard_redirected_listener") > redirected);
     let (status, body) = env.curl_short("stranger", "GET", "web", "/");
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
 }
@@ -858,6 +847,8 @@ fn fast_path_keeps_every_answer_and_leaves_nothing_behind() {
     );
 
     bypass_refused(&env);
+    add_probes(&env);
+    node_traffic_answers(&env);
     impostor_stays_on_tcp(&mut env);
     large_bodies(&env, 8 << 20);
     assert!(counter(&env, "fastpath_msgs_redirected") > redirected);
@@ -946,4 +937,243 @@ fn fast_path_off_attaches_nothing_even_after_a_crashed_on() {
 
 fn cgroup_attached(cgroup: &Path) -> u32 {
     nodeward_tests::netns::cgroup_attached_programs(cgroup, SOCK_OPS)
+}
+
+// --- Traffic from the node itself: judged by the enforcer, probes exempt. ---
+
+/// Gives `require` an HTTP probe (`GET /healthz` on 8000) and `web` a TCP probe (8000) in the
+/// workloads file, and waits until the agent applied it (the node's probe answered 200).
+fn add_probes(env: &Env) {
+    let file = env.dir.0.join("workloads.yaml");
+    let mut text = std::fs::read_to_string(&file).expect("workloads file");
+    for (pod, probes) in [
+        ("require", "[{port: 8000, path: /healthz}]"),
+        ("web", "[{port: 8000}]"),
+    ] {
+        let line = format!("    interface: {}\n", env.pod(pod).host_if);
+        assert!(text.contains(&line), "{pod} in the workloads file");
+        text = text.replace(&line, &format!("{line}    probes: {probes}\n"));
+    }
+    std::fs::write(&file, text).expect("write workloads");
+    let target = url(env.pod("require"), "/healthz");
+    let applied = eventually(Duration::from_secs(10), || {
+        env.node.curl(&env.node.netns, "GET", &target, &[]).0 == 200
+    });
+    assert!(
+        applied,
+        "the probe was not exempt 10 s after the workloads file changed:\n{}",
+        env.log()
+    );
+}
+
+/// What the pod received, from its JSON answer.
+fn seen(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("pod JSON: {e}: {body}"))
+}
+
+/// Plain TCP (not HTTP) from `netns` to `pod`:8000: what came back within 3 s.
+fn raw_tcp(env: &Env, netns: &str, pod: &str) -> String {
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/8000 || exit 0; printf 'hello\\r\\n\\r\\n' >&3; cat <&3",
+        env.pod(pod).ip
+    );
+    let out = env
+        .node
+        .exec(netns, &["timeout", "3", "bash", "-c", &script]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The node's requests into protected pods (policies: `require` wants a JWT principal, `web` a
+/// known principal; probes from [`add_probes`]): judged like any source without identity, except
+/// exactly the probe endpoints, and those only from the node.
+fn node_traffic_answers(env: &Env) {
+    let node = env.node.netns.clone();
+    let require = |path: &str| url(env.pod("require"), path);
+    let redirected = counter(env, "guard_redirected_listener");
+
+    // Judged: no token -> 403, a bad token -> 401, demo.jwt -> 200, through the enforcer (token
+    // removed before the pod).
+    let (status, body) = env.node.curl(&node, "GET", &require("/"), &[]);
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    let (status, _) = env
+        .node
+        .curl(&node, "GET", &require("/"), &[&bearer("garbage")]);
+    assert_eq!(status, 401);
+    let demo = bearer(&sample("demo.jwt"));
+    let (status, body) = env.node.curl(&node, "GET", &require("/headers"), &[&demo]);
+    assert_eq!(status, 200, "{body}");
+    let got = seen(&body);
+    assert_eq!(got["uri"], "/headers", "{got}");
+    assert!(
+        got["headers"].get("authorization").is_none(),
+        "the enforcer removed the token: {got}"
+    );
+    assert!(
+        got["peer"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("{}:", nodeward_tests::netns::NODE_ADDR)),
+        "{got}"
+    );
+
+    // The probe path from the node: 200 without a token; the query does not matter.
+    for path in ["/healthz", "/healthz?verbose=1"] {
+        let (status, body) = env.node.curl(&node, "GET", &require(path), &[]);
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(seen(&body)["uri"], path, "the pod got the probe as sent");
+    }
+    // Anything else from the node is judged: another method, a longer path, another path.
+    for (method, path) in [
+        ("POST", "/healthz"),
+        ("GET", "/healthz/x"),
+        ("GET", "/metrics"),
+    ] {
+        let (status, body) = env.node.curl(&node, method, &require(path), &[]);
+        assert_eq!(
+            (status, body.as_str()),
+            (403, "RBAC: access denied"),
+            "{method} {path}"
+        );
+    }
+    // The same probe path from a pod is judged (the exemption is the node's only).
+    let (status, body) = env.curl_short("sleep", "GET", "require", "/healthz");
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    assert!(counter(env, "guard_redirected_listener") > redirected);
+
+    // A TCP probe port: plain TCP from the node reaches the pod (its HTTP server answers the
+    // garbage with 400); from a pod the enforcer closes it (an ALLOW on principals; `sleep` is
+    // known, so use the unregistered `stranger`).
+    let answer = raw_tcp(env, &node, "web");
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "node, TCP probe: {answer:?}"
+    );
+    let answer = raw_tcp(env, &env.pod("stranger").netns, "web");
+    assert_eq!(
+        answer, "",
+        "a pod's plain TCP to the probe port is judged and closed"
+    );
+
+    let log = env.log();
+    let probe_lines = log
+        .lines()
+        .filter(|l| {
+            l.contains("reason=probe")
+                && l.contains(&format!("source={}:", nodeward_tests::netns::NODE_ADDR))
+        })
+        .count();
+    assert!(
+        probe_lines >= 3,
+        "access log lines with reason=probe from the node: {probe_lines}\n{log}"
+    );
+}
+
+/// Policies of the node-traffic tests: as [`fast_path_policies`].
+fn start_node_traffic(test: &str, extra: &[&str]) -> Env {
+    start(
+        test,
+        &[
+            ("require", 11, Some("httpbin-jwt")),
+            ("web", 12, Some("web")),
+            ("stranger", 21, None),
+        ],
+        &fast_path_policies(),
+        extra,
+    )
+}
+
+/// The node's own traffic (a host process, the kubelet) into protected pods goes through the
+/// enforcer: judged, with only the declared probe endpoints exempt, only from the node.
+#[test]
+fn node_traffic_is_judged_and_only_probes_pass() {
+    let env = start_node_traffic("node-traffic", &[]);
+    add_probes(&env);
+    node_traffic_answers(&env);
+    bypass_refused(&env);
+    a_pod_cannot_pose_as_the_node(&env);
+}
+
+/// A pod that sends from the node's address (it owns it inside its own namespace) does not get
+/// the probe exemption: the node's kernel drops a packet with a local source address that
+/// arrives on a pod's interface (a martian), before any socket sees it.
+fn a_pod_cannot_pose_as_the_node(env: &Env) {
+    let node_addr = nodeward_tests::netns::NODE_ADDR.to_string();
+    let stranger = env.pod("stranger").netns.clone();
+    let status = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &stranger,
+            "addr",
+            "add",
+            &format!("{node_addr}/32"),
+            "dev",
+            "lo",
+        ])
+        .status()
+        .expect("ip addr add");
+    assert!(status.success());
+    let target = url(env.pod("require"), "/healthz");
+    let out = env.node.exec(
+        &stranger,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            SHORT,
+            "--interface",
+            &node_addr,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &target,
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "000",
+        "a pod spoofing the node's address got an answer to the probe path"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "curl timed out (its SYN went unanswered), rather than failing to bind: {out:?}"
+    );
+}
+
+/// With the agent killed, the node's traffic follows `--failure-mode` like a pod's: closed
+/// drops it, open lets it through unjudged; a restart judges it again.
+fn node_traffic_without_agent(mode: &str) {
+    let mut env = start_node_traffic(&format!("node-down-{mode}"), &["--failure-mode", mode]);
+    add_probes(&env);
+    let target = url(env.pod("require"), "/");
+    env.kill_agent();
+    let (status, body) = env.node.curl(&env.node.netns, "GET", &target, &[]);
+    if mode == "closed" {
+        assert_eq!(status, 0, "fail closed: no answer, got {status} {body}");
+    } else {
+        assert_eq!(status, 200, "fail open: the pod answers: {body}");
+        let got = seen(&body);
+        assert_eq!(got["uri"], "/", "{got}");
+    }
+    env.start_agent();
+    if mode == "closed" {
+        // The pinned counters survived the crash: guard dropped the node's SYNs.
+        assert!(counter(&env, "guard_dropped_failure_closed") > 0);
+    } else {
+        assert!(counter(&env, "guard_passed_failure_open") > 0);
+    }
+    let (status, body) = env.node.curl(&env.node.netns, "GET", &target, &[]);
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
+}
+
+#[test]
+fn node_traffic_fails_closed_without_the_agent() {
+    node_traffic_without_agent("closed");
+}
+
+#[test]
+fn node_traffic_fails_open_without_the_agent() {
+    node_traffic_without_agent("open");
 }

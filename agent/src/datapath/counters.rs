@@ -46,9 +46,14 @@ pub struct Counters {
     pub guard_passed_enforcer: u64,
     /// `guard`: packets that are not new flows, passed.
     pub guard_passed_not_new: u64,
-    /// `guard`: new flows that were not steered while the enforcer is up: bypass attempts,
-    /// dropped.
+    /// `guard`: new flows forwarded from an interface `steer` is not on while the enforcer is up:
+    /// bypass attempts, dropped (also a refused redirect to `lo`).
     pub guard_dropped_bypass: u64,
+    /// `guard`: new flows from the node itself while the enforcer is up, redirected to `lo`
+    /// ingress where `steer` steers them.
+    pub guard_redirected_listener: u64,
+    /// `guard`: packets of flows the enforcer holds, redirected to `lo` ingress.
+    pub guard_redirected_established: u64,
     /// `guard`: new flows dropped for want of a listener (failure mode closed).
     pub guard_dropped_failure_closed: u64,
     /// `guard`: new flows passed for want of a listener (failure mode open).
@@ -92,6 +97,8 @@ impl Counters {
             guard_passed_enforcer: at(counter::GUARD_PASSED_ENFORCER),
             guard_passed_not_new: at(counter::GUARD_PASSED_NOT_NEW),
             guard_dropped_bypass: at(counter::GUARD_DROPPED_BYPASS),
+            guard_redirected_listener: at(counter::GUARD_REDIRECTED_LISTENER),
+            guard_redirected_established: at(counter::GUARD_REDIRECTED_ESTABLISHED),
             guard_dropped_failure_closed: at(counter::GUARD_DROPPED_FAILURE_CLOSED),
             guard_passed_failure_open: at(counter::GUARD_PASSED_FAILURE_OPEN),
             guard_dropped_malformed: at(counter::GUARD_DROPPED_MALFORMED),
@@ -162,6 +169,11 @@ impl Counters {
             (
                 "fastpath_sockets_unsteered",
                 self.fastpath_sockets_unsteered,
+            ),
+            ("guard_redirected_listener", self.guard_redirected_listener),
+            (
+                "guard_redirected_established",
+                self.guard_redirected_established,
             ),
         ]
     }

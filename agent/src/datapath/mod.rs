@@ -9,8 +9,9 @@
 //! - policy routing: `ip rule add fwmark <steer_mark>/<steer_mark> lookup <table> pref <prio>`
 //!   and `ip route add local 0.0.0.0/0 dev lo table <table>`, so packets `steer` marked are
 //!   delivered to the node's stack, where `bpf_sk_assign` put their socket (the enforcer's);
-//! - `steer` on the TC ingress of every interface but loopback (pods' host-side veths and
-//!   uplinks), each attachment a pinned TCX link;
+//! - `steer` on the TC ingress of every interface (pods' host-side veths, uplinks, and `lo`,
+//!   where `guard` redirects the node's own flows into protected pods), each attachment a pinned
+//!   TCX link;
 //! - with [`DatapathConfig::fast_path`], the same-node fast path: `fastpath_sockops` on that
 //!   cgroup v2 (a pinned cgroup link) and `fastpath_msg` on the `FAST_PATH_SOCKETS` sock hash
 //!   (see `fastpath.rs`); without it, none of that stays attached, also from a previous run.
@@ -202,6 +203,7 @@ impl Datapath {
 
         // Routing before programs: a packet marked by a new program is delivered locally.
         install_routing(&mut netlink, &config, table_default)?;
+        accept_local_on_loopback();
 
         let fast_path = if let Some(cgroup) = &config.fast_path {
             Some(fastpath::start(&mut ebpf, &layout, cgroup)?)
@@ -343,7 +345,8 @@ impl Datapath {
             }
         }
 
-        for interface in interfaces.iter().filter(|i| !i.loopback) {
+        // `lo` included: `guard` redirects the node's own flows into protected pods there.
+        for interface in &interfaces {
             for hook in [Hook::Steer, Hook::Guard] {
                 attachments.rename(hook, interface.index, &interface.name);
             }
@@ -544,7 +547,7 @@ impl Datapath {
             let interface = parsed.and_then(|(hook, ifindex)| {
                 interfaces
                     .iter()
-                    .find(|i| i.index == ifindex && !i.loopback)
+                    .find(|i| i.index == ifindex && (hook == Hook::Steer || !i.loopback))
                     .map(|i| (hook, i))
             });
             if let Some((hook, interface)) = interface {
@@ -645,6 +648,31 @@ fn table_default(netlink: &mut Netlink, table: u32) -> Result<TableDefault, Data
             format!("listing routes of table {table}"),
             source,
         )),
+    }
+}
+
+/// Where the node's own flows into protected pods become deliverable on `lo` (see below).
+const LOOPBACK_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
+
+/// Sets `net.ipv4.conf.lo.accept_local=1` in the node's namespace. `guard` redirects the node's
+/// own flows into protected pods to `lo` ingress; they arrive there without a route, so the
+/// kernel checks their source, a local address, and without `accept_local` drops them as martians
+/// (`fib_validate_source`; measured: `in_martian_src` in `/proc/net/stat/rt_cache`). Ordinary
+/// loopback packets keep their route and are never checked, so the setting only concerns packets
+/// injected into `lo`'s ingress. It stays set after a stop (a crashed run's programs keep
+/// redirecting). Where it cannot be set (a read-only `/proc/sys`), the node's traffic to
+/// protected pods is dropped, as before this existed: logged as an error, not fatal.
+fn accept_local_on_loopback() {
+    match std::fs::read_to_string(LOOPBACK_ACCEPT_LOCAL) {
+        Ok(value) if value.trim() == "1" => return,
+        Ok(_) | Err(_) => {}
+    }
+    if let Err(e) = std::fs::write(LOOPBACK_ACCEPT_LOCAL, "1") {
+        tracing::error!(
+            path = LOOPBACK_ACCEPT_LOCAL,
+            error = %e,
+            "cannot enable accept_local on lo: connections from the node itself (kubelet probes, host processes) to protected pods will be dropped instead of judged; make /proc/sys writable for the agent or set net.ipv4.conf.lo.accept_local=1 on the node"
+        );
     }
 }
 

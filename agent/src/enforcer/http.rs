@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::inspect::{HeadFlags, Inspect};
+use super::probe;
 use super::sniff::Protocol;
 use super::{unix_now, ConnectionInfo, Enforcer};
 use crate::authn::rules::rewrite;
@@ -278,6 +279,24 @@ impl Enforcer {
 
         // Authentication (Envoy's jwt_authn runs before RBAC).
         let method = req.method().clone();
+        let attempt = probe::Attempt::Http {
+            method: &method,
+            path: &normalized.path,
+        };
+        if self.is_probe(&workload.workload, &info, attempt) {
+            let judged = Judged {
+                decision: "allow",
+                status: 0,
+                reason: "probe".into(),
+                policy: None,
+                principal: None,
+            };
+            strip_hop_by_hop(req.headers_mut(), false);
+            let target = normalized.path_and_query();
+            return self
+                .forward(req, info, h2, false, &host, &target, judged)
+                .await;
+        }
         let parts = RequestParts {
             method: &method,
             headers: req.headers(),

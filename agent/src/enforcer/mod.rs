@@ -9,6 +9,7 @@
 
 mod http;
 mod inspect;
+pub mod probe;
 pub mod sniff;
 mod tcp;
 pub mod upstream;
@@ -92,6 +93,8 @@ pub struct Enforcer {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: EnforcerConfig,
     pub(crate) upstream: Upstream,
+    /// The node's own addresses, for the probe exemption ([`probe`]).
+    pub(crate) node: probe::NodeAddresses,
 }
 
 /// One accepted connection as the enforcer sees it.
@@ -138,6 +141,7 @@ impl Enforcer {
             metrics,
             config,
             upstream,
+            node: probe::NodeAddresses::default(),
         })
     }
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::probe::Attempt;
 use super::{ConnectionInfo, Enforcer};
 use crate::authz::Request;
 use crate::metrics::{RequestLabels, SharedLabel};
@@ -28,6 +29,9 @@ pub(super) async fn serve(
         .map_or_else(super::no_workload, |w| w.id.clone());
     let (allow, reason, policy) = match &workload {
         None => (false, "unknown_destination", None),
+        Some(view) if sni.is_none() && enforcer.is_probe(&view.workload, &info, Attempt::Tcp) => {
+            (true, "probe", None)
+        }
         Some(view) => {
             let request = Request {
                 source: snapshot.peer(info.peer.ip()),

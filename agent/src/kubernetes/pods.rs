@@ -4,14 +4,19 @@
 //!   as a [`Workload`] the enforcer protects. Only Running pods with an IP and their own
 //!   network namespace are steered; the host-side interface is left to the datapath, which
 //!   finds it from the route to the pod's IP (`Datapath::interface_for`).
+//!   Its kubelet probes (`httpGet` over HTTP and `tcpSocket` of every container's liveness,
+//!   readiness and startup probe) become the workload's `probes`: the only requests from the
+//!   node itself that the enforcer lets through unjudged, as Istio's sidecar does with its
+//!   probe rewrite. HTTPS and gRPC probes, and probes sent to another `host`, are not exempt.
 //! - Every pod of the cluster ([`identity`]): its IPs, namespace and service account, for the
 //!   source identity of its traffic.
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod, Probe as PodProbe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::state::workloads::DEFAULT_SERVICE_ACCOUNT;
+use crate::state::workloads::{Probe, DEFAULT_SERVICE_ACCOUNT};
 use crate::state::{normalize_ip, Workload};
 
 /// Why a pod of this node is not steered.
@@ -121,7 +126,68 @@ pub fn local_workload(pod: &Pod) -> Result<Workload, NotSteered> {
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         ip,
         interface: None,
+        probes: probes(pod),
     })
+}
+
+/// The kubelet's probes of the pod that the enforcer can recognise: `httpGet` with scheme HTTP
+/// (path without its query) and `tcpSocket`, on a numeric port or a port named by the
+/// container, without a `host` of their own; in the order the spec lists them, duplicates
+/// removed.
+fn probes(pod: &Pod) -> Vec<Probe> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    let containers = spec.init_containers.iter().flatten().chain(&spec.containers);
+    let mut out: Vec<Probe> = Vec::new();
+    for container in containers {
+        let kinds = [
+            &container.liveness_probe,
+            &container.readiness_probe,
+            &container.startup_probe,
+        ];
+        for probe in kinds.into_iter().flatten() {
+            if let Some(probe) = probe_of(container, probe) {
+                if !out.contains(&probe) {
+                    out.push(probe);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn probe_of(container: &Container, probe: &PodProbe) -> Option<Probe> {
+    if let Some(get) = &probe.http_get {
+        let plain = get.scheme.as_deref().is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
+        if !plain || get.host.as_deref().is_some_and(|h| !h.is_empty()) {
+            return None;
+        }
+        let port = port_of(container, &get.port)?;
+        let path = get.path.as_deref().unwrap_or("/");
+        let path = path.split_once('?').map_or(path, |(path, _)| path);
+        return Probe::http(port, if path.is_empty() { "/" } else { path }).ok();
+    }
+    if let Some(tcp) = &probe.tcp_socket {
+        if tcp.host.as_deref().is_some_and(|h| !h.is_empty()) {
+            return None;
+        }
+        return Probe::tcp(port_of(container, &tcp.port)?).ok();
+    }
+    None
+}
+
+/// A probe's port: a number, or the name of one of the container's ports.
+fn port_of(container: &Container, port: &IntOrString) -> Option<u16> {
+    match port {
+        IntOrString::Int(number) => u16::try_from(*number).ok(),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
 }
 
 /// A pod of the cluster as a source identity, when its addresses are its own: Pending

@@ -8,7 +8,16 @@
 //!     labels: {app: httpbin, version: v1}
 //!     ip: 10.0.0.12                # IPv4 or IPv6 (required)
 //!     interface: veth-httpbin      # host-side interface of the pod; optional
+//!     probes:                      # optional: the kubelet's probe endpoints (see below)
+//!       - {port: 8080, path: /healthz}   # HTTP: GET of exactly this path
+//!       - {port: 9000}                   # TCP: a plain TCP connection to this port
 //! ```
+//!
+//! `probes` are the only requests the enforcer lets through without authentication and
+//! authorization, and only from the node's own addresses (`enforcer::probe`): what the kubelet
+//! needs to keep the pod alive. A path is written in normal form (as the enforcer normalizes
+//! requests: `.`/`..` resolved, no `%`-escapes of unreserved characters), without query or
+//! fragment; it is compared exactly.
 //!
 //! Entries whose IP is not on this node still give source identity (namespace, service
 //! account) to their traffic. Every entry is checked on its own: an entry that breaks a rule
@@ -49,6 +58,75 @@ pub struct Workload {
     /// The host-side interface of the pod, when the file names it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
+    /// The pod's probe endpoints (standalone: the file's `probes`; Kubernetes: the pod's
+    /// httpGet/tcpSocket liveness, readiness and startup probes). Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<Probe>,
+}
+
+/// One probe endpoint of a pod: an HTTP `GET` of `path` on `port`, or (no `path`) a plain TCP
+/// connection to `port`. Build it with [`Probe::http`] or [`Probe::tcp`], which check it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Probe {
+    /// The pod's TCP port the probe connects to (1-65535).
+    pub port: u16,
+    /// The HTTP path, in normal form, without query; `None` for a TCP probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl Probe {
+    /// A TCP probe of `port`; port 0 is refused.
+    pub fn tcp(port: u16) -> Result<Self, ProbeProblem> {
+        if port == 0 {
+            return Err(ProbeProblem::Port);
+        }
+        Ok(Self { port, path: None })
+    }
+
+    /// An HTTP probe: `GET path` on `port`. The path must start with `/`, have no query,
+    /// fragment, whitespace or control characters, and be in normal form (what
+    /// [`crate::authz::path::normalize`] with Istio's default `BASE` makes of it), since requests
+    /// are compared with it exactly after normalization.
+    pub fn http(port: u16, path: &str) -> Result<Self, ProbeProblem> {
+        let tcp = Self::tcp(port)?;
+        let bad = |why: &'static str| ProbeProblem::Path {
+            path: path.to_owned(),
+            why,
+        };
+        if !path.starts_with('/') {
+            return Err(bad("must start with '/'"));
+        }
+        if path.contains(['?', '#']) {
+            return Err(bad(
+                "no query or fragment: the query of a probe request is ignored when matching",
+            ));
+        }
+        if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("no whitespace or control characters"));
+        }
+        match crate::authz::path::normalize(path, crate::authz::path::Normalization::Base) {
+            Ok(normal) if normal.path == path => Ok(Self {
+                path: Some(path.to_owned()),
+                ..tcp
+            }),
+            Ok(_) => Err(bad(
+                "not in normal form ('.'/'..' segments, '\\', or %-escapes the enforcer rewrites)",
+            )),
+            Err(_) => Err(bad("not a valid request path")),
+        }
+    }
+}
+
+/// What is wrong with one `probes` entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeProblem {
+    /// Port 0 (the schema already refuses values outside 0-65535).
+    #[error("port must be 1 to 65535")]
+    Port,
+    /// An HTTP path that cannot be compared with normalized requests.
+    #[error("path {path:?}: {why}")]
+    Path { path: String, why: &'static str },
 }
 
 impl Workload {
@@ -116,6 +194,9 @@ pub enum WorkloadProblem {
         what: &'static str,
         why: &'static str,
     },
+    /// A `probes` entry is invalid.
+    #[error("{0}")]
+    Probe(ProbeProblem),
     /// An earlier entry already has this IP; the earlier one is kept.
     #[error("{ip} is already the address of workloads[{index}] ({entry})")]
     DuplicateIp {
@@ -287,6 +368,15 @@ struct RawEntry {
     labels: Option<BTreeMap<String, String>>,
     ip: Option<String>,
     interface: Option<String>,
+    probes: Option<Vec<RawProbe>>,
+}
+
+/// A `probes` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    port: u16,
+    path: Option<String>,
 }
 
 /// One entry checked; every problem it has, each with its field.
@@ -356,6 +446,8 @@ fn entry(value: &serde_yaml::Value) -> Result<Workload, Vec<(String, WorkloadPro
         );
     }
 
+    let probes = probes(raw.probes.unwrap_or_default(), &mut problems);
+
     let ip = ip_text.and_then(|text| match text.parse::<IpAddr>() {
         Err(_) => {
             problems.push(("ip".into(), WorkloadProblem::Ip(text)));
@@ -380,9 +472,33 @@ fn entry(value: &serde_yaml::Value) -> Result<Workload, Vec<(String, WorkloadPro
             labels,
             ip,
             interface: raw.interface,
+            probes,
         }),
         _ => Err(problems),
     }
+}
+
+/// The `probes` of an entry checked: the valid ones, and a problem (with its field) for each
+/// other.
+fn probes(raw: Vec<RawProbe>, problems: &mut Vec<(String, WorkloadProblem)>) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let probe = match &raw.path {
+            Some(path) => Probe::http(raw.port, path),
+            None => Probe::tcp(raw.port),
+        };
+        match probe {
+            Ok(probe) => probes.push(probe),
+            Err(problem) => {
+                let field = match problem {
+                    ProbeProblem::Port => format!("probes[{i}].port"),
+                    ProbeProblem::Path { .. } => format!("probes[{i}].path"),
+                };
+                problems.push((field, WorkloadProblem::Probe(problem)));
+            }
+        }
+    }
+    probes
 }
 
 fn unicast(ip: IpAddr) -> bool {
@@ -548,6 +664,7 @@ mod tests {
                     .collect(),
                 ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 12)),
                 interface: Some("veth-httpbin".into()),
+                probes: vec![],
             }]
         );
     }
@@ -645,6 +762,78 @@ mod tests {
         ));
         assert_eq!(load.errors, vec![]);
         assert_eq!(load.workloads.len(), 1);
+    }
+
+    #[test]
+    fn probes_http_and_tcp() {
+        let load = one(&format!(
+            "{BASE}, probes: [{{port: 8080, path: /healthz}}, {{port: 9000}}, {{port: 8080, path: '/ready/now'}}]"
+        ));
+        assert_eq!(load.errors, vec![]);
+        assert_eq!(
+            load.workloads[0].probes,
+            vec![
+                Probe::http(8080, "/healthz").expect("valid"),
+                Probe::tcp(9000).expect("valid"),
+                Probe {
+                    port: 8080,
+                    path: Some("/ready/now".into())
+                },
+            ]
+        );
+        assert_eq!(
+            load.workloads[0].probes[1].path, None,
+            "no path: a TCP probe"
+        );
+        assert!(
+            one(BASE).workloads[0].probes.is_empty(),
+            "probes default to none"
+        );
+    }
+
+    #[test_case("{port: 0}", "probes[0].port", None ; "port 0 is not a port")]
+    #[test_case("{port: 8080, path: healthz}", "probes[0].path", Some("must start with '/'") ; "relative path")]
+    #[test_case("{port: 8080, path: '/healthz?full=1'}", "probes[0].path", Some("no query or fragment: the query of a probe request is ignored when matching") ; "query refused: it is ignored when matching")]
+    #[test_case("{port: 8080, path: '/a#b'}", "probes[0].path", Some("no query or fragment: the query of a probe request is ignored when matching") ; "fragment refused")]
+    #[test_case("{port: 8080, path: '/a/../healthz'}", "probes[0].path", Some("not in normal form ('.'/'..' segments, '\\', or %-escapes the enforcer rewrites)") ; "dot segments: never equal to a normalized request")]
+    #[test_case("{port: 8080, path: '/%68ealthz'}", "probes[0].path", Some("not in normal form ('.'/'..' segments, '\\', or %-escapes the enforcer rewrites)") ; "escaped unreserved character")]
+    #[test_case("{port: 8080, path: '/a b'}", "probes[0].path", Some("no whitespace or control characters") ; "whitespace")]
+    #[test_case("{port: 8080, path: '/a%00'}", "probes[0].path", Some("not a valid request path") ; "NUL escape refused like in requests")]
+    fn probe_problems(probe: &str, field: &str, why: Option<&str>) {
+        let load =
+            one(&format!("{BASE}, probes: [{{port: 9000}}, {probe}]")
+                .replace("probes[0]", "probes[1]"));
+        assert!(
+            load.workloads.is_empty(),
+            "a bad probe rejects its entry: {:?}",
+            load.workloads
+        );
+        assert_eq!(load.errors.len(), 1, "{:?}", load.errors);
+        assert_eq!(
+            load.errors[0].field,
+            field.replace("probes[0]", "probes[1]"),
+            "{}",
+            load.errors[0]
+        );
+        match (&load.errors[0].problem, why) {
+            (WorkloadProblem::Probe(ProbeProblem::Port), None) => {}
+            (WorkloadProblem::Probe(ProbeProblem::Path { why: w, .. }), Some(why)) => {
+                assert_eq!(*w, why);
+            }
+            (other, _) => panic!("unexpected problem {other:?}"),
+        }
+    }
+
+    #[test_case("probes: [{port: 70000}]", "probes[0].port" ; "port beyond 65535")]
+    #[test_case("probes: [{port: 80, method: POST}]", "probes[0].method" ; "unknown field in a probe, named")]
+    #[test_case("probes: [{path: /healthz}]", "probes[0]" ; "port is required")]
+    #[test_case("probes: {port: 80}", "probes" ; "probes must be a list")]
+    fn probe_schema(fields: &str, field: &str) {
+        let load = one(&format!("{BASE}, {fields}"));
+        assert!(load.workloads.is_empty());
+        assert_eq!(load.errors.len(), 1, "{:?}", load.errors);
+        assert_eq!(load.errors[0].field, field, "{}", load.errors[0]);
+        assert!(matches!(load.errors[0].problem, WorkloadProblem::Schema(_)));
     }
 
     #[test]

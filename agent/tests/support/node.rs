@@ -152,6 +152,7 @@ pub fn workload(name: &str, ip: &str, labels: &[(&str, &str)]) -> Arc<Workload> 
             .collect::<BTreeMap<_, _>>(),
         ip: ip.parse().expect("ip"),
         interface: None,
+        probes: Vec::new(),
     })
 }
 
