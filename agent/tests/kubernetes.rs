@@ -199,7 +199,10 @@ fn pods_translate_to_steered_workloads_and_identities() {
 fn the_kubelets_plain_http_and_tcp_probes_become_the_workloads_probes() {
     let mut value = pod("foo", "httpbin", NODE, Some("10.244.1.7"), "Running");
     let running = typed_pod(pod("foo", "httpbin", NODE, Some("10.244.1.7"), "Running"));
-    assert!(pods::local_workload(&running).expect("steered").probes.is_empty());
+    assert!(pods::local_workload(&running)
+        .expect("steered")
+        .probes
+        .is_empty());
     value["spec"]["initContainers"] = json!([{
         "name": "sidecar", "image": "proxy", "restartPolicy": "Always",
         "ports": [{"name": "admin", "containerPort": 9901}],
@@ -214,16 +217,22 @@ fn the_kubelets_plain_http_and_tcp_probes_become_the_workloads_probes() {
     // Repeated, HTTPS, another host, gRPC, a port name nobody declares: not exempt.
     value["spec"]["containers"][0]["startupProbe"] =
         json!({"httpGet": {"path": "/healthz", "port": 80}});
-    value["spec"]["containers"].as_array_mut().unwrap().push(json!({
-        "name": "other", "image": "x",
-        "livenessProbe": {"httpGet": {"path": "/tls", "port": 8443, "scheme": "HTTPS"}},
-        "readinessProbe": {"httpGet": {"path": "/far", "port": 8080, "host": "10.0.0.9"}},
-        "startupProbe": {"grpc": {"port": 9090}}
-    }));
-    value["spec"]["containers"].as_array_mut().unwrap().push(json!({
-        "name": "third", "image": "x",
-        "livenessProbe": {"tcpSocket": {"port": "undeclared"}}
-    }));
+    value["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({
+            "name": "other", "image": "x",
+            "livenessProbe": {"httpGet": {"path": "/tls", "port": 8443, "scheme": "HTTPS"}},
+            "readinessProbe": {"httpGet": {"path": "/far", "port": 8080, "host": "10.0.0.9"}},
+            "startupProbe": {"grpc": {"port": 9090}}
+        }));
+    value["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({
+            "name": "third", "image": "x",
+            "livenessProbe": {"tcpSocket": {"port": "undeclared"}}
+        }));
     let workload = pods::local_workload(&typed_pod(value)).expect("steered");
     let probes: Vec<(u16, Option<&str>)> = workload
         .probes

@@ -84,6 +84,7 @@ impl Drop for TempDir {
 /// example policies (GET allowed for known workloads, POST denied) and a workloads file.
 struct Env {
     node: TestNode,
+    cgroup: PathBuf,
     bpffs: Bpffs,
     dir: TempDir,
     target: String,
@@ -92,6 +93,9 @@ struct Env {
 
 fn env(name: &str) -> Env {
     let mut node = TestNode::new();
+    // The agent's defaults include the fast path: its sock_ops program goes on this node's own
+    // cgroup v2 (the DaemonSet's is the node's root), never the machine's.
+    let cgroup = node.use_cgroup();
     let bpffs = Bpffs::mount(name);
     let dir =
         TempDir(std::env::temp_dir().join(format!("nodeward-cap-{}-{name}", std::process::id())));
@@ -108,6 +112,7 @@ fn env(name: &str) -> Env {
     std::fs::write(dir.0.join("workloads.yaml"), workloads).expect("write");
     Env {
         node,
+        cgroup,
         bpffs,
         dir,
         target: format!("http://{}:8000/get", pod.ip),
@@ -136,6 +141,8 @@ impl Env {
             self.dir.0.join("workloads.yaml").display().to_string(),
             "--bpf-pin-dir".to_owned(),
             self.bpffs.pin_dir().display().to_string(),
+            "--cgroup".to_owned(),
+            self.cgroup.display().to_string(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let netns = self.node.netns.clone();

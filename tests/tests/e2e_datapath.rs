@@ -216,8 +216,17 @@ impl Env {
 /// `pods` (HTTP servers on port 8000); writes the workloads and `policies` (`{JWKS}` stands for
 /// the JWKS URI) into a temp dir; starts `nodeward run` with a pin dir of its own plus `extra`
 /// arguments; waits for /readyz.
+/// The agent runs with its defaults, the fast path included: its `sock_ops` program goes on a
+/// cgroup v2 made for the node (every process of the node joins it), never the machine's root.
 fn start(test: &str, pods: &[PodSpec], policies: &str, extra: &[&str]) -> Env {
-    start_on(TestNode::new(), test, pods, policies, extra)
+    let mut node = TestNode::new();
+    let cgroup = node.use_cgroup();
+    let cgroup = cgroup.to_str().expect("utf-8").to_owned();
+    let extra: Vec<&str> = ["--cgroup", cgroup.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    start_on(node, test, pods, policies, &extra)
 }
 
 /// [`start`] on a node made by the caller (e.g. one with its own cgroup).

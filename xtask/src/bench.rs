@@ -88,7 +88,8 @@ pub struct Args {
     /// Requests per second of the fixed-rate run.
     #[arg(long, default_value_t = 1000)]
     rate: u32,
-    /// Only these rows (by key: direct, unprotected, enforced, haproxy, enforced-cold).
+    /// Only these rows (by key: direct, unprotected, enforced, enforced-nofast, haproxy,
+    /// enforced-cold).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also record the agent/HAProxy with `perf record -g` during each closed loop
@@ -160,10 +161,19 @@ fn rows() -> Vec<Row> {
         },
         Row {
             key: "enforced",
-            title: "3. nodeward enforcing, same token",
+            title: "3. nodeward enforcing, same token (defaults: fast path on)",
             proxy: Proxy::Agent(AgentRow {
                 policies: Policies::Enforce,
                 extra_args: &[],
+            }),
+            tokens: Tokens::Same,
+        },
+        Row {
+            key: "enforced-nofast",
+            title: "3b. nodeward enforcing, same token, fast path off",
+            proxy: Proxy::Agent(AgentRow {
+                policies: Policies::Enforce,
+                extra_args: &["--fast-path", "off"],
             }),
             tokens: Tokens::Same,
         },
@@ -279,6 +289,8 @@ struct Bench<'a> {
     nodeward: PathBuf,
     // Dropped before `dir` (fields drop in order): processes and namespaces first.
     node: TestNode,
+    /// The node's cgroup v2, the agent's `--cgroup`.
+    cgroup: PathBuf,
     dir: TempDir,
     server: Pod,
     client: Pod,
@@ -318,6 +330,10 @@ impl<'a> Bench<'a> {
         let dir = TempDir(dir);
         println!("==> building the bench node: a node namespace, a server pod, a client pod");
         let mut node = TestNode::new();
+        // Every process of the bench (nginx, wrk, HAProxy, the agent) runs in a cgroup v2 of
+        // the node's own, so the fast-path rows attach `sock_ops` there, never to the
+        // machine's root cgroup, and every row runs under the same accounting.
+        let cgroup = node.use_cgroup();
         let server = node.add_pod(SERVER.0, SERVER.1);
         let client = node.add_pod(CLIENT.0, CLIENT.1);
         let conf = write_nginx_conf(&dir.0, &server)?;
@@ -339,6 +355,7 @@ impl<'a> Bench<'a> {
             out: out.to_path_buf(),
             nodeward,
             node,
+            cgroup,
             dir,
             server,
             client,
@@ -601,6 +618,8 @@ impl<'a> Bench<'a> {
             path_str(&self.path("inputs/workloads.yaml"))?.to_owned(),
             "--bpf-pin-dir".into(),
             PIN_DIR.into(),
+            "--cgroup".into(),
+            path_str(&self.cgroup)?.to_owned(),
         ];
         command.extend(agent.extra_args.iter().map(|&a| a.to_owned()));
         println!("    nodeward {}", command.join(" "));

@@ -167,6 +167,9 @@ pub fn run() -> Result<()> {
     let bpffs_before = system::bpffs_mounted(system::BPFFS);
     println!("==> building the demo node: a node namespace and pods on veths (10.200.0.0/24)");
     let mut node = TestNode::new();
+    // The demo node's processes share a cgroup v2 of their own: the agent's fast path
+    // (`sock_ops`, on by default) attaches there, not to this machine's root cgroup.
+    let cgroup = node.use_cgroup();
     let mut pods = Vec::new();
     for (name, index) in PODS {
         let pod = node.add_pod(name, *index);
@@ -178,7 +181,7 @@ pub fn run() -> Result<()> {
     let pin_dir = "/sys/fs/bpf/nodeward-demo";
     let policies = root.join("examples/policies");
     let workloads = root.join("examples/workloads.yaml");
-    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml (in the node namespace, data path on)");
+    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml (in the node namespace, data path and fast path on; --cgroup: the node's own)");
     let node_ns = node.netns.clone();
     let agent = node.spawn(
         &node_ns,
@@ -191,6 +194,8 @@ pub fn run() -> Result<()> {
             workloads.to_str().context("workloads path is not UTF-8")?,
             "--bpf-pin-dir",
             pin_dir,
+            "--cgroup",
+            cgroup.to_str().context("cgroup path is not UTF-8")?,
         ],
     );
     wait_ready(&node)?;

@@ -159,11 +159,12 @@ pub struct RunArgs {
     pub datapath: DatapathMode,
     /// The same-node fast path: bytes between the enforcer and pods of this node go from socket
     /// to socket (`sock_ops` + `sk_msg`), skipping the TCP/IP stack; connections still open
-    /// through the steering, and every request is still judged. Needs `--datapath on`. `off`
-    /// (the default until the benchmark decides) leaves none of it attached, also when a
-    /// previous run left it.
-    #[arg(long, env = "NODEWARD_FAST_PATH", value_enum, default_value_t = FastPathMode::Off)]
-    pub fast_path: FastPathMode,
+    /// through the steering, and every request is still judged. Default: `on` with
+    /// `--datapath on` (`cargo xtask bench` measured it: see BENCHMARKS.md), off without a
+    /// data path; `on` with `--datapath off` is refused. `off` leaves none of it attached, also
+    /// when a previous run left it.
+    #[arg(long, env = "NODEWARD_FAST_PATH", value_enum, value_name = "on|off")]
+    pub fast_path: Option<FastPathMode>,
     /// The cgroup v2 directory the fast path's `sock_ops` program is attached to (sockets of
     /// processes in it and below are considered; only those of protected endpoints join).
     /// Default: the cgroup v2 root, as Cilium does: /sys/fs/cgroup, or on a hybrid hierarchy
@@ -545,6 +546,14 @@ fn start_state(
     })
 }
 
+/// `--fast-path` as given, else on exactly when the data path is.
+fn fast_path_mode(args: &RunArgs) -> FastPathMode {
+    args.fast_path.unwrap_or(match args.datapath {
+        DatapathMode::On => FastPathMode::On,
+        DatapathMode::Off => FastPathMode::Off,
+    })
+}
+
 fn datapath_config(args: &RunArgs) -> DatapathConfig {
     DatapathConfig {
         listener_port: args.listen.port(),
@@ -553,7 +562,7 @@ fn datapath_config(args: &RunArgs) -> DatapathConfig {
             FailureMode::Closed => crate::datapath::FailureMode::Closed,
             FailureMode::Open => crate::datapath::FailureMode::Open,
         },
-        fast_path: match args.fast_path {
+        fast_path: match fast_path_mode(args) {
             FastPathMode::On => Some(
                 args.cgroup
                     .clone()
@@ -654,7 +663,7 @@ fn run_agent(args: &RunArgs) -> Result<(), RunError> {
         )
     };
 
-    if args.fast_path == FastPathMode::On && args.datapath == DatapathMode::Off {
+    if args.fast_path == Some(FastPathMode::On) && args.datapath == DatapathMode::Off {
         return Err(RunError::FastPathWithoutDatapath);
     }
     let datapath = match args.datapath {
@@ -664,7 +673,7 @@ fn run_agent(args: &RunArgs) -> Result<(), RunError> {
             info!(
                 listener_port = args.listen.port(),
                 failure_mode = args.failure_mode.as_str(),
-                fast_path = ?args.fast_path,
+                fast_path = ?fast_path_mode(args),
                 "kernel data path attached"
             );
             Some(datapath)

@@ -138,7 +138,11 @@ fn probes(pod: &Pod) -> Vec<Probe> {
     let Some(spec) = pod.spec.as_ref() else {
         return Vec::new();
     };
-    let containers = spec.init_containers.iter().flatten().chain(&spec.containers);
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
     let mut out: Vec<Probe> = Vec::new();
     for container in containers {
         let kinds = [
@@ -159,7 +163,10 @@ fn probes(pod: &Pod) -> Vec<Probe> {
 
 fn probe_of(container: &Container, probe: &PodProbe) -> Option<Probe> {
     if let Some(get) = &probe.http_get {
-        let plain = get.scheme.as_deref().is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
+        let plain = get
+            .scheme
+            .as_deref()
+            .is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
         if !plain || get.host.as_deref().is_some_and(|h| !h.is_empty()) {
             return None;
         }
