@@ -382,7 +382,7 @@ mod tests {
             store: Arc::new(StateStore::new(snapshot)),
             jwks_metrics: JwksMetrics::new(jwks.clone()),
             jwks,
-            cache: TokenCache::new(16),
+            cache: TokenCache::new(64 * 1024),
             metrics: Arc::new(Metrics::new()),
             readiness: Arc::new(Readiness::new()),
             config: AgentConfig {

@@ -14,8 +14,18 @@ use sha2::{Digest, Sha256};
 use super::token::CLOCK_SKEW_SECS;
 use crate::authz::AuthInfo;
 
-/// Entries kept at most.
-pub const DEFAULT_CAPACITY: u64 = 10_000;
+/// Memory the cache may hold, in bytes as [`weight`] estimates them: about 4,000 tokens of a
+/// typical size (a payload of 300 characters), 40,000 small ones. Bounded by bytes, not
+/// entries, so large tokens cannot grow the agent: a miss only costs one verification.
+pub const DEFAULT_CAPACITY: u64 = 6 * 1024 * 1024;
+
+/// An entry's estimated heap size: the payload kept for `outputPayloadToHeader`, its decoded
+/// claims (a JSON map: about twice the payload's size with its strings and nodes) and the
+/// fixed parts (key, identity strings, moka's bookkeeping).
+fn weight(_: &TokenKey, value: &Arc<Verified>) -> u32 {
+    let payload = u32::try_from(value.payload_b64.len()).unwrap_or(u32::MAX);
+    payload.saturating_mul(3).saturating_add(512)
+}
 /// How long a token without `exp` stays cached.
 pub const NO_EXP_TTL: Duration = Duration::from_mins(5);
 
@@ -82,11 +92,13 @@ impl Default for TokenCache {
 }
 
 impl TokenCache {
+    /// A cache holding at most `capacity_bytes` (estimated: see [`DEFAULT_CAPACITY`]).
     #[must_use]
-    pub fn new(capacity: u64) -> Self {
+    pub fn new(capacity_bytes: u64) -> Self {
         Self {
             inner: Cache::builder()
-                .max_capacity(capacity)
+                .max_capacity(capacity_bytes)
+                .weigher(weight)
                 .expire_after(UntilExp)
                 .build(),
         }
@@ -112,5 +124,46 @@ impl TokenCache {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verified(payload_len: usize) -> Arc<Verified> {
+        Arc::new(Verified {
+            auth: AuthInfo::default(),
+            exp: None,
+            nbf: None,
+            payload_b64: "a".repeat(payload_len),
+            generation: 1,
+            rule: 0,
+        })
+    }
+
+    #[test]
+    fn the_cache_is_bounded_by_bytes_not_entries() {
+        // 64 KiB hold at most 46 entries of a 300-character payload (1,412 bytes each) and 2 of
+        // a 10,000-character one, whatever moka's admission policy keeps.
+        let capacity = 64 * 1024;
+        let cache = TokenCache::new(capacity);
+        for i in 0..500 {
+            cache.insert(TokenKey::new(&format!("small-{i}"), 0), verified(300));
+        }
+        assert!(cache.len() <= 46, "{} entries of 1.4 KB", cache.len());
+        for i in 0..500 {
+            cache.insert(TokenKey::new(&format!("big-{i}"), 0), verified(10_000));
+        }
+        cache.inner.run_pending_tasks();
+        assert!(
+            cache.inner.weighted_size() <= capacity,
+            "{} bytes held",
+            cache.inner.weighted_size()
+        );
+        let key = TokenKey::new("again", 0);
+        let cache = TokenCache::new(capacity);
+        cache.insert(key, verified(300));
+        assert_eq!(cache.get(&key).map(|v| v.payload_b64.len()), Some(300));
     }
 }

@@ -884,7 +884,7 @@ fn authenticate(
     let (keys, cache, jwks): (Box<dyn Keys + '_>, &TokenCache, Vec<String>) = match inputs {
         Inputs::Files { .. } => {
             let (keys, jwks) = remote_keys(rules, &parts)?;
-            fresh = TokenCache::new(16);
+            fresh = TokenCache::new(64 * 1024);
             (keys, &fresh, jwks)
         }
         Inputs::Live { jwks, cache, .. } => (
