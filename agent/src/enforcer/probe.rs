@@ -133,39 +133,15 @@ impl NodeAddresses {
 
 /// Every IPv4 and IPv6 address of every interface of the calling thread's network namespace.
 fn local_addresses() -> std::io::Result<HashSet<IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: `getifaddrs` writes a list it allocated into `head`, freed below.
-    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut addrs = HashSet::new();
-    let mut entry = head;
-    while !entry.is_null() {
-        // SAFETY: `entry` is a node of the list `getifaddrs` returned, alive until freed.
-        let ifa = unsafe { &*entry };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: `ifa_addr` points at a sockaddr whose family says its real type.
-            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-            if family == libc::AF_INET {
-                // SAFETY: an `AF_INET` address is a `sockaddr_in` (read unaligned: the list
-                // only promises a `sockaddr`'s alignment).
-                let sin =
-                    unsafe { std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in>()) };
-                addrs.insert(IpAddr::from(
-                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                ));
-            } else if family == libc::AF_INET6 {
-                // SAFETY: an `AF_INET6` address is a `sockaddr_in6` (read unaligned, as above).
-                let sin6 =
-                    unsafe { std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in6>()) };
-                addrs.insert(IpAddr::from(sin6.sin6_addr.s6_addr));
-            }
-        }
-        entry = ifa.ifa_next;
-    }
-    // SAFETY: `head` is the list `getifaddrs` allocated, freed once.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(addrs)
+    let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+    Ok(addrs
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|addr| {
+            addr.as_sockaddr_in()
+                .map(|sin| IpAddr::V4(sin.ip()))
+                .or_else(|| addr.as_sockaddr_in6().map(|sin6| IpAddr::V6(sin6.ip())))
+        })
+        .collect())
 }
 
 #[cfg(test)]
