@@ -29,7 +29,6 @@ use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, Notify};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -378,7 +377,14 @@ impl Kubernetes {
                 () = shared.shutdown.cancelled() => return,
                 () = shared.wake.notified() => {}
             }
-            if !settle(&shared.wake, debounce, &shared.shutdown).await {
+            if !crate::state::publish::settle(
+                &shared.wake,
+                debounce,
+                MAX_DEBOUNCE,
+                &shared.shutdown,
+            )
+            .await
+            {
                 return;
             }
             if !self.health.all_synced() {
@@ -399,24 +405,6 @@ impl Kubernetes {
             });
             if let Err(e) = rebuild.await {
                 warn!(error = %e, "rebuilding the state failed; the state in force keeps serving");
-            }
-        }
-    }
-}
-
-/// Waits until no change came for `debounce` (at most [`MAX_DEBOUNCE`]); `false` when shut
-/// down meanwhile.
-async fn settle(wake: &Notify, debounce: Duration, shutdown: &CancellationToken) -> bool {
-    let deadline = Instant::now() + MAX_DEBOUNCE;
-    loop {
-        let quiet = tokio::time::sleep_until((Instant::now() + debounce).min(deadline));
-        tokio::select! {
-            () = shutdown.cancelled() => return false,
-            () = quiet => return true,
-            () = wake.notified() => {
-                if Instant::now() >= deadline {
-                    return true;
-                }
             }
         }
     }

@@ -172,3 +172,28 @@ impl Publisher {
         }
     }
 }
+
+/// Waits until no change was signalled on `wake` for `debounce`, or until `max_wait` passed
+/// since the call (a steady stream of changes still publishes); `false` when shut down
+/// meanwhile. Both sources (files, Kubernetes watchers) batch their changes with it.
+pub async fn settle(
+    wake: &tokio::sync::Notify,
+    debounce: std::time::Duration,
+    max_wait: std::time::Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + max_wait;
+    loop {
+        let quiet =
+            tokio::time::sleep_until((tokio::time::Instant::now() + debounce).min(deadline));
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = quiet => return true,
+            () = wake.notified() => {
+                if tokio::time::Instant::now() >= deadline {
+                    return true;
+                }
+            }
+        }
+    }
+}

@@ -230,7 +230,9 @@ impl Standalone {
             let trigger = tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = wake.notified() => {
-                    if !settle(&wake, debounce, &shutdown).await {
+                    if !super::publish::settle(&wake, debounce, debounce * MAX_DEBOUNCE_PERIODS, &shutdown)
+                        .await
+                    {
                         return;
                     }
                     Trigger::Event
@@ -638,24 +640,6 @@ async fn at(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Waits until no event came for `debounce` (at most [`MAX_DEBOUNCE_PERIODS`] periods);
-/// `false` when shut down meanwhile.
-async fn settle(wake: &Notify, debounce: Duration, shutdown: &CancellationToken) -> bool {
-    let deadline = Instant::now() + debounce * MAX_DEBOUNCE_PERIODS;
-    loop {
-        let quiet = tokio::time::sleep_until((Instant::now() + debounce).min(deadline));
-        tokio::select! {
-            () = shutdown.cancelled() => return false,
-            () = quiet => return true,
-            () = wake.notified() => {
-                if Instant::now() >= deadline {
-                    return true;
-                }
-            }
-        }
     }
 }
 
