@@ -190,7 +190,7 @@ pub fn start(
             .map_err(|e| DatapathError::fast_path("duplicating the sock hash descriptor", e))?
     };
 
-    let msg: &mut SkMsg = program(ebpf, MSG_PROGRAM)?;
+    let msg: &mut SkMsg = super::object::program(ebpf, MSG_PROGRAM)?;
     msg.load()
         .map_err(|e| DatapathError::fast_path(format!("loading `{MSG_PROGRAM}`"), e))?;
     let attach_msg = |e| {
@@ -203,7 +203,7 @@ pub fn start(
     let msg_link = msg.take_link(id).map_err(attach_msg)?;
     let msg_link = ManuallyDrop::new(msg_link);
 
-    let sockops: &mut SockOps = program(ebpf, SOCKOPS_PROGRAM)?;
+    let sockops: &mut SockOps = super::object::program(ebpf, SOCKOPS_PROGRAM)?;
     sockops
         .load()
         .map_err(|e| DatapathError::fast_path(format!("loading `{SOCKOPS_PROGRAM}`"), e))?;
@@ -278,22 +278,6 @@ pub fn sockets(ebpf: &Ebpf) -> Result<usize, DatapathError> {
     let hash: SockHash<&MapData, SocketKey> = SockHash::try_from(map)
         .map_err(|source| DatapathError::map(FAST_PATH_SOCKETS_MAP, "open", source))?;
     Ok(hash.keys().flatten().count())
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(DatapathError::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| DatapathError::ProgramType {
-            name,
-            source: Box::new(source),
-        })
 }
 
 #[cfg(test)]

@@ -165,7 +165,15 @@ pub fn load(maps_dir: &Path) -> Result<Ebpf, DatapathError> {
 
 /// The TC classifier of `hook`.
 pub fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DatapathError> {
-    let name = hook.program();
+    program(ebpf, hook.program())
+}
+
+/// The program `name` of the object, as its type `T` (a missing program, or one of another
+/// type, is an error naming it).
+pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(DatapathError::Missing {
             kind: "program",
