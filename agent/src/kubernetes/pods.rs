@@ -127,6 +127,7 @@ pub fn local_workload(pod: &Pod) -> Result<Workload, NotSteered> {
         ip,
         interface: None,
         probes: probes(pod),
+        ports: Vec::new(),
     })
 }
 

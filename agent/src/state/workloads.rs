@@ -11,7 +11,17 @@
 //!     probes:                      # optional: the kubelet's probe endpoints (see below)
 //!       - {port: 8080, path: /healthz}   # HTTP: GET of exactly this path
 //!       - {port: 9000}                   # TCP: a plain TCP connection to this port
+//!     ports:                       # optional: declared protocols (see below)
+//!       - {port: 8080, protocol: HTTP}
+//!       - {port: 5432, protocol: TCP}
 //! ```
+//!
+//! `ports` declares what a port speaks, with Istio's protocol names (`HTTP`, `HTTP2`, `GRPC`,
+//! `GRPC-Web`, `HTTP_PROXY`, `HTTPS`, `TLS`, `TCP`, `Mongo`, `Redis`, `MySQL`; any case), as a
+//! Kubernetes Service port's `appProtocol` or name prefix does. A port declared HTTP is never
+//! sniffed: bytes that are not HTTP get 400. A port declared TCP-like is judged with TCP
+//! semantics from the first byte (server-first protocols need no detection wait). Undeclared
+//! ports are sniffed (`enforcer::sniff`).
 //!
 //! `probes` are the only requests the enforcer lets through without authentication and
 //! authorization, and only from the node's own addresses (`enforcer::probe`): what the kubelet
@@ -62,6 +72,107 @@ pub struct Workload {
     /// httpGet/tcpSocket liveness, readiness and startup probes). Empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<Probe>,
+    /// Ports whose protocol is declared (standalone: the file's `ports`; Kubernetes: the
+    /// `appProtocol` or name prefix of the Service ports that select the pod). At most one
+    /// entry per port. Undeclared ports are sniffed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<DeclaredPort>,
+}
+
+/// A port's declared protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct DeclaredPort {
+    pub port: u16,
+    pub protocol: PortProtocol,
+}
+
+/// Istio's protocol names (`pkg/config/protocol`), as a Service port declares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum PortProtocol {
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "HTTP2")]
+    Http2,
+    #[serde(rename = "HTTP_PROXY")]
+    HttpProxy,
+    #[serde(rename = "GRPC")]
+    Grpc,
+    #[serde(rename = "GRPC-Web")]
+    GrpcWeb,
+    #[serde(rename = "HTTPS")]
+    Https,
+    #[serde(rename = "TLS")]
+    Tls,
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "Mongo")]
+    Mongo,
+    #[serde(rename = "Redis")]
+    Redis,
+    #[serde(rename = "MySQL")]
+    MySql,
+    /// UDP: never reaches the enforcer (TCP only); kept so a declaration is not lost.
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl PortProtocol {
+    /// Istio's `protocol.Parse`: the name in any case; `None` for a name Istio does not know
+    /// (its `Unsupported`: such a port is sniffed).
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "http" => Self::Http,
+            "http2" => Self::Http2,
+            "http_proxy" => Self::HttpProxy,
+            "grpc" => Self::Grpc,
+            "grpc-web" => Self::GrpcWeb,
+            "https" => Self::Https,
+            "tls" => Self::Tls,
+            "tcp" => Self::Tcp,
+            "mongo" => Self::Mongo,
+            "redis" => Self::Redis,
+            "mysql" => Self::MySql,
+            "udp" => Self::Udp,
+            _ => return None,
+        })
+    }
+
+    /// HTTP, HTTP2, HTTP_PROXY, GRPC and GRPC-Web: parsed as HTTP, never sniffed (Istio's
+    /// `IsHTTP`).
+    #[must_use]
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            Self::Http | Self::Http2 | Self::HttpProxy | Self::Grpc | Self::GrpcWeb
+        )
+    }
+
+    /// HTTPS and TLS: the ClientHello is read for `connection.sni` (Istio's `IsTLS`).
+    #[must_use]
+    pub fn is_tls(self) -> bool {
+        matches!(self, Self::Https | Self::Tls)
+    }
+}
+
+impl fmt::Display for PortProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Self::Http => "HTTP",
+            Self::Http2 => "HTTP2",
+            Self::HttpProxy => "HTTP_PROXY",
+            Self::Grpc => "GRPC",
+            Self::GrpcWeb => "GRPC-Web",
+            Self::Https => "HTTPS",
+            Self::Tls => "TLS",
+            Self::Tcp => "TCP",
+            Self::Mongo => "Mongo",
+            Self::Redis => "Redis",
+            Self::MySql => "MySQL",
+            Self::Udp => "UDP",
+        };
+        f.write_str(name)
+    }
 }
 
 /// One probe endpoint of a pod: an HTTP `GET` of `path` on `port`, or (no `path`) a plain TCP
@@ -135,6 +246,15 @@ impl Workload {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The declared protocol of `port`, if any.
+    #[must_use]
+    pub fn port_protocol(&self, port: u16) -> Option<PortProtocol> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.protocol)
+    }
 }
 
 /// A workloads file that cannot be used at all.
@@ -197,6 +317,15 @@ pub enum WorkloadProblem {
     /// A `probes` entry is invalid.
     #[error("{0}")]
     Probe(ProbeProblem),
+    /// A `ports` entry's port is 0.
+    #[error("port must be 1 to 65535")]
+    Port,
+    /// A `ports` entry's protocol is not one of Istio's names.
+    #[error("{0:?} is not a protocol Istio knows (HTTP, HTTP2, HTTP_PROXY, GRPC, GRPC-Web, HTTPS, TLS, TCP, Mongo, Redis, MySQL, UDP)")]
+    Protocol(String),
+    /// A port declared twice in `ports`; the first declaration is kept.
+    #[error("port {0} is already declared")]
+    DuplicatePort(u16),
     /// An earlier entry already has this IP; the earlier one is kept.
     #[error("{ip} is already the address of workloads[{index}] ({entry})")]
     DuplicateIp {
@@ -369,6 +498,15 @@ struct RawEntry {
     ip: Option<String>,
     interface: Option<String>,
     probes: Option<Vec<RawProbe>>,
+    ports: Option<Vec<RawPort>>,
+}
+
+/// A `ports` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    port: u16,
+    protocol: String,
 }
 
 /// A `probes` entry as written.
@@ -447,6 +585,7 @@ fn entry(value: &serde_yaml::Value) -> Result<Workload, Vec<(String, WorkloadPro
     }
 
     let probes = probes(raw.probes.unwrap_or_default(), &mut problems);
+    let ports = ports(raw.ports.unwrap_or_default(), &mut problems);
 
     let ip = ip_text.and_then(|text| match text.parse::<IpAddr>() {
         Err(_) => {
@@ -473,6 +612,7 @@ fn entry(value: &serde_yaml::Value) -> Result<Workload, Vec<(String, WorkloadPro
             ip,
             interface: raw.interface,
             probes,
+            ports,
         }),
         _ => Err(problems),
     }
@@ -499,6 +639,36 @@ fn probes(raw: Vec<RawProbe>, problems: &mut Vec<(String, WorkloadProblem)>) -> 
         }
     }
     probes
+}
+
+/// The `ports` of an entry checked: port 1-65535, a protocol Istio knows, each port once.
+fn ports(raw: Vec<RawPort>, problems: &mut Vec<(String, WorkloadProblem)>) -> Vec<DeclaredPort> {
+    let mut ports: Vec<DeclaredPort> = Vec::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        if raw.port == 0 {
+            problems.push((format!("ports[{i}].port"), WorkloadProblem::Port));
+            continue;
+        }
+        let Some(protocol) = PortProtocol::parse(&raw.protocol) else {
+            problems.push((
+                format!("ports[{i}].protocol"),
+                WorkloadProblem::Protocol(raw.protocol),
+            ));
+            continue;
+        };
+        if ports.iter().any(|p| p.port == raw.port) {
+            problems.push((
+                format!("ports[{i}].port"),
+                WorkloadProblem::DuplicatePort(raw.port),
+            ));
+            continue;
+        }
+        ports.push(DeclaredPort {
+            port: raw.port,
+            protocol,
+        });
+    }
+    ports
 }
 
 fn unicast(ip: IpAddr) -> bool {
@@ -665,6 +835,7 @@ mod tests {
                 ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 12)),
                 interface: Some("veth-httpbin".into()),
                 probes: vec![],
+                ports: vec![],
             }]
         );
     }

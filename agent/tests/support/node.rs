@@ -153,6 +153,7 @@ pub fn workload(name: &str, ip: &str, labels: &[(&str, &str)]) -> Arc<Workload> 
         ip: ip.parse().expect("ip"),
         interface: None,
         probes: Vec::new(),
+        ports: Vec::new(),
     })
 }
 
