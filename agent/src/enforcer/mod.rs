@@ -42,8 +42,9 @@ pub struct Limits {
     /// Time allowed to send a request head, also while a keep-alive connection waits for the
     /// next request (slowloris).
     pub header_read_timeout: Duration,
-    /// Time allowed to say what protocol a connection speaks (first bytes); after it the
-    /// connection is treated as plain TCP.
+    /// Time a client on a port of undeclared protocol has to send its first byte before the
+    /// enforcer also listens for the pod speaking first (zero: wait as long as it takes).
+    /// Waiting never turns HTTP into TCP: see `enforcer::tcp::first_speaker`.
     pub detect_timeout: Duration,
     /// HTTP/2 connections: ping interval for idle detection.
     pub idle_timeout: Duration,
@@ -156,19 +157,47 @@ impl Enforcer {
         let _ = stream.set_nodelay(true);
         self.metrics.connections_open.inc();
         let _open = OpenGuard(self.metrics.clone());
-        let protocol = match sniff::detect(&stream, self.config.limits.detect_timeout).await {
-            Ok(p) => p,
+        let declared = self
+            .store
+            .load()
+            .destination(info.original_dst.ip())
+            .and_then(|view| view.workload.port_protocol(info.original_dst.port()));
+        let expect = sniff::Expect::of(declared);
+        let limits = self.config.limits;
+        let mut detected =
+            sniff::detect(&stream, expect, limits.detect_timeout, limits.header_read_timeout).await;
+        if matches!(detected, Ok(sniff::Detected::Silent)) {
+            // Nothing from the client yet: whoever speaks first decides (enforcer::tcp).
+            let span = tracing::debug_span!("conn", peer = %info.peer, dst = %info.original_dst, protocol = "silent");
+            match tcp::first_speaker(&self, &stream, info, &shutdown)
+                .instrument(span.clone())
+                .await
+            {
+                tcp::FirstSpeaker::Server(upstream) => {
+                    self.count_connection(Protocol::Tcp.label());
+                    tcp::serve_server_first(self, stream, upstream, info, shutdown)
+                        .instrument(span)
+                        .await;
+                    return;
+                }
+                tcp::FirstSpeaker::Client => {
+                    detected =
+                        sniff::detect(&stream, expect, limits.header_read_timeout, limits.header_read_timeout).await;
+                }
+                tcp::FirstSpeaker::Gone => return,
+            }
+        }
+        let protocol = match detected {
+            Ok(sniff::Detected::Protocol(p)) => p,
+            // Only possible when the client went quiet again after speaking first: it did send
+            // bytes, so they are judged as HTTP would judge them (hyper's timeouts apply).
+            Ok(sniff::Detected::Silent) => Protocol::Http1,
             Err(e) => {
                 tracing::debug!(peer = %info.peer, error = %e, "connection closed before its protocol was known");
                 return;
             }
         };
-        self.metrics
-            .connections
-            .get_or_create(&ProtocolLabels {
-                protocol: protocol.label(),
-            })
-            .inc();
+        self.count_connection(protocol.label());
         let span = tracing::debug_span!("conn", peer = %info.peer, dst = %info.original_dst, protocol = protocol.label());
         match protocol {
             Protocol::Http1 | Protocol::H2c => {
@@ -187,6 +216,13 @@ impl Enforcer {
                     .await;
             }
         }
+    }
+
+    fn count_connection(&self, protocol: &'static str) {
+        self.metrics
+            .connections
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc();
     }
 
     /// Accepts connections until `shutdown`, each served on its own task tracked by

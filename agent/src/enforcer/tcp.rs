@@ -2,6 +2,16 @@
 //! semantics. Authorization runs once per connection with no HTTP attributes (an ALLOW rule
 //! that needs them is dropped, a DENY rule ignores them) and `connection.sni` from the TLS
 //! ClientHello; allowed bytes are spliced to the pod untouched, denied connections are closed.
+//!
+//! A client that sends nothing within the detection timeout (undeclared port) may be speaking a
+//! protocol in which the server speaks first (MySQL, SMTP, ...), or may be an HTTP client that
+//! waits on purpose. Treating the wait as "TCP" would let an HTTP request skip JWT checks and
+//! HTTP rules, so [`first_speaker`] opens the pod connection and watches both sides, passing no
+//! byte either way: if the pod speaks first, the connection is judged as TCP and spliced
+//! ([`serve_server_first`]); if the client speaks first, the pod connection is closed and the
+//! client's bytes are sniffed as usual, so an HTTP request is judged as HTTP however late it
+//! comes. An HTTP server never speaks first, so a client cannot make its request look like a
+//! server-first protocol.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,13 +24,8 @@ use super::{ConnectionInfo, Enforcer};
 use crate::authz::Request;
 use crate::metrics::{RequestLabels, SharedLabel};
 
-pub(super) async fn serve(
-    enforcer: Arc<Enforcer>,
-    mut stream: TcpStream,
-    info: ConnectionInfo,
-    sni: Option<String>,
-    shutdown: CancellationToken,
-) {
+/// Whether an allowed TCP connection goes on, after it was judged, counted and logged.
+fn authorize(enforcer: &Enforcer, info: ConnectionInfo, sni: Option<&str>, server_first: bool) -> bool {
     let started = Instant::now();
     let snapshot = enforcer.store.load();
     let workload = snapshot.destination(info.original_dst.ip()).cloned();
@@ -29,7 +34,9 @@ pub(super) async fn serve(
         .map_or_else(super::no_workload, |w| w.id.clone());
     let (allow, reason, policy) = match &workload {
         None => (false, "unknown_destination", None),
-        Some(view) if sni.is_none() && enforcer.is_probe(&view.workload, &info, Attempt::Tcp) => {
+        Some(view)
+            if sni.is_none() && enforcer.is_probe(&view.workload, &info, Attempt::Tcp) =>
+        {
             (true, "probe", None)
         }
         Some(view) => {
@@ -37,7 +44,7 @@ pub(super) async fn serve(
                 source: snapshot.peer(info.peer.ip()),
                 destination_ip: Some(info.original_dst.ip()),
                 destination_port: info.original_dst.port(),
-                sni: sni.as_deref(),
+                sni,
                 http: None,
             };
             let decision = view.authz.evaluate(&request);
@@ -60,20 +67,46 @@ pub(super) async fn serve(
             reason: format!("tcp_{reason}").into(),
         })
         .inc();
+    let protocol = match (sni.is_some(), server_first) {
+        (true, _) => "tls",
+        (false, true) => "tcp_server_first",
+        (false, false) => "tcp",
+    };
     tracing::info!(
         target: "access",
         source = %info.peer,
         destination = %info.original_dst,
         workload = %workload_id,
-        protocol = if sni.is_some() { "tls" } else { "tcp" },
-        sni = sni.as_deref().unwrap_or("-"),
+        protocol,
+        sni = sni.unwrap_or("-"),
         decision,
         reason,
         policy = policy.as_deref().unwrap_or("-"),
         latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
     );
-    drop(snapshot);
-    if !allow {
+    allow
+}
+
+/// Copies both ways until either side is done, or shutdown.
+async fn splice(mut client: TcpStream, mut upstream: TcpStream, shutdown: CancellationToken) {
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "TCP splice ended");
+            }
+        }
+        () = shutdown.cancelled() => {}
+    }
+}
+
+pub(super) async fn serve(
+    enforcer: Arc<Enforcer>,
+    stream: TcpStream,
+    info: ConnectionInfo,
+    sni: Option<String>,
+    shutdown: CancellationToken,
+) {
+    if !authorize(&enforcer, info, sni.as_deref(), false) {
         return; // dropping the stream closes it
     }
     let connect = super::upstream::connect(
@@ -82,19 +115,73 @@ pub(super) async fn serve(
         enforcer.config.connect_timeout,
     )
     .await;
-    let mut upstream = match connect {
+    let upstream = match connect {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(dst = %info.original_dst, error = %e, "upstream connect failed");
             return;
         }
     };
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "TCP splice ended");
-            }
+    splice(stream, upstream, shutdown).await;
+}
+
+/// Who spoke first on a connection whose client was silent through the detection timeout.
+pub(super) enum FirstSpeaker {
+    /// The pod: its connection, with its first bytes unread.
+    Server(TcpStream),
+    /// The client: its bytes are unread; the pod connection is closed.
+    Client,
+    /// Either side closed, the pod could not be reached, or shutdown.
+    Gone,
+}
+
+/// Opens the pod connection and waits, passing nothing, until one side sends a byte.
+pub(super) async fn first_speaker(
+    enforcer: &Enforcer,
+    client: &TcpStream,
+    info: ConnectionInfo,
+    shutdown: &CancellationToken,
+) -> FirstSpeaker {
+    let upstream = match super::upstream::connect(
+        info.original_dst,
+        enforcer.config.upstream_mark,
+        enforcer.config.connect_timeout,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(dst = %info.original_dst, error = %e, "upstream connect failed");
+            return FirstSpeaker::Gone;
         }
-        () = shutdown.cancelled() => {}
+    };
+    let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => FirstSpeaker::Gone,
+        // The pod is looked at first: when both spoke, the protocol is server-first.
+        r = upstream.peek(&mut a) => match r {
+            Ok(n) if n > 0 => FirstSpeaker::Server(upstream),
+            _ => FirstSpeaker::Gone,
+        },
+        r = client.peek(&mut b) => match r {
+            Ok(n) if n > 0 => FirstSpeaker::Client,
+            _ => FirstSpeaker::Gone,
+        },
     }
+}
+
+/// A connection in which the pod spoke first: judged as TCP, then spliced (the pod's first
+/// bytes included) or closed.
+pub(super) async fn serve_server_first(
+    enforcer: Arc<Enforcer>,
+    stream: TcpStream,
+    upstream: TcpStream,
+    info: ConnectionInfo,
+    shutdown: CancellationToken,
+) {
+    if !authorize(&enforcer, info, None, true) {
+        return;
+    }
+    splice(stream, upstream, shutdown).await;
 }
