@@ -428,11 +428,12 @@ spec:
         .expect("closed in time")
         .unwrap_or(0);
     assert_eq!(n, 0, "a denied TCP connection is closed");
-    // A server-first protocol (client silent): judged as TCP after the detection timeout.
+    // A client silent past the detection timeout whose first bytes cannot be HTTP: judged as
+    // TCP and spliced (a late HTTP request is judged as HTTP: enforcer_bypass.rs).
     let mut silent = connect(KNOWN_CLIENT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    silent.write_all(b"late").await.expect("write");
-    let mut late = [0u8; 4];
+    silent.write_all(b"\x00late").await.expect("write");
+    let mut late = [0u8; 5];
     tokio::time::timeout(Duration::from_secs(5), silent.read_exact(&mut late))
         .await
         .expect("in time")

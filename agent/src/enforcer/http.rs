@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::inspect::{HeadFlags, Inspect};
 use super::probe;
 use super::sniff::Protocol;
+use super::upgrade::{self, Upgrade};
+use super::upstream::Watched;
 use super::{unix_now, ConnectionInfo, Enforcer};
 use crate::authn::rules::rewrite;
 use crate::authn::{www_authenticate, Outcome, RequestParts};
@@ -240,6 +242,49 @@ impl Enforcer {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return (res, judged);
         }
+        let offer = upgrade::classify(
+            req.method().as_str().as_bytes(),
+            req.version() == hyper::Version::HTTP_11,
+            req.headers()
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+        );
+        if let Upgrade::Refused(refusal) = offer {
+            // Envoy's answer to an upgrade type it was not configured for: 403, no body.
+            self.metrics
+                .refused
+                .get_or_create(&ReasonLabels {
+                    reason: refusal.reason(),
+                })
+                .inc();
+            let (mut res, judged) = deny(
+                StatusCode::FORBIDDEN,
+                refusal.reason().into(),
+                String::new(),
+            );
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return (res, judged);
+        }
+        let host = match authority(&req, h2) {
+            Ok(host) => host,
+            Err(why) => {
+                self.metrics
+                    .refused
+                    .get_or_create(&ReasonLabels { reason: "bad_host" })
+                    .inc();
+                let (mut res, judged) = deny(
+                    StatusCode::BAD_REQUEST,
+                    "bad_host".into(),
+                    format!("Bad Request: {why}\n"),
+                );
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return (res, judged);
+            }
+        };
+        set_authority(&mut req, h2, host.as_deref());
+        let host = host.unwrap_or_default();
         let Some(workload) = workload else {
             // Steered here, yet no workload is known at this address: fail closed.
             return deny(
@@ -267,15 +312,6 @@ impl Enforcer {
                 );
             }
         };
-        let host = if h2 {
-            req.uri().authority().map(|a| a.as_str().to_owned())
-        } else {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        }
-        .unwrap_or_default();
 
         // Authentication (Envoy's jwt_authn runs before RBAC).
         let method = req.method().clone();
@@ -372,7 +408,7 @@ impl Enforcer {
             Some(q) => format!("{}?{q}", normalized.path),
             None => normalized.path.clone(),
         };
-        let upgrade = !h2 && is_upgrade(req.headers());
+        let upgrade = !h2 && offer == Upgrade::WebSocket;
         strip_hop_by_hop(req.headers_mut(), upgrade);
         self.metrics
             .decision_seconds
@@ -400,6 +436,9 @@ impl Enforcer {
         mut judged: Judged,
     ) -> (Response<Body>, Judged) {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let (body, body_failed) = Watched::new(body);
+        let mut req = Request::from_parts(parts, body);
         let result = if h2 {
             let scheme = req.uri().scheme_str().unwrap_or("http").to_owned();
             let Ok(uri) = format!("{scheme}://{host}{path_and_query}").parse() else {
@@ -438,6 +477,23 @@ impl Enforcer {
         };
         let mut res = match result {
             Ok(res) => res,
+            Err(e) if body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+                // The client's body broke its framing (a bad chunk size, say): its fault.
+                tracing::debug!(dst = %info.original_dst, error = %e, "request body unreadable");
+                self.metrics
+                    .refused
+                    .get_or_create(&ReasonLabels {
+                        reason: "malformed_body",
+                    })
+                    .inc();
+                judged.status = 400;
+                judged.decision = "deny";
+                judged.reason = "malformed_body".into();
+                let mut res = full(StatusCode::BAD_REQUEST, "Bad Request: malformed body\n");
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return (res, judged);
+            }
             Err(e) => {
                 tracing::warn!(dst = %info.original_dst, error = %e, "upstream request failed");
                 judged.status = 503;
@@ -453,34 +509,110 @@ impl Enforcer {
         };
         judged.status = res.status().as_u16();
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(downstream) = downstream_upgrade {
-                let upstream = hyper::upgrade::on(&mut res);
-                tokio::spawn(async move {
-                    match tokio::try_join!(downstream, upstream) {
-                        Ok((down, up)) => {
-                            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                        }
-                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-                    }
-                });
+            if let Err(refused) = splice_websocket(&mut res, downstream_upgrade) {
+                tracing::warn!(dst = %info.original_dst, "the pod switched protocols without a WebSocket offer; answered 502");
+                judged.status = 502;
+                judged.reason = "upstream_bad_upgrade".into();
+                return (*refused, judged);
             }
         } else {
             strip_hop_by_hop(res.headers_mut(), false);
+            if upgrade {
+                // A WebSocket offer the pod declined: the framer under hyper stopped at the
+                // offer, so the connection ends with this answer.
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
         }
         (res.map(http_body_util::BodyExt::boxed), judged)
     }
 }
 
-/// `Upgrade` with `Connection: upgrade` (HTTP/1.1 only).
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+/// Splices the client and the pod after the pod's 101, only when WebSocket was offered (and
+/// judged) and the pod switched to it; any other 101 would hand the connection over unjudged,
+/// so it is answered 502 (`Err`) and both connections close.
+fn splice_websocket(
+    res: &mut Response<Incoming>,
+    downstream: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<(), Box<Response<Body>>> {
+    let switched_to_websocket = res
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    let Some(downstream) = downstream.filter(|_| switched_to_websocket) else {
+        let mut refused = full(
+            StatusCode::BAD_GATEWAY,
+            "upstream switched protocols unexpectedly\n",
+        );
+        refused
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(Box::new(refused));
+    };
+    let upstream = hyper::upgrade::on(res);
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((down, up)) => {
+                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    Ok(())
+}
+
+/// The request's authority: what host rules judge and exactly what the pod receives.
+///
+/// - HTTP/1.1 (RFC 9112 3.2): more than one `Host` field line, a missing `Host`, or an
+///   invalid one is answered 400. An absolute-form target's authority wins over `Host`
+///   (RFC 9112 3.2.2), as in Envoy.
+/// - HTTP/1.0: `Host` is optional; without it the authority is empty (`None`).
+/// - HTTP/2: `:authority`; a `host` field beside it is discarded, as Envoy does; without
+///   `:authority`, a single `host` field stands in for it (RFC 9113 8.3.1); neither is 400.
+fn authority(req: &Request<Incoming>, h2: bool) -> Result<Option<String>, &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if let Some(authority) = req.uri().authority() {
+        return valid_authority(authority.as_str().as_bytes()).map(Some);
+    }
+    if second.is_some() {
+        return Err("more than one Host header");
+    }
+    match first {
+        Some(host) => valid_authority(host.as_bytes()).map(Some),
+        None if h2 => Err("no :authority or Host"),
+        None if req.version() == hyper::Version::HTTP_10 => Ok(None),
+        None => Err("no Host header (required in HTTP/1.1)"),
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 7.2; empty allowed): no user info, path, whitespace or
+/// control characters.
+fn valid_authority(value: &[u8]) -> Result<String, &'static str> {
+    const INVALID: &str = "invalid Host";
+    if value.is_empty() {
+        return Ok(String::new());
+    }
+    let text = std::str::from_utf8(value).map_err(|_| INVALID)?;
+    let parsed: hyper::http::uri::Authority = text.parse().map_err(|_| INVALID)?;
+    if text.contains('@') || parsed.as_str() != text {
+        return Err(INVALID);
+    }
+    Ok(text.to_owned())
+}
+
+/// Makes the request carry exactly `authority`: HTTP/1 one `Host` line (none for an HTTP/1.0
+/// request without one); HTTP/2 no `host` field (the authority goes in `:authority`).
+fn set_authority(req: &mut Request<Incoming>, h2: bool, authority: Option<&str>) {
+    let headers = req.headers_mut();
+    headers.remove(header::HOST);
+    if h2 {
+        return;
+    }
+    if let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
+        headers.insert(header::HOST, value);
+    }
 }
 
 /// Removes hop-by-hop headers and those `Connection` names; keeps `Connection: upgrade` and
@@ -507,6 +639,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         headers.remove(header::UPGRADE);
+        headers.remove("http2-settings");
     }
 }
 

@@ -13,6 +13,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::upgrade::Upgrade;
+
 /// Heads longer than this are left to hyper's own limit; inspection stops.
 const MAX_HEAD: usize = 128 * 1024;
 const MAX_HEADERS: usize = 256;
@@ -163,18 +165,23 @@ impl Framer {
         };
         let mut te = None;
         let mut lengths = Vec::new();
-        let mut upgrade = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 te = Some(h.value);
             } else if h.name.eq_ignore_ascii_case("content-length") {
                 lengths.push(h.value);
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
             }
         }
         self.flags.push(te.is_some() && !lengths.is_empty());
-        if upgrade || req.method == Some("CONNECT") {
+        // Where the service ends HTTP on this connection (a WebSocket splice, or a refused
+        // upgrade or CONNECT answered and closed), framing stops; an h2c offer is removed and
+        // the connection goes on as HTTP/1.1.
+        let upgrade = super::upgrade::classify(
+            req.method.unwrap_or_default().as_bytes(),
+            req.version == Some(1),
+            req.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+        );
+        if matches!(upgrade, Upgrade::WebSocket | Upgrade::Refused(_)) {
             return State::Off;
         }
         if let Some(value) = te {
@@ -304,6 +311,67 @@ mod tests {
     fn transfer_encoding_with_content_length_is_flagged_in_either_order() {
         assert_eq!(flags_of(&[b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"]), [true]);
         assert_eq!(flags_of(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"]), [true]);
+    }
+
+    #[test]
+    fn framing_goes_on_after_an_h2c_offer_and_stops_at_websocket() {
+        // The h2c offer is stripped and the connection stays HTTP/1.1: the next head is read.
+        let h2c = b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(flags_of(&[h2c]), [false, true]);
+        // After a WebSocket offer the bytes may be frames: nothing more is read as heads.
+        let ws = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(flags_of(&[ws]), [false]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Arbitrary bytes in arbitrary pieces never panic.
+        #[test]
+        fn any_bytes_any_split(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            split in 1usize..64,
+        ) {
+            let pieces: Vec<&[u8]> = bytes.chunks(split).collect();
+            let _ = flags_of(&pieces);
+        }
+
+        /// A stream of well-formed requests (bodies by length or chunks, some with the
+        /// CL+TE conflict) yields one flag per request, the same however it is split.
+        #[test]
+        fn flags_do_not_depend_on_how_bytes_arrive(
+            requests in proptest::collection::vec((0usize..3, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)), 1..8),
+            split in 1usize..32,
+        ) {
+            let mut stream = Vec::new();
+            let mut expected = Vec::new();
+            for (kind, body) in &requests {
+                match kind {
+                    0 => {
+                        stream.extend_from_slice(format!("POST /l HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+                        stream.extend_from_slice(body);
+                        expected.push(false);
+                    }
+                    1 => {
+                        stream.extend_from_slice(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+                        if !body.is_empty() {
+                            stream.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+                            stream.extend_from_slice(body);
+                            stream.extend_from_slice(b"\r\n");
+                        }
+                        stream.extend_from_slice(b"0\r\n\r\n");
+                        expected.push(false);
+                    }
+                    _ => {
+                        stream.extend_from_slice(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n");
+                        expected.push(true);
+                    }
+                }
+            }
+            let whole = flags_of(&[&stream]);
+            let pieces: Vec<&[u8]> = stream.chunks(split).collect();
+            proptest::prop_assert_eq!(&whole, &expected);
+            proptest::prop_assert_eq!(flags_of(&pieces), expected);
+        }
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub enum Expect {
     Http,
     /// HTTPS, TLS: TCP semantics with the ClientHello's server name.
     Tls,
-    /// TCP, Mongo, MySQL, Redis, ...: TCP semantics, no waiting for the client.
+    /// TCP, Mongo, `MySQL`, Redis, ...: TCP semantics, no waiting for the client.
     Tcp,
 }
 
@@ -382,6 +382,81 @@ pub async fn detect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use test_case::test_case;
+
+    #[test_case(b"GET / HTTP/1.1\r\n", &Guess::Done(Protocol::Http1) ; "a request line")]
+    #[test_case(b"\r\n\r\nGET / HTTP/1.1", &Guess::Done(Protocol::Http1) ; "empty lines first: RFC 9112 2.2 says ignore them")]
+    #[test_case(b"\r\n\r\n", &Guess::More(5) ; "only empty lines so far: could be HTTP")]
+    #[test_case(b"get /x HTTP/1.0", &Guess::Done(Protocol::Http1) ; "any token is a method")]
+    #[test_case(b"VERYLONGEXTENSIONMETHODNAMEOVER24 / HTTP/1.1", &Guess::Done(Protocol::Http1) ; "no method length limit")]
+    #[test_case(b"GET\t/\tHTTP/1.1", &Guess::Done(Protocol::Http1) ; "RFC 9112 3: whitespace-delimited parsing")]
+    #[test_case(b"GET  /  HTTP", &Guess::More(13) ; "runs of spaces, version not yet complete")]
+    #[test_case(b"GET /x\r\n", &Guess::Done(Protocol::Tcp) ; "HTTP/0.9 or Redis inline: no version")]
+    #[test_case(b"SET a b\r\n", &Guess::Done(Protocol::Tcp) ; "a third word that is not HTTP/")]
+    #[test_case(b"*1\r\n$4\r\nPING\r\n", &Guess::Done(Protocol::Tcp) ; "Redis RESP")]
+    #[test_case(b"PING\r\n", &Guess::Done(Protocol::Tcp) ; "a line protocol command")]
+    #[test_case(b" GET /admin HTTP/1.1", &Guess::Done(Protocol::Http1) ; "leading space is skipped too")]
+    fn request_lines(bytes: &[u8], expected: &Guess) {
+        assert_eq!(&classify(bytes), expected);
+    }
+
+    #[test_case(b"", &Protocol::Tcp ; "nothing: not called for empty, but TCP-safe")]
+    #[test_case(b"GE", &Protocol::Http1 ; "a method prefix that stops is HTTP")]
+    #[test_case(b"\r\n", &Protocol::Http1 ; "an empty line that stops is HTTP")]
+    #[test_case(b"GET /admin", &Protocol::Http1 ; "a target that stops is HTTP")]
+    #[test_case(b"PRI * HTTP/2", &Protocol::H2c ; "a preface that stops is h2c")]
+    #[test_case(b"\x16", &Protocol::Tls { sni: None } ; "a TLS record header that stops")]
+    #[test_case(b"\x00\x01", &Protocol::Tcp ; "binary")]
+    fn settled_when_bytes_stop(bytes: &[u8], expected: &Protocol) {
+        if bytes.is_empty() {
+            assert_eq!(request_line(bytes), Line::Partial);
+            return;
+        }
+        assert_eq!(&settle(bytes), expected);
+    }
+
+    #[test_case(b"\x16\x03\x01", &Guess::Done(Protocol::Http1) ; "TLS on an HTTP port: hyper answers 400")]
+    #[test_case(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &Guess::Done(Protocol::H2c) ; "h2c preface")]
+    #[test_case(b"PRI", &Guess::More(24) ; "preface prefix")]
+    #[test_case(b"SSH-2.0", &Guess::Done(Protocol::Http1) ; "anything else is HTTP/1, refused by hyper")]
+    fn declared_http(bytes: &[u8], expected: &Guess) {
+        assert_eq!(&classify_http(bytes), expected);
+    }
+
+    #[test]
+    fn expectations_of_declared_protocols() {
+        assert_eq!(Expect::of(None), Expect::Sniff);
+        assert_eq!(Expect::of(Some(PortProtocol::Grpc)), Expect::Http);
+        assert_eq!(Expect::of(Some(PortProtocol::Https)), Expect::Tls);
+        assert_eq!(Expect::of(Some(PortProtocol::MySql)), Expect::Tcp);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+        /// No input panics; a valid request line behind any run of empty lines is HTTP; TCP
+        /// is never decided for a prefix of a request line.
+        #[test]
+        fn sniffing_is_total_and_never_tcp_for_http(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            blank in "[\r\n]{0,8}",
+            method in "[A-Za-z!#$%&'*+.^_`|~-]{1,40}",
+            target in "/[!-~]{0,60}",
+            cut in 0usize..120,
+        ) {
+            let _ = classify(&noise);
+            let _ = settle(&noise);
+            let _ = classify_http(&noise);
+            let _ = classify_tls(&noise);
+            let line = format!("{blank}{method} {target} HTTP/1.1\r\n");
+            proptest::prop_assert_eq!(classify(line.as_bytes()), Guess::Done(Protocol::Http1));
+            let prefix = &line.as_bytes()[..cut.min(line.len())];
+            if !prefix.is_empty() && !H2_PREFACE.starts_with(prefix) {
+                proptest::prop_assert_eq!(settle(prefix), Protocol::Http1);
+                proptest::prop_assert_ne!(classify(prefix), Guess::Done(Protocol::Tcp));
+            }
+        }
+    }
 
     #[test]
     fn http_methods_and_preface() {

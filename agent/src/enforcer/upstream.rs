@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +52,54 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+}
+
+/// A client's request body on its way to the pod, remembering whether reading it failed (a
+/// malformed chunk, a body cut short), so that the client is answered 400, not 503: the fault
+/// was the request's, not the pod's.
+#[derive(Debug)]
+pub struct Watched {
+    inner: Incoming,
+    failed: Arc<AtomicBool>,
+}
+
+impl Watched {
+    /// The body, and the flag set when reading it fails.
+    #[must_use]
+    pub fn new(inner: Incoming) -> (Self, Arc<AtomicBool>) {
+        let failed = Arc::new(AtomicBool::new(false));
+        (
+            Self {
+                inner,
+                failed: failed.clone(),
+            },
+            failed,
+        )
+    }
+}
+
+impl hyper::body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Opens a TCP connection to a pod: `SO_MARK` set (when `mark` is not 0), `TCP_NODELAY`,
@@ -118,8 +167,8 @@ impl tower_service::Service<hyper::Uri> for MarkedConnector {
 
 /// The enforcer's connections to pods.
 pub struct Upstream {
-    http1: Client<MarkedConnector, Incoming>,
-    http2: Mutex<HashMap<SocketAddr, SendRequest<Incoming>>>,
+    http1: Client<MarkedConnector, Watched>,
+    http2: Mutex<HashMap<SocketAddr, SendRequest<Watched>>>,
     connect_timeout: Duration,
     mark: u32,
 }
@@ -153,7 +202,7 @@ impl Upstream {
     pub async fn send_http1(
         &self,
         dst: SocketAddr,
-        mut req: Request<Incoming>,
+        mut req: Request<Watched>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         debug_assert_eq!(
             req.uri()
@@ -161,7 +210,10 @@ impl Upstream {
                 .map(hyper::http::uri::Authority::as_str),
             Some(dst.to_string()).as_deref()
         );
-        *req.version_mut() = hyper::Version::HTTP_11;
+        // HTTP/1.0 stays 1.0 (it may have no Host); everything else goes as HTTP/1.1.
+        if req.version() != hyper::Version::HTTP_10 {
+            *req.version_mut() = hyper::Version::HTTP_11;
+        }
         self.http1
             .request(req)
             .await
@@ -173,7 +225,7 @@ impl Upstream {
     pub async fn send_http2(
         &self,
         dst: SocketAddr,
-        req: Request<Incoming>,
+        req: Request<Watched>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut sender = self.h2_sender(dst).await?;
         sender
@@ -186,7 +238,7 @@ impl Upstream {
             .map_err(|source| UpstreamError::Http2 { addr: dst, source })
     }
 
-    async fn h2_sender(&self, dst: SocketAddr) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn h2_sender(&self, dst: SocketAddr) -> Result<SendRequest<Watched>, UpstreamError> {
         if let Some(sender) = self.lock().get(&dst).filter(|s| !s.is_closed()).cloned() {
             return Ok(sender);
         }
@@ -205,7 +257,7 @@ impl Upstream {
         Ok(sender)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SendRequest<Incoming>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SendRequest<Watched>>> {
         // A poisoned map only holds senders; keep using it.
         self.http2
             .lock()

@@ -3,6 +3,7 @@
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 pub mod node;
+pub mod rawpod;
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};

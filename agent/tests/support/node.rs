@@ -24,6 +24,7 @@ use nodeward::authz::PolicySet;
 use nodeward::enforcer::{ConnectionInfo, Enforcer, EnforcerConfig, Limits};
 use nodeward::metrics::Metrics;
 use nodeward::policy::load_str;
+use nodeward::state::workloads::DeclaredPort;
 use nodeward::state::{Snapshot, StateStore, Workload};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -158,10 +159,25 @@ pub fn workload(name: &str, ip: &str, labels: &[(&str, &str)]) -> Arc<Workload> 
 }
 
 pub async fn node_with(policies: &str, limits: Limits) -> Node {
+    let (pod, upstream) = start_upstream(0).await;
+    node_at(policies, limits, Vec::new(), pod, upstream).await
+}
+
+/// A node whose pod (at `pod`, which must be on [`POD`]) declares `ports`, with `upstream` as
+/// the record of what the hyper pod saw (empty for a pod of the test's own).
+pub async fn node_at(
+    policies: &str,
+    limits: Limits,
+    ports: Vec<DeclaredPort>,
+    pod: SocketAddr,
+    upstream: Upstream,
+) -> Node {
     let loaded = load_str(Path::new("policies.yaml"), policies);
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let mut httpbin = workload("httpbin", POD, &[("app", "httpbin")]);
+    Arc::make_mut(&mut httpbin).ports = ports;
     let workloads = vec![
-        workload("httpbin", POD, &[("app", "httpbin")]),
+        httpbin,
         workload("sleep", KNOWN_CLIENT, &[("app", "sleep")]),
     ];
     let snapshot = Snapshot::build(
@@ -186,7 +202,6 @@ pub async fn node_with(policies: &str, limits: Limits) -> Node {
         metrics.clone(),
         config,
     );
-    let (pod, upstream) = start_upstream(0).await;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let front = steer(&enforcer, pod, &shutdown, &tracker).await;
