@@ -199,7 +199,9 @@ pub struct RunArgs {
     /// Time a client has to send a request head (also between keep-alive requests).
     #[arg(long, env = "NODEWARD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub header_read_timeout: Duration,
-    /// Time a connection has to show its protocol; after it, it is treated as plain TCP.
+    /// Time a client on a port of undeclared protocol has to send its first byte before the pod
+    /// may speak first (server-first protocols); `0s` waits forever. A late HTTP request is
+    /// still judged as HTTP.
     #[arg(long, env = "NODEWARD_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub detect_timeout: Duration,
     /// On SIGTERM, how long in-flight requests may take to finish before the agent exits.

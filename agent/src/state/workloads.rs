@@ -995,6 +995,45 @@ mod tests {
         }
     }
 
+    #[test]
+    fn ports_declare_protocols_by_istios_names() {
+        let load = one(&format!(
+            "{BASE}, ports: [{{port: 8000, protocol: http}}, {{port: 9000, protocol: GRPC-Web}}, {{port: 3306, protocol: MySQL}}, {{port: 443, protocol: HTTPS}}]"
+        ));
+        assert_eq!(load.errors, vec![]);
+        let w = &load.workloads[0];
+        assert_eq!(
+            w.port_protocol(8000),
+            Some(PortProtocol::Http),
+            "any case, as Istio's Parse"
+        );
+        assert!(w.port_protocol(9000).is_some_and(PortProtocol::is_http));
+        assert_eq!(w.port_protocol(3306), Some(PortProtocol::MySql));
+        assert!(w.port_protocol(443).is_some_and(PortProtocol::is_tls));
+        assert_eq!(w.port_protocol(80), None, "undeclared: sniffed");
+        assert!(
+            one(BASE).workloads[0].ports.is_empty(),
+            "ports default to none"
+        );
+    }
+
+    #[test_case("ports: [{port: 0, protocol: HTTP}]", "ports[0].port", "port must be 1 to 65535" ; "port 0")]
+    #[test_case("ports: [{port: 80, protocol: HTTP}, {port: 80, protocol: TCP}]", "ports[1].port", "port 80 is already declared" ; "a port declared twice")]
+    #[test_case("ports: [{port: 80, protocol: quic}]", "ports[0].protocol", "\"quic\" is not a protocol Istio knows" ; "unknown protocol named")]
+    fn port_problems(fields: &str, field: &str, message: &str) {
+        let load = one(&format!("{BASE}, {fields}"));
+        assert!(load.workloads.is_empty());
+        assert_eq!(load.errors.len(), 1, "{:?}", load.errors);
+        assert_eq!(load.errors[0].field, field, "{}", load.errors[0]);
+        assert!(
+            load.errors[0].to_string().contains(message),
+            "{}",
+            load.errors[0]
+        );
+    }
+
+    #[test_case("ports: [{port: 80}]", "ports[0]" ; "protocol is required")]
+    #[test_case("ports: [{port: 80, protocol: HTTP, name: web}]", "ports[0].name" ; "unknown field in a port, named")]
     #[test_case("probes: [{port: 70000}]", "probes[0].port" ; "port beyond 65535")]
     #[test_case("probes: [{port: 80, method: POST}]", "probes[0].method" ; "unknown field in a probe, named")]
     #[test_case("probes: [{path: /healthz}]", "probes[0]" ; "port is required")]
