@@ -517,3 +517,40 @@ async fn a_bad_chunk_size_is_the_clients_fault() {
     .await;
     assert_eq!(statuses(&answer), ["400"], "{answer}");
 }
+
+#[tokio::test]
+async fn an_http_pod_timing_out_a_silent_client_is_not_a_server_first_protocol() {
+    // Apache and Node answer an idle connection `408` before closing it; that must not turn
+    // the connection into a spliced TCP one that a late request could use unjudged.
+    let pod =
+        RawPod::server_first(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\r\n").await;
+    let node = node_at(
+        &tcp_policies(),
+        slow_limits(),
+        Vec::new(),
+        pod.addr,
+        Upstream::default(),
+    )
+    .await;
+    let mut stream = connect_from(&node, KNOWN_CLIENT).await;
+    let got = read_all(&mut stream, SHORT).await;
+    assert_eq!(
+        got, "",
+        "the pod's 408 is not passed on; the connection closes"
+    );
+}
+
+#[tokio::test]
+async fn http10_chunked_request_is_refused() {
+    // RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means the framing is faulty.
+    let (node, pod) = raw_node(Limits::default(), Vec::new()).await;
+    let answer = exchange(
+        &node,
+        KNOWN_CLIENT,
+        b"POST /ok HTTP/1.0\r\nHost: httpbin.foo\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        SHORT,
+    )
+    .await;
+    assert_eq!(statuses(&answer), ["400"], "{answer}");
+    assert_eq!(pod.connections(), 0, "{}", pod.received());
+}

@@ -158,13 +158,15 @@ pub(super) async fn first_speaker(
             return FirstSpeaker::Gone;
         }
     };
-    let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
+    let (mut a, mut b) = ([0u8; 5], [0u8; 1]);
     tokio::select! {
         biased;
         () = shutdown.cancelled() => FirstSpeaker::Gone,
-        // The pod is looked at first: when both spoke, the protocol is server-first.
+        // The pod is looked at first: when both spoke, the protocol is server-first. An HTTP
+        // server that speaks first is timing the connection out (`408`): that is no
+        // server-first protocol, and the connection ends rather than going unjudged.
         r = upstream.peek(&mut a) => match r {
-            Ok(n) if n > 0 => FirstSpeaker::Server(upstream),
+            Ok(n) if n > 0 && !b"HTTP/".starts_with(&a[..n]) => FirstSpeaker::Server(upstream),
             _ => FirstSpeaker::Gone,
         },
         r = client.peek(&mut b) => match r {
