@@ -164,8 +164,13 @@ impl Enforcer {
             .and_then(|view| view.workload.port_protocol(info.original_dst.port()));
         let expect = sniff::Expect::of(declared);
         let limits = self.config.limits;
-        let mut detected =
-            sniff::detect(&stream, expect, limits.detect_timeout, limits.header_read_timeout).await;
+        let mut detected = sniff::detect(
+            &stream,
+            expect,
+            limits.detect_timeout,
+            limits.header_read_timeout,
+        )
+        .await;
         if matches!(detected, Ok(sniff::Detected::Silent)) {
             // Nothing from the client yet: whoever speaks first decides (enforcer::tcp).
             let span = tracing::debug_span!("conn", peer = %info.peer, dst = %info.original_dst, protocol = "silent");
@@ -181,8 +186,13 @@ impl Enforcer {
                     return;
                 }
                 tcp::FirstSpeaker::Client => {
-                    detected =
-                        sniff::detect(&stream, expect, limits.header_read_timeout, limits.header_read_timeout).await;
+                    detected = sniff::detect(
+                        &stream,
+                        expect,
+                        limits.header_read_timeout,
+                        limits.header_read_timeout,
+                    )
+                    .await;
                 }
                 tcp::FirstSpeaker::Gone => return,
             }

@@ -64,7 +64,7 @@ pub enum Expect {
     Http,
     /// HTTPS, TLS: TCP semantics with the ClientHello's server name.
     Tls,
-    /// TCP, Mongo, MySQL, Redis, ...: TCP semantics, no waiting for the client.
+    /// TCP, Mongo, `MySQL`, Redis, ...: TCP semantics, no waiting for the client.
     Tcp,
 }
 

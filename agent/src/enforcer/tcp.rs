@@ -4,7 +4,7 @@
 //! ClientHello; allowed bytes are spliced to the pod untouched, denied connections are closed.
 //!
 //! A client that sends nothing within the detection timeout (undeclared port) may be speaking a
-//! protocol in which the server speaks first (MySQL, SMTP, ...), or may be an HTTP client that
+//! protocol in which the server speaks first (`MySQL`, SMTP, ...), or may be an HTTP client that
 //! waits on purpose. Treating the wait as "TCP" would let an HTTP request skip JWT checks and
 //! HTTP rules, so [`first_speaker`] opens the pod connection and watches both sides, passing no
 //! byte either way: if the pod speaks first, the connection is judged as TCP and spliced
@@ -25,7 +25,12 @@ use crate::authz::Request;
 use crate::metrics::{RequestLabels, SharedLabel};
 
 /// Whether an allowed TCP connection goes on, after it was judged, counted and logged.
-fn authorize(enforcer: &Enforcer, info: ConnectionInfo, sni: Option<&str>, server_first: bool) -> bool {
+fn authorize(
+    enforcer: &Enforcer,
+    info: ConnectionInfo,
+    sni: Option<&str>,
+    server_first: bool,
+) -> bool {
     let started = Instant::now();
     let snapshot = enforcer.store.load();
     let workload = snapshot.destination(info.original_dst.ip()).cloned();
@@ -34,9 +39,7 @@ fn authorize(enforcer: &Enforcer, info: ConnectionInfo, sni: Option<&str>, serve
         .map_or_else(super::no_workload, |w| w.id.clone());
     let (allow, reason, policy) = match &workload {
         None => (false, "unknown_destination", None),
-        Some(view)
-            if sni.is_none() && enforcer.is_probe(&view.workload, &info, Attempt::Tcp) =>
-        {
+        Some(view) if sni.is_none() && enforcer.is_probe(&view.workload, &info, Attempt::Tcp) => {
             (true, "probe", None)
         }
         Some(view) => {

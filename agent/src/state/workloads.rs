@@ -138,7 +138,7 @@ impl PortProtocol {
         })
     }
 
-    /// HTTP, HTTP2, HTTP_PROXY, GRPC and GRPC-Web: parsed as HTTP, never sniffed (Istio's
+    /// HTTP, HTTP2, `HTTP_PROXY`, GRPC and GRPC-Web: parsed as HTTP, never sniffed (Istio's
     /// `IsHTTP`).
     #[must_use]
     pub fn is_http(self) -> bool {
