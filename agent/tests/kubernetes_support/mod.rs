@@ -4,9 +4,10 @@
 //!
 //! - discovery: `GET /apis` and `GET /apis/security.istio.io/<v>` (serving `v1` and `v1beta1`,
 //!   or only `v1beta1`, or nothing);
-//! - `GET /api/v1/pods` and `GET /apis/security.istio.io/<v>/<plural>`: a list (JSON with
-//!   `metadata.resourceVersion`; `fieldSelector=spec.nodeName=<node>` honoured) or, with
-//!   `watch=true`, newline-delimited JSON watch events from the given `resourceVersion`;
+//! - `GET /api/v1/pods`, `GET /api/v1/services` and `GET /apis/security.istio.io/<v>/<plural>`:
+//!   a list (JSON with `metadata.resourceVersion`; `fieldSelector=spec.nodeName=<node>`
+//!   honoured) or, with `watch=true`, newline-delimited JSON watch events from the given
+//!   `resourceVersion`;
 //! - `POST`/`PATCH /apis/events.k8s.io/v1/namespaces/<ns>/events[/<name>]`, recorded;
 //! - faults on demand: the next N list/watch requests answer 500; open watches end with a
 //!   `410 Gone` ERROR event (the client must relist); the server stops (connection refused)
@@ -39,6 +40,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// The collections the stand-in serves.
 pub const PODS: &str = "pods";
+pub const SERVICES: &str = "services";
 pub const AUTHZ: &str = "authorizationpolicies";
 pub const AUTHN: &str = "requestauthentications";
 
@@ -330,6 +332,7 @@ fn line(value: &Value) -> Bytes {
 fn collection_of(object: &Value) -> String {
     match object["kind"].as_str() {
         Some("Pod") => PODS.into(),
+        Some("Service") => SERVICES.into(),
         Some("AuthorizationPolicy") => AUTHZ.into(),
         Some("RequestAuthentication") => AUTHN.into(),
         other => panic!("the stand-in does not serve kind {other:?}"),
@@ -436,6 +439,9 @@ async fn handle(inner: &Mutex<Inner>, request: Request<Incoming>) -> Response<Bo
             )
         }
         (&Method::GET, ["api", "v1", "pods"]) => collection(inner, &request, PODS, "v1", "PodList"),
+        (&Method::GET, ["api", "v1", "services"]) => {
+            collection(inner, &request, SERVICES, "v1", "ServiceList")
+        }
         (&Method::GET, ["apis", "security.istio.io", version, plural @ (AUTHZ | AUTHN)]) => {
             if !lock(inner).versions.contains(version) {
                 return status(StatusCode::NOT_FOUND, "NotFound", "version not served");
