@@ -9,9 +9,10 @@
 //!   honoured) or, with `watch=true`, newline-delimited JSON watch events from the given
 //!   `resourceVersion`;
 //! - `POST`/`PATCH /apis/events.k8s.io/v1/namespaces/<ns>/events[/<name>]`, recorded;
-//! - faults on demand: the next N list/watch requests answer 500; open watches end with a
-//!   `410 Gone` ERROR event (the client must relist); the server stops (connection refused)
-//!   and starts again on the same port, keeping its objects.
+//! - faults on demand: the next N list/watch requests answer 500, or every one of a collection
+//!   until it is released; open watches end with a `410 Gone` ERROR event (the client must
+//!   relist); the server stops (connection refused) and starts again on the same port, keeping
+//!   its objects.
 //!
 //! What it cannot prove: anything a real API server adds: authentication and RBAC, admission
 //! and CRD schema pruning, pagination (`limit`/`continue`: everything comes in one page),
@@ -69,6 +70,8 @@ struct Inner {
     versions: Vec<&'static str>,
     /// The next this many list/watch requests answer 500.
     fail_next: usize,
+    /// Collections whose list/watch requests answer 500 until released.
+    withheld: Vec<String>,
     /// The body of every event created (POST) or updated (PATCH).
     events: Vec<Value>,
     /// `METHOD path?query` of every request.
@@ -231,6 +234,16 @@ impl ApiStandIn {
     /// The next `n` list and watch requests answer 500.
     pub fn fail_next(&self, n: usize) {
         lock(&self.inner).fail_next = n;
+    }
+
+    /// Every list and watch request of `collection` answers 500 until [`Self::release`].
+    pub fn withhold(&self, collection: &str) {
+        lock(&self.inner).withheld.push(collection.to_owned());
+    }
+
+    /// Serves `collection` again.
+    pub fn release(&self, collection: &str) {
+        lock(&self.inner).withheld.retain(|c| c != collection);
     }
 
     /// Ends every open watch with a `410 Gone` ERROR event and forgets the history, so the
@@ -498,6 +511,13 @@ fn collection(
         .and_then(|f| f.strip_prefix("spec.nodeName="))
         .map(str::to_owned);
     let mut state = lock(inner);
+    if state.withheld.iter().any(|c| c == name) {
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "the stand-in withholds this collection",
+        );
+    }
     if state.fail_next > 0 {
         state.fail_next -= 1;
         return status(
