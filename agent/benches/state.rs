@@ -154,7 +154,7 @@ fn mirror() -> Cache {
         let pod = pod(index);
         if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(NODE) {
             cache.local.apply(Event::Apply(pod.clone()), &mut |p, _| {
-                pods::local_workload(p).ok()
+                pods::local_pod(p).ok()
             });
         }
         cache

@@ -3,7 +3,8 @@
 //! against `ApiStandIn`, an in-process stand-in for the API server (no real API server can run
 //! on the test machines; see `kubernetes_support` for what it cannot prove): adds, updates,
 //! deletes, invalid objects (Events, last valid version kept), 500s, 410 Gone, the server
-//! going away and coming back, and the `v1beta1` fallback.
+//! going away and coming back, the `v1beta1` fallback, and the port protocols that Services
+//! declare for the pods they select.
 
 mod kubernetes_support;
 
@@ -21,11 +22,12 @@ use nodeward::kubernetes::{Kubernetes, KubernetesConfig};
 use nodeward::metrics::Metrics;
 use nodeward::policy::load_str;
 use nodeward::state::publish::OnPublish;
+use nodeward::state::workloads::PortProtocol;
 use nodeward::state::{Snapshot, StateStore};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use kubernetes_support::{ApiStandIn, AUTHN, AUTHZ, PODS};
+use kubernetes_support::{ApiStandIn, AUTHN, AUTHZ, PODS, SERVICES};
 
 const NODE: &str = "node-a";
 /// Every wait is bounded by this.
@@ -97,6 +99,34 @@ fn policy(kind: &str, version: &str, namespace: &str, name: &str, spec: &Value) 
 
 fn authz(namespace: &str, name: &str, spec: &Value) -> Value {
     policy("AuthorizationPolicy", "v1", namespace, name, spec)
+}
+
+/// A Service as the API server returns it: defaulted fields, a cluster IP, managedFields.
+fn service(namespace: &str, name: &str, selector: &Value, ports: &Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": format!("svc-{namespace}-{name}"),
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"app": name},
+            "managedFields": [{"manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "v1", "time": "2025-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": "10.96.0.20",
+            "clusterIPs": ["10.96.0.20"],
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "internalTrafficPolicy": "Cluster",
+            "sessionAffinity": "None",
+            "selector": selector,
+            "ports": ports
+        },
+        "status": {"loadBalancer": {}}
+    })
 }
 
 fn resource(kind: &str, version: &str) -> ApiResource {
@@ -808,5 +838,186 @@ async fn without_istio_crds_nothing_is_published_and_readiness_says_why() {
         0,
         "no snapshot without the policies: it would unprotect pods"
     );
+    source.stop().await;
+}
+
+/// The declared port protocols of the workload at `address`.
+fn declared(snapshot: &Snapshot, address: &str) -> Vec<(u16, PortProtocol)> {
+    snapshot
+        .destination(ip(address))
+        .map(|view| {
+            view.workload
+                .ports
+                .iter()
+                .map(|p| (p.port, p.protocol))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// httpbin with an unnamed container port 80 and a port named `grpc` (9090), and the Services
+/// of the Kubernetes-mode contract: each way a Service port declares a protocol, and one in
+/// another namespace whose selector matches httpbin's labels.
+fn seed_services(api: &ApiStandIn) {
+    let mut httpbin = pod("foo", "httpbin", NODE, Some("10.244.1.7"), "Running");
+    httpbin["spec"]["containers"][0]["ports"] = json!([
+        {"containerPort": 80, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": 9090, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9100, "protocol": "TCP"}
+    ]);
+    api.apply(httpbin);
+    let selector = json!({"app": "httpbin"});
+    // appProtocol first (Istio: "resolves from appProto"); its port name says nothing.
+    api.apply(service(
+        "foo",
+        "web",
+        &selector,
+        &json!([{"name": "web", "port": 8000, "targetPort": 80, "protocol": "TCP", "appProtocol": "http"}]),
+    ));
+    // The name's prefix (Istio: "resolves from port name").
+    api.apply(service(
+        "foo",
+        "admin",
+        &selector,
+        &json!([{"name": "http-admin", "port": 8080, "targetPort": 8080, "protocol": "TCP"}]),
+    ));
+    api.apply(service(
+        "foo",
+        "db",
+        &selector,
+        &json!([{"name": "tcp-db", "port": 5432, "targetPort": 5432, "protocol": "TCP"}]),
+    ));
+    // An unnamed port (a Service's only port may be) targeting a named container port, with
+    // Kubernetes' standard appProtocol (Istio: "standard app protocol"); a port whose name
+    // declares nothing stays sniffed.
+    api.apply(service(
+        "foo",
+        "rpc",
+        &selector,
+        &json!([{"port": 9000, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"}]),
+    ));
+    api.apply(service(
+        "foo",
+        "monitoring",
+        &selector,
+        &json!([{"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}]),
+    ));
+    // Same labels, another namespace: a Service selects pods of its own namespace only.
+    api.apply(service(
+        "bar",
+        "lookalike",
+        &selector,
+        &json!([{"name": "http-x", "port": 7000, "targetPort": 7000, "protocol": "TCP"}]),
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_declare_the_port_protocols_of_the_pods_they_select() {
+    let api = ApiStandIn::start(&["v1", "v1beta1"]);
+    seed(&api);
+    seed_services(&api);
+    let source = Source::start(&api);
+
+    let first = source
+        .until("the initial lists", |s| !s.workloads.is_empty())
+        .await;
+    assert_eq!(
+        declared(&first, "10.244.1.7"),
+        [
+            (80, PortProtocol::Http),
+            (5432, PortProtocol::Tcp),
+            (8080, PortProtocol::Http),
+            (9090, PortProtocol::Http2),
+        ],
+        "appProtocol, name prefix, a named targetPort; not 9100 (undeclared), not 7000 (bar's)"
+    );
+    let (_, report) = source.readiness.report();
+    assert!(report.contains("[+]kubernetes-services synced"), "{report}");
+
+    // An edit of a Service changes the declaration.
+    api.apply(service(
+        "foo",
+        "db",
+        &json!({"app": "httpbin"}),
+        &json!([{"name": "http-db", "port": 5432, "targetPort": 5432, "protocol": "TCP"}]),
+    ));
+    source
+        .until("db declared HTTP", |s| {
+            declared(s, "10.244.1.7").contains(&(5432, PortProtocol::Http))
+        })
+        .await;
+
+    // Deleting it removes it; the others stay.
+    api.delete(SERVICES, "foo", "db");
+    let snapshot = source
+        .until("db gone", |s| {
+            !declared(s, "10.244.1.7")
+                .iter()
+                .any(|(port, _)| *port == 5432)
+        })
+        .await;
+    assert_eq!(
+        declared(&snapshot, "10.244.1.7"),
+        [
+            (80, PortProtocol::Http),
+            (8080, PortProtocol::Http),
+            (9090, PortProtocol::Http2),
+        ]
+    );
+
+    // A Service that stops selecting the pod stops declaring its ports.
+    api.apply(service(
+        "foo",
+        "web",
+        &json!({"app": "other"}),
+        &json!([{"name": "web", "port": 8000, "targetPort": 80, "protocol": "TCP", "appProtocol": "http"}]),
+    ));
+    source
+        .until("web no longer selects httpbin", |s| {
+            declared(s, "10.244.1.7") == [(8080, PortProtocol::Http), (9090, PortProtocol::Http2)]
+        })
+        .await;
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_published_before_the_services_are_listed() {
+    let api = ApiStandIn::start(&["v1", "v1beta1"]);
+    seed(&api);
+    seed_services(&api);
+    api.withhold(SERVICES);
+    let source = Source::start(&api);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (ready, report) = source.readiness.report();
+        assert!(!ready, "not ready before the Services are listed: {report}");
+        if report.contains("[-]kubernetes-services initial list failing")
+            && report.contains("[+]kubernetes-pods-on-node synced")
+            && report.contains("[+]kubernetes-authorizationpolicies synced")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other lists never completed: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        source.store.load().generation,
+        0,
+        "no snapshot that would sniff ports the Services declare"
+    );
+
+    api.release(SERVICES);
+    let first = source
+        .until("the first snapshot", |s| !s.workloads.is_empty())
+        .await;
+    assert_eq!(
+        first.generation, 1,
+        "the first snapshot already has the Services"
+    );
+    assert_eq!(declared(&first, "10.244.1.7").len(), 4);
     source.stop().await;
 }

@@ -206,6 +206,7 @@ fn the_agent_follows_the_api_server() {
     for watcher in [
         "pods-on-node",
         "pods",
+        "services",
         "authorizationpolicies",
         "requestauthentications",
     ] {

@@ -38,6 +38,8 @@ use serde_json::Value;
 const AGENT_API_ACCESS: &[(&str, &str, &[&str])] = &[
     // Pods of every namespace; the agent narrows the watch to its node with a field selector.
     ("", "pods", &["list", "watch"]),
+    // Services of every namespace: their ports declare the protocols of the pods they select.
+    ("", "services", &["list", "watch"]),
     (
         "security.istio.io",
         "requestauthentications",

@@ -17,12 +17,14 @@ use crate::admin::Readiness;
 /// The watchers, by the name readiness and metrics use.
 pub const LOCAL_PODS: &str = "pods-on-node";
 pub const CLUSTER_PODS: &str = "pods";
+pub const SERVICES: &str = "services";
 pub const AUTHORIZATION_POLICIES: &str = "authorizationpolicies";
 pub const REQUEST_AUTHENTICATIONS: &str = "requestauthentications";
 /// Every watcher, in readiness order.
-pub const WATCHERS: [&str; 4] = [
+pub const WATCHERS: [&str; 5] = [
     LOCAL_PODS,
     CLUSTER_PODS,
+    SERVICES,
     AUTHORIZATION_POLICIES,
     REQUEST_AUTHENTICATIONS,
 ];

@@ -3,6 +3,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`pods`] | Pod → projection: this node's steerable pods, every pod's source identity |
+//! | [`services`] | Service → projection; the port protocols the Services selecting a pod declare (Istio's rules) |
 //! | [`policies`] | discovery of `security.istio.io` (`v1`, else `v1beta1`), object → policy model |
 //! | [`events`] | `InvalidPolicy` Events on objects that fail validation |
 //! | [`health`] | per-watcher sync and staleness for `/readyz` and `/metrics` |
@@ -15,6 +16,7 @@ pub mod events;
 pub mod health;
 pub mod pods;
 pub mod policies;
+pub mod services;
 pub mod source;
 
 use std::path::{Path, PathBuf};

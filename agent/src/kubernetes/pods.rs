@@ -8,6 +8,9 @@
 //!   readiness and startup probe) become the workload's `probes`: the only requests from the
 //!   node itself that the enforcer lets through unjudged, as Istio's sidecar does with its
 //!   probe rewrite. HTTPS and gRPC probes, and probes sent to another `host`, are not exempt.
+//!   With it the source keeps the pod's named container ports ([`LocalPod`]), which the
+//!   `targetPort` names of the Services selecting it resolve against
+//!   ([`super::services::declared_ports`] fills the workload's `ports`).
 //! - Every pod of the cluster ([`identity`]): its IPs, namespace and service account, for the
 //!   source identity of its traffic.
 
@@ -16,6 +19,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Container, Pod, Probe as PodProbe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::services::{self, NamedPort};
 use crate::state::workloads::{Probe, DEFAULT_SERVICE_ACCOUNT};
 use crate::state::{normalize_ip, Workload};
 
@@ -32,6 +36,23 @@ pub enum NotSteered {
     /// `spec.hostNetwork`: the pod shares the node's address; its traffic cannot be told apart.
     #[error("host network")]
     HostNetwork,
+}
+
+/// A steered pod of this node as the source keeps it: its workload, whose `ports` stay empty
+/// here (the Services selecting it declare them when a snapshot is built), and its named
+/// container ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPod {
+    pub workload: Workload,
+    pub named_ports: Vec<NamedPort>,
+}
+
+/// A pod of this node as the source keeps it, or why it is not steered.
+pub fn local_pod(pod: &Pod) -> Result<LocalPod, NotSteered> {
+    Ok(LocalPod {
+        workload: local_workload(pod)?,
+        named_ports: services::named_ports(pod),
+    })
 }
 
 /// A pod of the cluster as a source of traffic: its addresses and who it is.
@@ -99,7 +120,8 @@ fn ips(pod: &Pod) -> Vec<IpAddr> {
 }
 
 /// A pod of this node as the workload the enforcer protects, or why it is not steered.
-/// The primary address (`status.podIP`) is the workload's.
+/// The primary address (`status.podIP`) is the workload's; `ports` is left empty (see
+/// [`LocalPod`]).
 pub fn local_workload(pod: &Pod) -> Result<Workload, NotSteered> {
     if host_network(pod) {
         return Err(NotSteered::HostNetwork);

@@ -1,9 +1,13 @@
-//! The Kubernetes source of truth: four watchers (pods of this node, every pod, both policy
-//! kinds) mirror what the agent needs into a [`Cache`] of projections, and one loop publishes
-//! snapshots from it through the same [`Publisher`] as standalone mode.
+//! The Kubernetes source of truth: five watchers (pods of this node, every pod, every Service,
+//! both policy kinds) mirror what the agent needs into a [`Cache`] of projections, and one loop
+//! publishes snapshots from it through the same [`Publisher`] as standalone mode.
 //!
 //! - Nothing is published until every initial list is complete: a snapshot without the
-//!   policies would unprotect pods (the datapath keeps what a previous run pinned meanwhile).
+//!   policies would unprotect pods (the datapath keeps what a previous run pinned meanwhile),
+//!   one without the Services would sniff ports they declare.
+//! - A local pod's declared port protocols are computed when a snapshot is built, from the
+//!   Services mirrored then ([`services::declared_ports`]): a Service added, edited or deleted
+//!   changes the mirror, which rebuilds and republishes like any other change.
 //! - Each watcher is `kube::runtime::watcher` with its default backoff (800 ms doubling to
 //!   30 s, with jitter): an API server that is slow, restarting or refusing is retried; a
 //!   `410 Gone` relists. A relist replaces the mirror atomically when it completes, so
@@ -22,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
@@ -34,11 +38,12 @@ use tracing::{debug, info, warn};
 
 use super::events::{self, Report, Reports};
 use super::health::{self, Health, WatchHealth};
-use super::pods::{self, ClusterPod};
+use super::pods::{self, ClusterPod, LocalPod};
 use super::policies::{self, Policy, PolicyApis};
+use super::services::{self, ServiceProjection};
 use crate::metrics::Metrics;
 use crate::state::publish::{Inputs, OnPublish, Publisher};
-use crate::state::{PodIdentity, StateStore, Workload};
+use crate::state::{PodIdentity, StateStore};
 
 /// Quiet time after the last change before a rebuild.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
@@ -158,16 +163,19 @@ pub struct PolicyEntry {
 #[derive(Debug, Default)]
 pub struct Cache {
     /// Steerable pods of this node.
-    pub local: Mirror<Workload>,
+    pub local: Mirror<LocalPod>,
     /// Every pod of the cluster that can be a source.
     pub cluster: Mirror<ClusterPod>,
+    /// Every Service that can select pods.
+    pub services: Mirror<ServiceProjection>,
     pub authorization: Mirror<PolicyEntry>,
     pub authentication: Mirror<PolicyEntry>,
 }
 
 impl Cache {
     /// The inputs of a snapshot. An address claimed by two pods with different identities
-    /// (a moment of IP reuse) gives no identity: an unknown source, never a wrong one.
+    /// (a moment of IP reuse) gives no identity: an unknown source, never a wrong one. Each
+    /// local pod's `ports` are those the Services of its namespace that select it declare.
     #[must_use]
     pub fn inputs(&self) -> Inputs {
         let mut inputs = Inputs::default();
@@ -183,7 +191,30 @@ impl Cache {
             }
             inputs.errors.extend(entry.errors.iter().cloned());
         }
-        inputs.workloads = self.local.values().cloned().collect();
+        let mut by_namespace: HashMap<&str, Vec<&ServiceProjection>> = HashMap::new();
+        for service in self.services.values() {
+            by_namespace
+                .entry(service.namespace.as_str())
+                .or_default()
+                .push(service);
+        }
+        inputs.workloads = self
+            .local
+            .values()
+            .map(|pod| {
+                let mut workload = pod.workload.clone();
+                let candidates = by_namespace
+                    .get(workload.namespace.as_str())
+                    .map_or(&[][..], Vec::as_slice);
+                workload.ports = services::declared_ports(
+                    &workload.namespace,
+                    &workload.labels,
+                    &pod.named_ports,
+                    candidates.iter().copied(),
+                );
+                workload
+            })
+            .collect();
         let mut claims: HashMap<IpAddr, (&str, &str, bool)> = HashMap::new();
         for pod in self.cluster.values() {
             for ip in &pod.ips {
@@ -343,8 +374,8 @@ impl Kubernetes {
             self.health.watcher(health::LOCAL_PODS),
             shared.clone(),
             |cache| &mut cache.local,
-            |pod: &Pod, _: Option<&Workload>, _: &mut Vec<Report>| match pods::local_workload(pod) {
-                Ok(workload) => Some(workload),
+            |pod: &Pod, _: Option<&LocalPod>, _: &mut Vec<Report>| match pods::local_pod(pod) {
+                Ok(local) => Some(local),
                 Err(why) => {
                     debug!(pod = %pods::key(pod), reason = %why, "not steered");
                     None
@@ -358,6 +389,20 @@ impl Kubernetes {
             shared.clone(),
             |cache| &mut cache.cluster,
             |pod: &Pod, _: Option<&ClusterPod>, _: &mut Vec<Report>| pods::identity(pod),
+        ));
+        tasks.spawn(follow(
+            Api::<Service>::all(self.client.clone()),
+            watcher::Config::default(),
+            self.health.watcher(health::SERVICES),
+            shared.clone(),
+            |cache| &mut cache.services,
+            |service: &Service, _: Option<&ServiceProjection>, _: &mut Vec<Report>| {
+                let projected = services::project(service);
+                if projected.is_none() {
+                    debug!(service = %services::key(service), "selects no pods: not kept");
+                }
+                projected
+            },
         ));
         tasks.spawn(watch_policies(
             self.client.clone(),

@@ -4,13 +4,15 @@
 //!
 //! - discovery: `GET /apis` and `GET /apis/security.istio.io/<v>` (serving `v1` and `v1beta1`,
 //!   or only `v1beta1`, or nothing);
-//! - `GET /api/v1/pods` and `GET /apis/security.istio.io/<v>/<plural>`: a list (JSON with
-//!   `metadata.resourceVersion`; `fieldSelector=spec.nodeName=<node>` honoured) or, with
-//!   `watch=true`, newline-delimited JSON watch events from the given `resourceVersion`;
+//! - `GET /api/v1/pods`, `GET /api/v1/services` and `GET /apis/security.istio.io/<v>/<plural>`:
+//!   a list (JSON with `metadata.resourceVersion`; `fieldSelector=spec.nodeName=<node>`
+//!   honoured) or, with `watch=true`, newline-delimited JSON watch events from the given
+//!   `resourceVersion`;
 //! - `POST`/`PATCH /apis/events.k8s.io/v1/namespaces/<ns>/events[/<name>]`, recorded;
-//! - faults on demand: the next N list/watch requests answer 500; open watches end with a
-//!   `410 Gone` ERROR event (the client must relist); the server stops (connection refused)
-//!   and starts again on the same port, keeping its objects.
+//! - faults on demand: the next N list/watch requests answer 500, or every one of a collection
+//!   until it is released; open watches end with a `410 Gone` ERROR event (the client must
+//!   relist); the server stops (connection refused) and starts again on the same port, keeping
+//!   its objects.
 //!
 //! What it cannot prove: anything a real API server adds: authentication and RBAC, admission
 //! and CRD schema pruning, pagination (`limit`/`continue`: everything comes in one page),
@@ -39,6 +41,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// The collections the stand-in serves.
 pub const PODS: &str = "pods";
+pub const SERVICES: &str = "services";
 pub const AUTHZ: &str = "authorizationpolicies";
 pub const AUTHN: &str = "requestauthentications";
 
@@ -67,6 +70,8 @@ struct Inner {
     versions: Vec<&'static str>,
     /// The next this many list/watch requests answer 500.
     fail_next: usize,
+    /// Collections whose list/watch requests answer 500 until released.
+    withheld: Vec<String>,
     /// The body of every event created (POST) or updated (PATCH).
     events: Vec<Value>,
     /// `METHOD path?query` of every request.
@@ -231,6 +236,16 @@ impl ApiStandIn {
         lock(&self.inner).fail_next = n;
     }
 
+    /// Every list and watch request of `collection` answers 500 until [`Self::release`].
+    pub fn withhold(&self, collection: &str) {
+        lock(&self.inner).withheld.push(collection.to_owned());
+    }
+
+    /// Serves `collection` again.
+    pub fn release(&self, collection: &str) {
+        lock(&self.inner).withheld.retain(|c| c != collection);
+    }
+
     /// Ends every open watch with a `410 Gone` ERROR event and forgets the history, so the
     /// client must list again.
     pub fn expire_watches(&self) {
@@ -330,6 +345,7 @@ fn line(value: &Value) -> Bytes {
 fn collection_of(object: &Value) -> String {
     match object["kind"].as_str() {
         Some("Pod") => PODS.into(),
+        Some("Service") => SERVICES.into(),
         Some("AuthorizationPolicy") => AUTHZ.into(),
         Some("RequestAuthentication") => AUTHN.into(),
         other => panic!("the stand-in does not serve kind {other:?}"),
@@ -436,6 +452,9 @@ async fn handle(inner: &Mutex<Inner>, request: Request<Incoming>) -> Response<Bo
             )
         }
         (&Method::GET, ["api", "v1", "pods"]) => collection(inner, &request, PODS, "v1", "PodList"),
+        (&Method::GET, ["api", "v1", "services"]) => {
+            collection(inner, &request, SERVICES, "v1", "ServiceList")
+        }
         (&Method::GET, ["apis", "security.istio.io", version, plural @ (AUTHZ | AUTHN)]) => {
             if !lock(inner).versions.contains(version) {
                 return status(StatusCode::NOT_FOUND, "NotFound", "version not served");
@@ -492,6 +511,13 @@ fn collection(
         .and_then(|f| f.strip_prefix("spec.nodeName="))
         .map(str::to_owned);
     let mut state = lock(inner);
+    if state.withheld.iter().any(|c| c == name) {
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "the stand-in withholds this collection",
+        );
+    }
     if state.fail_next > 0 {
         state.fail_next -= 1;
         return status(
