@@ -120,7 +120,19 @@ fn raw_token(header: &serde_json::Value, payload: &serde_json::Value) -> String 
 #[test_case(&raw_token(&json!({"alg": "none"}), &json!({"iss": ISS})), JwtError::HeaderUnsupportedAlg ; "alg none is rejected")]
 #[test_case(&raw_token(&json!({"alg": "XS999"}), &json!({"iss": ISS})), JwtError::HeaderUnsupportedAlg ; "unknown alg is rejected")]
 #[test_case(&raw_token(&json!({"alg": "RS256", "kid": 7}), &json!({"iss": ISS})), JwtError::HeaderBadKid ; "kid not a string")]
-#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": "soon"})), JwtError::TimeNotInteger ; "exp not an integer")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "iat": "123456789"})), JwtError::IatNotInteger ; "jwt_test.cc TestParsePayloadIatNotInteger")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "iat": -12345})), JwtError::IatOutOfRange ; "jwt_test.cc TestParsePayloadIatNotPositive")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "iat": 2.001e206})), JwtError::IatOutOfRange ; "jwt_test.cc TestParsePayloadIatTooBig")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "nbf": "123456789"})), JwtError::NbfNotInteger ; "jwt_test.cc TestParsePayloadNbfNotInteger")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "nbf": -12345})), JwtError::NbfOutOfRange ; "jwt_test.cc TestParsePayloadNbfNotPositive")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "nbf": 2.001e206})), JwtError::NbfOutOfRange ; "jwt_test.cc TestParsePayloadNbfTooBig")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": "soon"})), JwtError::ExpNotInteger ; "jwt_test.cc TestParsePayloadExpNotInteger")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": -12345})), JwtError::ExpOutOfRange ; "jwt_test.cc TestParsePayloadExpNotPositive")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": 2.001e206})), JwtError::ExpOutOfRange ; "jwt_test.cc TestParsePayloadExpTooBig")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": 18_446_744_073_709_551_615_u64})), JwtError::ExpOutOfRange ; "exp of 2^64 - 1 is 2^64 as a double: out of range")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "iat": -1, "exp": "soon"})), JwtError::IatOutOfRange ; "iat is read before nbf and exp")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "jti": 1_234_567})), JwtError::JtiNotString ; "jwt_test.cc TestParsePayloadJtiNotString")]
+#[test_case("eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOjd9.!!", JwtError::IssNotString ; "payload fields are read before the signature's encoding")]
 #[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "aud": [1]})), JwtError::AudNotString ; "aud not strings")]
 #[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": "https://other"})), JwtError::UnknownIssuer ; "issuer not configured")]
 #[test_case(&raw_token(&json!({"alg": "RS256", "kid": "rsa"}), &json!({"iss": ISS, "exp": now() + 60})), JwtError::VerificationFailed ; "bad signature")]
@@ -130,11 +142,22 @@ fn malformed_tokens_get_envoys_answer(token: &str, expected: JwtError) {
     assert_eq!(expected.status(), 401);
 }
 
+/// `now()` as the JSON double a token may carry.
+fn now_f64() -> f64 {
+    f64::from(u32::try_from(now()).expect("a Unix time before 2106"))
+}
+
 #[test_case(json!({"iss": ISS, "sub": "a", "exp": now() - 61}), Some(JwtError::Expired) ; "expired beyond the 60 s skew")]
 #[test_case(json!({"iss": ISS, "sub": "a", "exp": now() - 50}), None ; "expired within the skew is accepted")]
 #[test_case(json!({"iss": ISS, "sub": "a", "nbf": now() + 61}), Some(JwtError::NotYetValid) ; "not yet valid beyond the skew")]
 #[test_case(json!({"iss": ISS, "sub": "a", "nbf": now() + 50}), None ; "nbf within the skew is accepted")]
 #[test_case(json!({"iss": ISS, "sub": "a"}), None ; "no exp never expires")]
+#[test_case(json!({"iss": ISS, "sub": "a", "exp": 0}), None ; "exp 0 is no exp (jwt_time_test.cc NotTimeConstraint)")]
+#[test_case(json!({"iss": ISS, "sub": "a", "exp": 1.5e9}), Some(JwtError::Expired) ; "a float exp is read (1.5e9 is in the past)")]
+#[test_case(json!({"iss": ISS, "sub": "a", "exp": now_f64() + 3600.5}), None ; "a float exp in the future is accepted, truncated (jwt_test.cc TestParsePayloadIatDecimalsDrop)")]
+#[test_case(json!({"iss": ISS, "sub": "a", "exp": now_f64() - 61.5}), Some(JwtError::Expired) ; "a float exp beyond the skew")]
+#[test_case(json!({"iss": ISS, "sub": "a", "nbf": now_f64() + 61.5}), Some(JwtError::NotYetValid) ; "a float nbf beyond the skew")]
+#[test_case(json!({"iss": ISS, "sub": "a", "iat": 1234.5678}), None ; "a float iat is accepted")]
 fn time_constraints(claims: serde_json::Value, expected: Option<JwtError>) {
     let token = mint(Algorithm::ES256, Some("ec256"), &{ claims });
     assert_eq!(
