@@ -202,6 +202,13 @@ fn key_selection_by_kid_and_type() {
         error_of(&run(&r, &bearer(&wrong_type), None)),
         Some(JwtError::KidAlgMismatch)
     );
+    // jwt_verify_lib compares kids only when both are non-empty: "kid": "" tries every key.
+    let empty_kid = mint(Algorithm::RS256, Some(""), &claims(ISS, "a"));
+    assert_eq!(
+        principal_of(&run(&r, &bearer(&empty_kid), None)).as_deref(),
+        Some("https://issuer.test/a"),
+        "an empty kid matches any key"
+    );
     // Signed by another RSA key under the same kid.
     let other_key = mint_with(Algorithm::RS256, Some("rsa"), &claims(ISS, "a"), true);
     assert_eq!(
