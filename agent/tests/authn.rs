@@ -114,7 +114,8 @@ fn raw_token(header: &serde_json::Value, payload: &serde_json::Value) -> String 
 
 #[test_case("garbage", JwtError::BadFormat ; "garbage is not three sections")]
 #[test_case("a.b.c.d", JwtError::BadFormat ; "four sections")]
-#[test_case("!!.e30.c2ln", JwtError::HeaderBadBase64 ; "header not base64url")]
+#[test_case("e3!.e30.c2ln", JwtError::HeaderBadBase64 ; "header not base64url")]
+#[test_case("!!.e30.c2ln", JwtError::BadFormat ; "extractJWT starts the token at the first base64url character: .e30.c2ln")]
 #[test_case("bm90IGpzb24.e30.c2ln", JwtError::HeaderBadJson ; "header not JSON")]
 #[test_case(&raw_token(&json!({"typ": "JWT"}), &json!({})), JwtError::HeaderBadAlg ; "alg missing")]
 #[test_case(&raw_token(&json!({"alg": "none"}), &json!({"iss": ISS})), JwtError::HeaderUnsupportedAlg ; "alg none is rejected")]
@@ -274,8 +275,8 @@ fn locations() {
         HeaderValue::from_str(&format!("bearer {token}")).expect("h"),
     );
     assert!(
-        principal_of(&run(&r, &lower, None)).is_some(),
-        "the Bearer prefix is case-insensitive"
+        matches!(run(&r, &lower, None), Outcome::NoToken),
+        "Envoy searches the prefix case-sensitively: lower-case bearer is not a token"
     );
     let query = format!("x=1&access_token={token}");
     assert!(
@@ -311,6 +312,64 @@ fn locations() {
         principal_of(&run(&explicit, &c, None)).is_some(),
         "fromCookies"
     );
+}
+
+/// What a request with a token in some form comes to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Rejected(JwtError),
+    NoToken,
+    Authenticated,
+}
+
+/// A token present in any form is verified or rejected, never ignored (Envoy's extractor works
+/// on bytes). `{jwt}` in a header value or the query is replaced by the token: `forged` is
+/// signed by another key under the rule's kid.
+#[test_case(b"authorization", b"Bearer {jwt}\xff", None, true, Expect::Rejected(JwtError::SignatureBadBase64) ; "a non-ASCII byte after a forged header token")]
+#[test_case(b"authorization", b"Bearer {jwt}\xff", None, false, Expect::Rejected(JwtError::SignatureBadBase64) ; "a non-ASCII byte after a good header token")]
+#[test_case(b"authorization", b"Bearer {jwt} trailing", None, false, Expect::Rejected(JwtError::SignatureBadBase64) ; "text after a good header token (Envoy's extractJWT keeps it)")]
+#[test_case(b"authorization", b"Token x, Bearer {jwt}", None, true, Expect::Rejected(JwtError::VerificationFailed) ; "a forged token after another scheme")]
+#[test_case(b"authorization", b"bearer {jwt}", None, true, Expect::NoToken ; "lower-case bearer is not a token")]
+#[test_case(b"cookie", b"a=\xff\xfe; session={jwt}", None, true, Expect::Rejected(JwtError::VerificationFailed) ; "a forged cookie token beside a non-ASCII cookie")]
+#[test_case(b"cookie", b"a=\xff\xfe; session={jwt}", None, false, Expect::Authenticated ; "a good cookie token beside a non-ASCII cookie")]
+#[test_case(b"cookie", b"session=\"{jwt}\"", None, false, Expect::Authenticated ; "a quoted cookie token")]
+#[test_case(b"x-other", b"", Some("access_token={jwt}%FF"), true, Expect::Rejected(JwtError::SignatureBadBase64) ; "a percent-encoded non-UTF-8 byte after a forged query token")]
+#[test_case(b"x-other", b"", Some("access_token={jwt}%ZZ"), false, Expect::Rejected(JwtError::SignatureBadBase64) ; "an invalid escape after a query token is kept")]
+#[test_case(b"x-other", b"", Some("access_token="), false, Expect::Rejected(JwtError::BadFormat) ; "an empty query token")]
+fn tokens_in_any_form_are_verified_or_rejected(
+    name: &[u8],
+    value: &[u8],
+    query: Option<&str>,
+    forged: bool,
+    expected: Expect,
+) {
+    let token = mint_with(Algorithm::RS256, Some("rsa"), &claims(ISS, "a"), forged);
+    let fill = |template: &[u8]| -> Vec<u8> {
+        match template.windows(5).position(|w| w == b"{jwt}") {
+            Some(at) => [&template[..at], token.as_bytes(), &template[at + 5..]].concat(),
+            None => template.to_vec(),
+        }
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::HeaderName::from_bytes(name).expect("name"),
+        HeaderValue::from_bytes(&fill(value)).expect("value"),
+    );
+    let query = query.map(|q| String::from_utf8(fill(q.as_bytes())).expect("ASCII query"));
+    let r = rules(&ra(
+        "    fromHeaders: [{name: authorization, prefix: \"Bearer \"}]\n    fromParams: [access_token]\n    fromCookies: [session]\n",
+    ));
+    let outcome = run(&r, &headers, query.as_deref());
+    let got = match &outcome {
+        Outcome::Rejected { error, .. } => {
+            assert_eq!(error.status(), 401);
+            Expect::Rejected(*error)
+        }
+        Outcome::NoToken => Expect::NoToken,
+        Outcome::Authenticated(_) => Expect::Authenticated,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(got, expected);
 }
 
 #[test]
