@@ -114,13 +114,26 @@ fn raw_token(header: &serde_json::Value, payload: &serde_json::Value) -> String 
 
 #[test_case("garbage", JwtError::BadFormat ; "garbage is not three sections")]
 #[test_case("a.b.c.d", JwtError::BadFormat ; "four sections")]
-#[test_case("!!.e30.c2ln", JwtError::HeaderBadBase64 ; "header not base64url")]
+#[test_case("e3!.e30.c2ln", JwtError::HeaderBadBase64 ; "header not base64url")]
+#[test_case("!!.e30.c2ln", JwtError::BadFormat ; "extractJWT starts the token at the first base64url character: .e30.c2ln")]
 #[test_case("bm90IGpzb24.e30.c2ln", JwtError::HeaderBadJson ; "header not JSON")]
 #[test_case(&raw_token(&json!({"typ": "JWT"}), &json!({})), JwtError::HeaderBadAlg ; "alg missing")]
 #[test_case(&raw_token(&json!({"alg": "none"}), &json!({"iss": ISS})), JwtError::HeaderUnsupportedAlg ; "alg none is rejected")]
 #[test_case(&raw_token(&json!({"alg": "XS999"}), &json!({"iss": ISS})), JwtError::HeaderUnsupportedAlg ; "unknown alg is rejected")]
 #[test_case(&raw_token(&json!({"alg": "RS256", "kid": 7}), &json!({"iss": ISS})), JwtError::HeaderBadKid ; "kid not a string")]
-#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": "soon"})), JwtError::TimeNotInteger ; "exp not an integer")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "iat": "123456789"})), JwtError::IatNotInteger ; "jwt_test.cc TestParsePayloadIatNotInteger")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "iat": -12345})), JwtError::IatOutOfRange ; "jwt_test.cc TestParsePayloadIatNotPositive")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "iat": 2.001e206})), JwtError::IatOutOfRange ; "jwt_test.cc TestParsePayloadIatTooBig")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "nbf": "123456789"})), JwtError::NbfNotInteger ; "jwt_test.cc TestParsePayloadNbfNotInteger")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "nbf": -12345})), JwtError::NbfOutOfRange ; "jwt_test.cc TestParsePayloadNbfNotPositive")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "nbf": 2.001e206})), JwtError::NbfOutOfRange ; "jwt_test.cc TestParsePayloadNbfTooBig")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": "soon"})), JwtError::ExpNotInteger ; "jwt_test.cc TestParsePayloadExpNotInteger")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": -12345})), JwtError::ExpOutOfRange ; "jwt_test.cc TestParsePayloadExpNotPositive")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": 2.001e206})), JwtError::ExpOutOfRange ; "jwt_test.cc TestParsePayloadExpTooBig")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "exp": 18_446_744_073_709_551_615_u64})), JwtError::ExpOutOfRange ; "exp of 2^64 - 1 is 2^64 as a double: out of range")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "iat": -1, "exp": "soon"})), JwtError::IatOutOfRange ; "iat is read before nbf and exp")]
+#[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "jti": 1_234_567})), JwtError::JtiNotString ; "jwt_test.cc TestParsePayloadJtiNotString")]
+#[test_case("eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOjd9.!!", JwtError::IssNotString ; "payload fields are read before the signature's encoding")]
 #[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": ISS, "aud": [1]})), JwtError::AudNotString ; "aud not strings")]
 #[test_case(&raw_token(&json!({"alg": "RS256"}), &json!({"iss": "https://other"})), JwtError::UnknownIssuer ; "issuer not configured")]
 #[test_case(&raw_token(&json!({"alg": "RS256", "kid": "rsa"}), &json!({"iss": ISS, "exp": now() + 60})), JwtError::VerificationFailed ; "bad signature")]
@@ -130,11 +143,22 @@ fn malformed_tokens_get_envoys_answer(token: &str, expected: JwtError) {
     assert_eq!(expected.status(), 401);
 }
 
+/// `now()` as the JSON double a token may carry.
+fn now_f64() -> f64 {
+    f64::from(u32::try_from(now()).expect("a Unix time before 2106"))
+}
+
 #[test_case(json!({"iss": ISS, "sub": "a", "exp": now() - 61}), Some(JwtError::Expired) ; "expired beyond the 60 s skew")]
 #[test_case(json!({"iss": ISS, "sub": "a", "exp": now() - 50}), None ; "expired within the skew is accepted")]
 #[test_case(json!({"iss": ISS, "sub": "a", "nbf": now() + 61}), Some(JwtError::NotYetValid) ; "not yet valid beyond the skew")]
 #[test_case(json!({"iss": ISS, "sub": "a", "nbf": now() + 50}), None ; "nbf within the skew is accepted")]
 #[test_case(json!({"iss": ISS, "sub": "a"}), None ; "no exp never expires")]
+#[test_case(json!({"iss": ISS, "sub": "a", "exp": 0}), None ; "exp 0 is no exp (jwt_time_test.cc NotTimeConstraint)")]
+#[test_case(json!({"iss": ISS, "sub": "a", "exp": 1.5e9}), Some(JwtError::Expired) ; "a float exp is read (1.5e9 is in the past)")]
+#[test_case(json!({"iss": ISS, "sub": "a", "exp": now_f64() + 3600.5}), None ; "a float exp in the future is accepted, truncated (jwt_test.cc TestParsePayloadIatDecimalsDrop)")]
+#[test_case(json!({"iss": ISS, "sub": "a", "exp": now_f64() - 61.5}), Some(JwtError::Expired) ; "a float exp beyond the skew")]
+#[test_case(json!({"iss": ISS, "sub": "a", "nbf": now_f64() + 61.5}), Some(JwtError::NotYetValid) ; "a float nbf beyond the skew")]
+#[test_case(json!({"iss": ISS, "sub": "a", "iat": 1234.5678}), None ; "a float iat is accepted")]
 fn time_constraints(claims: serde_json::Value, expected: Option<JwtError>) {
     let token = mint(Algorithm::ES256, Some("ec256"), &{ claims });
     assert_eq!(
@@ -178,6 +202,13 @@ fn key_selection_by_kid_and_type() {
     assert_eq!(
         error_of(&run(&r, &bearer(&wrong_type), None)),
         Some(JwtError::KidAlgMismatch)
+    );
+    // jwt_verify_lib compares kids only when both are non-empty: "kid": "" tries every key.
+    let empty_kid = mint(Algorithm::RS256, Some(""), &claims(ISS, "a"));
+    assert_eq!(
+        principal_of(&run(&r, &bearer(&empty_kid), None)).as_deref(),
+        Some("https://issuer.test/a"),
+        "an empty kid matches any key"
     );
     // Signed by another RSA key under the same kid.
     let other_key = mint_with(Algorithm::RS256, Some("rsa"), &claims(ISS, "a"), true);
@@ -244,8 +275,8 @@ fn locations() {
         HeaderValue::from_str(&format!("bearer {token}")).expect("h"),
     );
     assert!(
-        principal_of(&run(&r, &lower, None)).is_some(),
-        "the Bearer prefix is case-insensitive"
+        matches!(run(&r, &lower, None), Outcome::NoToken),
+        "Envoy searches the prefix case-sensitively: lower-case bearer is not a token"
     );
     let query = format!("x=1&access_token={token}");
     assert!(
@@ -281,6 +312,64 @@ fn locations() {
         principal_of(&run(&explicit, &c, None)).is_some(),
         "fromCookies"
     );
+}
+
+/// What a request with a token in some form comes to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Rejected(JwtError),
+    NoToken,
+    Authenticated,
+}
+
+/// A token present in any form is verified or rejected, never ignored (Envoy's extractor works
+/// on bytes). `{jwt}` in a header value or the query is replaced by the token: `forged` is
+/// signed by another key under the rule's kid.
+#[test_case(b"authorization", b"Bearer {jwt}\xff", None, true, Expect::Rejected(JwtError::SignatureBadBase64) ; "a non-ASCII byte after a forged header token")]
+#[test_case(b"authorization", b"Bearer {jwt}\xff", None, false, Expect::Rejected(JwtError::SignatureBadBase64) ; "a non-ASCII byte after a good header token")]
+#[test_case(b"authorization", b"Bearer {jwt} trailing", None, false, Expect::Rejected(JwtError::SignatureBadBase64) ; "text after a good header token (Envoy's extractJWT keeps it)")]
+#[test_case(b"authorization", b"Token x, Bearer {jwt}", None, true, Expect::Rejected(JwtError::VerificationFailed) ; "a forged token after another scheme")]
+#[test_case(b"authorization", b"bearer {jwt}", None, true, Expect::NoToken ; "lower-case bearer is not a token")]
+#[test_case(b"cookie", b"a=\xff\xfe; session={jwt}", None, true, Expect::Rejected(JwtError::VerificationFailed) ; "a forged cookie token beside a non-ASCII cookie")]
+#[test_case(b"cookie", b"a=\xff\xfe; session={jwt}", None, false, Expect::Authenticated ; "a good cookie token beside a non-ASCII cookie")]
+#[test_case(b"cookie", b"session=\"{jwt}\"", None, false, Expect::Authenticated ; "a quoted cookie token")]
+#[test_case(b"x-other", b"", Some("access_token={jwt}%FF"), true, Expect::Rejected(JwtError::SignatureBadBase64) ; "a percent-encoded non-UTF-8 byte after a forged query token")]
+#[test_case(b"x-other", b"", Some("access_token={jwt}%ZZ"), false, Expect::Rejected(JwtError::SignatureBadBase64) ; "an invalid escape after a query token is kept")]
+#[test_case(b"x-other", b"", Some("access_token="), false, Expect::Rejected(JwtError::BadFormat) ; "an empty query token")]
+fn tokens_in_any_form_are_verified_or_rejected(
+    name: &[u8],
+    value: &[u8],
+    query: Option<&str>,
+    forged: bool,
+    expected: Expect,
+) {
+    let token = mint_with(Algorithm::RS256, Some("rsa"), &claims(ISS, "a"), forged);
+    let fill = |template: &[u8]| -> Vec<u8> {
+        match template.windows(5).position(|w| w == b"{jwt}") {
+            Some(at) => [&template[..at], token.as_bytes(), &template[at + 5..]].concat(),
+            None => template.to_vec(),
+        }
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::HeaderName::from_bytes(name).expect("name"),
+        HeaderValue::from_bytes(&fill(value)).expect("value"),
+    );
+    let query = query.map(|q| String::from_utf8(fill(q.as_bytes())).expect("ASCII query"));
+    let r = rules(&ra(
+        "    fromHeaders: [{name: authorization, prefix: \"Bearer \"}]\n    fromParams: [access_token]\n    fromCookies: [session]\n",
+    ));
+    let outcome = run(&r, &headers, query.as_deref());
+    let got = match &outcome {
+        Outcome::Rejected { error, .. } => {
+            assert_eq!(error.status(), 401);
+            Expect::Rejected(*error)
+        }
+        Outcome::NoToken => Expect::NoToken,
+        Outcome::Authenticated(_) => Expect::Authenticated,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(got, expected);
 }
 
 #[test]

@@ -40,9 +40,27 @@ pub enum JwtError {
     /// `sub` present and not a string.
     #[error("Jwt payload [sub] field is not a string")]
     SubNotString,
-    /// `exp`, `nbf` or `iat` present and not an integer.
-    #[error("Jwt payload [exp], [nbf] or [iat] field is not an integer")]
-    TimeNotInteger,
+    /// `iat` present and not a number.
+    #[error("Jwt payload [iat] field is not an integer")]
+    IatNotInteger,
+    /// `iat` negative or at least 2^64.
+    #[error("Jwt payload [iat] field is not a positive 64 bit integer")]
+    IatOutOfRange,
+    /// `nbf` present and not a number.
+    #[error("Jwt payload [nbf] field is not an integer")]
+    NbfNotInteger,
+    /// `nbf` negative or at least 2^64.
+    #[error("Jwt payload [nbf] field is not a positive 64 bit integer")]
+    NbfOutOfRange,
+    /// `exp` present and not a number.
+    #[error("Jwt payload [exp] field is not an integer")]
+    ExpNotInteger,
+    /// `exp` negative or at least 2^64.
+    #[error("Jwt payload [exp] field is not a positive 64 bit integer")]
+    ExpOutOfRange,
+    /// `jti` present and not a string.
+    #[error("Jwt payload [jti] field is not a string")]
+    JtiNotString,
     /// `aud` present and neither a string nor a list of strings.
     #[error("Jwt payload [aud] field is not a string or string list")]
     AudNotString,

@@ -1,7 +1,7 @@
 //! JSON Web Key Sets: parsed once per fetch into keys ready to verify with.
 //!
 //! Envoy's rules (`jwt_verify_lib`): a key is a candidate for a token when its `kid` (if both
-//! have one) equals the token's, its `alg` (if it has one) equals the token's, and its type fits
+//! have a non-empty one) equals the token's, its `alg` (if it has one) equals the token's, and its type fits
 //! the token's algorithm (RSA for RS*/PS*, EC P-256/P-384 for ES256/ES384, OKP Ed25519 for
 //! `EdDSA`, `oct` for HS*). Keys that cannot be used are reported and left out; the rest serve.
 
@@ -74,11 +74,13 @@ impl fmt::Debug for Key {
 }
 
 impl Key {
-    /// Envoy's candidate rule for a token with `kid` and `alg`.
+    /// Envoy's candidate rule for a token with `kid` and `alg`. The kids must be equal only
+    /// when both are non-empty (`jwt_verify_lib` `verifyJwtWithoutTimeChecking`): a token with
+    /// `"kid": ""` is tried against every key, as one without `kid` is.
     #[must_use]
     pub fn is_candidate(&self, kid: Option<&str>, alg: Algorithm) -> bool {
         let kid_ok = match (kid, self.kid.as_deref()) {
-            (Some(want), Some(have)) => want == have,
+            (Some(want), Some(have)) if !want.is_empty() && !have.is_empty() => want == have,
             _ => true,
         };
         kid_ok && self.alg.is_none_or(|a| a == alg) && self.key_type.fits(alg)
@@ -195,6 +197,10 @@ mod tests {
             "no kid in the token: keys of a fitting type"
         );
         assert!(!set.keys[0].is_candidate(Some("other"), Algorithm::RS256));
+        assert!(
+            set.keys[0].is_candidate(Some(""), Algorithm::RS256),
+            "an empty kid in the token matches any key (jwt_verify_lib: both must be non-empty)"
+        );
         assert!(
             !set.keys[0].is_candidate(None, Algorithm::ES256),
             "the key type must fit alg"

@@ -26,7 +26,7 @@ use crate::policy::{scope, RequestAuthentication};
 /// Where a token may be.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Location {
-    /// A header, with a prefix (`Bearer `) stripped when present.
+    /// A header; with a prefix (`Bearer `), only values containing it, the token after it.
     Header { name: HeaderName, prefix: String },
     /// A query parameter.
     Param(String),
@@ -267,6 +267,7 @@ pub struct RequestParts<'a> {
 /// A token found in a request, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoundToken<'a> {
+    /// The token; bytes that are not UTF-8 are replaced by U+FFFD (see [`as_text`]).
     pub token: Cow<'a, str>,
     pub location: Location,
 }
@@ -310,54 +311,123 @@ fn is_preflight(parts: &RequestParts<'_>) -> bool {
             .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
-/// `name=value` pairs of a query string, percent-decoded.
-fn query_param<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k).as_deref() == Some(name))
-            .then(|| percent_decode(v))
-            .flatten()
-    })
+/// Envoy's `ConstantBase64UrlEncodingCharsPlusDot`: base64url (RFC 4648 section 5) and `.`.
+fn is_jwt_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
 }
 
-fn percent_decode(text: &str) -> Option<Cow<'_, str>> {
-    if !text.contains(['%', '+']) {
-        return Some(Cow::Borrowed(text));
+/// The token in one value of a header location, as Envoy's extractor finds it. Without a prefix
+/// the whole value is the token. With one, the prefix is searched anywhere in the value, case
+/// sensitively (no prefix: not a token); the token starts at the first base64url character or
+/// `.` after it and runs to the end of the value (`extractJWT`; anything after a JWT stays
+/// in the token and fails it); when there is no such character, the whole value is the token.
+fn header_token<'v>(value: &'v [u8], prefix: &str) -> Option<&'v [u8]> {
+    let prefix = prefix.as_bytes();
+    if prefix.is_empty() {
+        return Some(value);
     }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let after = value.windows(prefix.len()).position(|w| w == prefix)? + prefix.len();
+    let rest = value.get(after..).unwrap_or_default();
+    Some(
+        rest.iter()
+            .position(|&b| is_jwt_char(b))
+            .map_or(value, |start| &rest[start..]),
+    )
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    char::from(b)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
+}
+
+/// Envoy's `PercentEncoding::decode`: `%XX` with two hex digits becomes that byte, anything
+/// else (a `%` without two hex digits after it, `+`) is kept as it is.
+fn percent_decode(text: &[u8]) -> Cow<'_, [u8]> {
+    if !text.contains(&b'%') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = Vec::with_capacity(text.len());
     let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+    while let Some(&b) = text.get(i) {
+        if b == b'%' {
+            if let (Some(hi), Some(lo)) = (
+                text.get(i + 1).copied().and_then(hex_digit),
+                text.get(i + 2).copied().and_then(hex_digit),
+            ) {
+                out.push(hi << 4 | lo);
                 i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
+                continue;
             }
         }
+        out.push(b);
+        i += 1;
     }
-    String::from_utf8(out).ok().map(Cow::Owned)
+    Cow::Owned(out)
 }
 
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+/// The `&`-separated parameters of a query string as Envoy's `parseParameters` sees them: a
+/// trailing `&` (or an empty query) adds none; a parameter without `=` has an empty value.
+fn query_pairs(query: &str) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let query = query.as_bytes();
+    let empty = query.is_empty();
+    query
+        .strip_suffix(b"&")
+        .unwrap_or(query)
+        .split(|&b| b == b'&')
+        .filter(move |_| !empty)
+        .map(|param| match param.iter().position(|&b| b == b'=') {
+            Some(eq) => (&param[..eq], &param[eq + 1..]),
+            None => (param, &param[param.len()..]),
+        })
+}
+
+/// The first value of the query parameter `name`, names and values percent-decoded
+/// (Envoy: `parseAndDecodeQueryString(path).getFirstValue(name)`).
+fn query_param<'q>(query: &'q str, name: &str) -> Option<Cow<'q, [u8]>> {
+    query_pairs(query)
+        .find(|(key, _)| *percent_decode(key) == *name.as_bytes())
+        .map(|(_, value)| percent_decode(value))
+}
+
+/// The name and value of one `;`-separated cookie as Envoy's `forEachCookie` reads them: the name
+/// from the first byte that is not a space to the first `=`, the value all after it; `None`
+/// for a cookie without `=`.
+fn cookie_pair(cookie: &[u8]) -> Option<(&[u8], &[u8])> {
+    let eq = cookie.iter().position(|&b| b == b'=')?;
+    let start = cookie.iter().position(|&b| b != b' ').unwrap_or(eq).min(eq);
+    Some((&cookie[start..eq], &cookie[eq + 1..]))
+}
+
+/// The cookie `name` as Envoy's `parseCookies` finds it: every Cookie header in order, the
+/// first cookie of that name wins, its value is the rest of the cookie (not trimmed), unquoted
+/// when it is wrapped in double quotes. Bytes are bytes: a sibling cookie that is not UTF-8
+/// changes nothing.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|line| {
-            line.split(';').find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                (k == name).then_some(v)
+        .flat_map(|line| line.as_bytes().split(|&b| b == b';'))
+        .find_map(|cookie| {
+            let (key, value) = cookie_pair(cookie)?;
+            (key == name.as_bytes()).then_some(match value {
+                [b'"', inner @ .., b'"'] => inner,
+                _ => value,
             })
         })
+}
+
+/// A token's bytes as text. Bytes that are not UTF-8 become U+FFFD, which is not base64url:
+/// such a token is still a token and fails decoding where Envoy's would (401), it never
+/// disappears.
+fn as_text(bytes: Cow<'_, [u8]>) -> Cow<'_, str> {
+    match bytes {
+        Cow::Borrowed(b) => String::from_utf8_lossy(b),
+        Cow::Owned(b) => Cow::Owned(
+            String::from_utf8(b)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        ),
+    }
 }
 
 impl JwtRules {
@@ -366,7 +436,12 @@ impl JwtRules {
         self.rules.is_empty()
     }
 
-    /// Tokens in the locations the rules read, each location once, in rule order.
+    /// Tokens in the locations the rules read, each location once, in rule order, found as
+    /// Envoy's `jwt_authn` extractor finds them: a header location gives one token per value
+    /// of the header ([`header_token`]), a query parameter its first value percent-decoded, a
+    /// cookie its first value. A location that is present with an empty value gives an empty
+    /// token, which is then refused as Envoy refuses it ("Jwt is not in the form of
+    /// Header.Payload.Signature ..."): a token present in any form is verified or rejected.
     #[must_use]
     pub fn extract<'a>(&self, parts: &RequestParts<'a>) -> Vec<FoundToken<'a>> {
         let mut seen: Vec<&Location> = Vec::new();
@@ -376,36 +451,30 @@ impl JwtRules {
                 continue;
             }
             seen.push(location);
-            let token: Option<Cow<'a, str>> = match location {
-                Location::Header { name, prefix } => {
-                    parts.headers.get_all(name).iter().find_map(|v| {
-                        let v = v.to_str().ok()?.trim();
-                        let rest = if prefix.is_empty() {
-                            v
-                        } else {
-                            let head = v.get(..prefix.len())?;
-                            if !head.eq_ignore_ascii_case(prefix) {
-                                return None;
-                            }
-                            &v[prefix.len()..]
-                        };
-                        let rest = rest.trim();
-                        (!rest.is_empty()).then_some(Cow::Borrowed(rest))
-                    })
-                }
-                Location::Param(name) => parts
-                    .query
-                    .and_then(|q| query_param(q, name))
-                    .filter(|t| !t.is_empty()),
-                Location::Cookie(name) => cookie(parts.headers, name)
-                    .filter(|t| !t.is_empty())
-                    .map(Cow::Borrowed),
-            };
-            if let Some(token) = token {
+            let mut push = |token: Cow<'a, [u8]>| {
                 found.push(FoundToken {
-                    token,
+                    token: as_text(token),
                     location: location.clone(),
                 });
+            };
+            match location {
+                Location::Header { name, prefix } => {
+                    for value in parts.headers.get_all(name) {
+                        if let Some(token) = header_token(value.as_bytes(), prefix) {
+                            push(Cow::Borrowed(token));
+                        }
+                    }
+                }
+                Location::Param(name) => {
+                    if let Some(token) = parts.query.and_then(|q| query_param(q, name)) {
+                        push(token);
+                    }
+                }
+                Location::Cookie(name) => {
+                    if let Some(token) = cookie(parts.headers, name) {
+                        push(Cow::Borrowed(token));
+                    }
+                }
             }
         }
         found
@@ -585,24 +654,27 @@ pub fn rewrite(
                 query = query.map(|q| {
                     q.split('&')
                         .filter(|pair| {
-                            percent_decode(pair.split_once('=').map_or(pair, |(k, _)| k)).as_deref()
-                                != Some(name)
+                            let key = pair.split_once('=').map_or(*pair, |(k, _)| k);
+                            *percent_decode(key.as_bytes()) != *name.as_bytes()
                         })
                         .collect::<Vec<_>>()
                         .join("&")
                 });
             }
             Location::Cookie(name) => {
-                let kept: Vec<String> = headers
+                // The other cookies, byte for byte (not UTF-8 included), in one header.
+                let kept: Vec<Vec<u8>> = headers
                     .get_all(http::header::COOKIE)
                     .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(|line| line.split(';').map(str::trim))
-                    .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
-                    .map(str::to_owned)
+                    .flat_map(|line| line.as_bytes().split(|&b| b == b';'))
+                    .map(<[u8]>::trim_ascii)
+                    .filter(|c| {
+                        !c.is_empty() && cookie_pair(c).is_none_or(|(k, _)| k != name.as_bytes())
+                    })
+                    .map(<[u8]>::to_vec)
                     .collect();
                 headers.remove(http::header::COOKIE);
-                if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+                if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
                     if !kept.is_empty() {
                         headers.insert(http::header::COOKIE, v);
                     }
@@ -624,4 +696,339 @@ pub fn rewrite(
         }
     }
     query.filter(|q| !q.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use test_case::test_case;
+
+    use crate::policy::model::JwtHeader;
+
+    /// Envoy's `ExampleConfig` (`test/extensions/filters/http/jwt_authn/extractor_test.cc`) as
+    /// jwtRules: provider N is the rule of `issuerN`.
+    fn example_rules() -> JwtRules {
+        let header = |name: &str, prefix: &str| JwtHeader {
+            name: name.into(),
+            prefix: prefix.into(),
+        };
+        let rule = |issuer: &str| JwtRule {
+            issuer: issuer.into(),
+            ..JwtRule::default()
+        };
+        let rules = [
+            rule("issuer1"),
+            JwtRule {
+                from_headers: vec![header("token-header", "")],
+                ..rule("issuer2")
+            },
+            JwtRule {
+                from_params: vec!["token_param".into()],
+                ..rule("issuer3")
+            },
+            JwtRule {
+                from_headers: vec![header("token-header", "")],
+                from_params: vec!["token_param".into()],
+                ..rule("issuer4")
+            },
+            JwtRule {
+                from_headers: vec![header("prefix-header", "AAA")],
+                ..rule("issuer5")
+            },
+            JwtRule {
+                from_headers: vec![header("prefix-header", "AAABBB")],
+                ..rule("issuer6")
+            },
+            JwtRule {
+                from_headers: vec![header("prefix-header", "CCCDDD")],
+                ..rule("issuer7")
+            },
+            JwtRule {
+                from_headers: vec![header("prefix-header", "\"CCCDDD\"")],
+                ..rule("issuer8")
+            },
+            JwtRule {
+                from_cookies: vec!["token-cookie".into(), "token-cookie-2".into()],
+                ..rule("issuer9")
+            },
+            JwtRule {
+                from_cookies: vec!["token-cookie-3".into()],
+                ..rule("issuer10")
+            },
+        ];
+        JwtRules {
+            rules: rules
+                .iter()
+                .map(|r| Arc::new(CompiledJwtRule::compile(r, r.issuer.clone())))
+                .collect(),
+            fingerprint: 0,
+        }
+    }
+
+    fn header_map(headers: &[(&str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("test header name"),
+                HeaderValue::from_bytes(value).expect("test header value"),
+            );
+        }
+        map
+    }
+
+    /// The tokens `rules` find, sorted (Envoy orders them by location; the order does not
+    /// matter to these rows).
+    fn tokens(rules: &JwtRules, headers: &[(&str, &[u8])], query: Option<&str>) -> Vec<String> {
+        let headers = header_map(headers);
+        let parts = RequestParts {
+            method: &Method::GET,
+            headers: &headers,
+            query,
+        };
+        let mut found: Vec<String> = rules
+            .extract(&parts)
+            .into_iter()
+            .map(|t| t.token.into_owned())
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[test_case(&[], None, &[] ; "TestNoToken")]
+    #[test_case(&[("wrong-token-header", b"jwt_token")], None, &[] ; "TestWrongHeaderToken")]
+    #[test_case(&[], Some("wrong_token=jwt_token"), &[] ; "TestWrongParamToken")]
+    #[test_case(&[("authorization", b"Bearer jwt_token")], None, &["jwt_token"] ; "TestDefaultHeaderLocation")]
+    #[test_case(&[("authorization", b"Bearer aaa.bbb.ccc .jjjjjjjj")], None, &["aaa.bbb.ccc .jjjjjjjj"] ; "TestDefaultHeaderLocationWithValidJWTEndedWithSpaceAndMoreCharachters: the rest of the value is the token")]
+    #[test_case(&[], Some("access_token=jwt_token"), &["jwt_token"] ; "TestDefaultParamLocation")]
+    #[test_case(&[("token-header", b"jwt_token")], None, &["jwt_token"] ; "TestCustomHeaderToken")]
+    #[test_case(&[("token-header", b"jwt_token"), ("token-header", b"foo")], None, &["foo", "jwt_token"] ; "TestDoubleCustomHeaderToken as Envoy does it since it stopped joining values: one token per value")]
+    #[test_case(&[("prefix-header", b"jwt_token")], None, &[] ; "TestPrefixHeaderNotMatch")]
+    #[test_case(&[("prefix-header", b"AAABBBjwt_token")], None, &["BBBjwt_token", "jwt_token"] ; "TestPrefixHeaderMatch")]
+    #[test_case(&[("prefix-header", b"preamble CCCDDD=jwt_token,extra=more")], None, &["jwt_token,extra=more"] ; "TestPrefixHeaderFlexibleMatch1")]
+    #[test_case(&[("prefix-header", b"CCCDDD=\"and0X3Rva2Vu\",comment=\"fish tag\"")], None, &["and0X3Rva2Vu\",comment=\"fish tag\""] ; "TestPrefixHeaderFlexibleMatch2")]
+    #[test_case(&[("prefix-header", b"creds={\"authLevel\": \"20\", \"CCCDDD\": \"and0X3Rva2Vu\"}")], None, &["and0X3Rva2Vu\"}", "and0X3Rva2Vu\"}"] ; "TestPrefixHeaderFlexibleMatch3")]
+    #[test_case(&[], Some("token_param=jwt_token"), &["jwt_token"] ; "TestCustomParamToken: one location for issuer3 and issuer4")]
+    #[test_case(&[("cookie", b"token-cookie=token-cookie-value; token-cookie-2=token-cookie-value-2"), ("cookie", b"token-cookie-3=\"token-cookie-value-3\"")], None, &["token-cookie-value", "token-cookie-value-2", "token-cookie-value-3"] ; "TestCookieToken")]
+    #[test_case(&[("token-header", b"token2"), ("authorization", b"Bearer token1"), ("prefix-header", b"AAAtoken5")], Some("token_param=token3&access_token=token4"), &["token1", "token2", "token3", "token4", "token5"] ; "TestMultipleTokens")]
+    // The bug: a token present in any form is found, whatever bytes surround it.
+    #[test_case(&[("authorization", b"Bearer aaa.bbb.ccc\xff")], None, &["aaa.bbb.ccc\u{FFFD}"] ; "a non-ASCII byte after the token keeps it a token")]
+    #[test_case(&[("authorization", b"\xe9t\xe9 Bearer aaa.bbb.ccc")], None, &["aaa.bbb.ccc"] ; "non-ASCII bytes before the prefix")]
+    #[test_case(&[("authorization", b"Token x, Bearer aaa.bbb.ccc")], None, &["aaa.bbb.ccc"] ; "the prefix is found anywhere in the value")]
+    #[test_case(&[("authorization", b"bearer aaa.bbb.ccc")], None, &[] ; "the prefix is case-sensitive: lower-case bearer is not a token")]
+    #[test_case(&[("authorization", b"Basic dXNlcjpwdw=="), ("authorization", b"Bearer aaa.bbb.ccc")], None, &["aaa.bbb.ccc"] ; "Basic and Bearer in two values")]
+    #[test_case(&[("authorization", b"Bearer   aaa.bbb.ccc")], None, &["aaa.bbb.ccc"] ; "extractJWT skips to the first base64url character")]
+    #[test_case(&[("authorization", b"Bearer ")], None, &["Bearer "] ; "extractJWT: nothing after the prefix gives the whole value")]
+    #[test_case(&[("authorization", b"Bearer \xff")], None, &["Bearer \u{FFFD}"] ; "extractJWT: no base64url character after the prefix gives the whole value")]
+    #[test_case(&[("authorization", b"")], None, &[] ; "an empty Authorization has no Bearer prefix")]
+    #[test_case(&[("token-header", b"")], None, &[""] ; "a header location without prefix present and empty is an empty token")]
+    #[test_case(&[("token-header", b"\xffjwt")], None, &["\u{FFFD}jwt"] ; "a non-ASCII value without prefix")]
+    #[test_case(&[("cookie", b"a=\xff\xfe; token-cookie=aaa.bbb.ccc")], None, &["aaa.bbb.ccc"] ; "a cookie jar with a non-ASCII sibling")]
+    #[test_case(&[("cookie", b"a=\xff"), ("cookie", b"token-cookie=aaa.bbb.ccc")], None, &["aaa.bbb.ccc"] ; "a non-ASCII Cookie header before the one with the token")]
+    #[test_case(&[("cookie", b"token-cookie=first"), ("cookie", b"token-cookie=second")], None, &["first"] ; "parseCookies: the first cookie of a name wins")]
+    #[test_case(&[("cookie", b"token-cookie=")], None, &[""] ; "a cookie present and empty is an empty token")]
+    #[test_case(&[("cookie", b"token-cookie=\"\"")], None, &[""] ; "a quoted empty cookie is an empty token")]
+    #[test_case(&[("cookie", b"token-cookie")], None, &[] ; "a cookie without = is malformed and skipped")]
+    #[test_case(&[("cookie", b"token-cookie =x; token-cookie-2=y ")], None, &["y "] ; "forEachCookie: the name is not right-trimmed, the value is kept as it is")]
+    #[test_case(&[("cookie", b"token-cookie=\"x")], None, &["\"x"] ; "a value with one quote is not unquoted")]
+    #[test_case(&[], Some("access_token=aaa.bbb.ccc%FF"), &["aaa.bbb.ccc\u{FFFD}"] ; "a percent-encoded non-UTF-8 byte keeps the parameter a token")]
+    #[test_case(&[], Some("access_token=a%2Eb+c%zz%4"), &["a.b+c%zz%4"] ; "PercentEncoding::decode: invalid escapes and + are kept")]
+    #[test_case(&[], Some("access%5Ftoken=x"), &["x"] ; "the parameter's name is decoded too")]
+    #[test_case(&[], Some("access_token=a&access_token=b"), &["a"] ; "getFirstValue: the first value")]
+    #[test_case(&[], Some("access_token="), &[""] ; "a parameter present and empty is an empty token")]
+    #[test_case(&[], Some("x=1&access_token"), &[""] ; "a parameter without = has an empty value")]
+    #[test_case(&[], Some("access_token=%E9t%E9&"), &["\u{FFFD}t\u{FFFD}"] ; "a trailing & adds no parameter")]
+    fn extraction_restates_envoy(
+        headers: &[(&str, &[u8])],
+        query: Option<&str>,
+        expected: &[&str],
+    ) {
+        assert_eq!(tokens(&example_rules(), headers, query), expected);
+    }
+
+    /// `TestCookieTokenAndDefault`: a rule with a cookie does not read the default locations.
+    #[test]
+    fn cookie_location_replaces_the_defaults() {
+        let rule = JwtRule {
+            issuer: "issuer11".into(),
+            from_cookies: vec!["token-cookie".into()],
+            ..JwtRule::default()
+        };
+        let rules = JwtRules {
+            rules: vec![Arc::new(CompiledJwtRule::compile(&rule, "r".into()))],
+            fingerprint: 0,
+        };
+        let headers: &[(&str, &[u8])] = &[
+            ("authorization", b"Bearer jwt_token"),
+            ("cookie", b"token-cookie=\"token-cookie-value\""),
+        ];
+        assert_eq!(tokens(&rules, headers, None), ["token-cookie-value"]);
+    }
+
+    /// `TestExtractParam`: a rule without locations reads `Authorization: Bearer` and
+    /// `access_token`; with locations, only those.
+    #[test]
+    fn default_and_explicit_locations() {
+        let headers: &[(&str, &[u8])] = &[
+            ("token-header", b"token2"),
+            ("authorization", b"Bearer token1"),
+            ("prefix-header", b"AAAtoken5"),
+        ];
+        let query = Some("token_param=token3&access_token=token4");
+        let of = |rule: JwtRule| JwtRules {
+            rules: vec![Arc::new(CompiledJwtRule::compile(&rule, "r".into()))],
+            fingerprint: 0,
+        };
+        let mut rule = JwtRule {
+            issuer: "foo".into(),
+            ..JwtRule::default()
+        };
+        assert_eq!(
+            tokens(&of(rule.clone()), headers, query),
+            ["token1", "token4"]
+        );
+        rule.from_headers = vec![JwtHeader {
+            name: "prefix-header".into(),
+            prefix: "AAA".into(),
+        }];
+        rule.from_params = vec!["token_param".into()];
+        assert_eq!(tokens(&of(rule), headers, query), ["token3", "token5"]);
+    }
+
+    #[test_case(&[("authorization", b"Bearer eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJpc3N1ZXIxIn0.c2ln\xff")], None, JwtError::SignatureBadBase64 ; "garbage after a header token")]
+    #[test_case(&[("cookie", b"a=\xff; token-cookie=eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJpc3N1ZXIxIn0.c2ln")], None, JwtError::UnknownIssuer ; "a cookie token beside a non-ASCII cookie: issuer1 does not read that cookie")]
+    #[test_case(&[("cookie", b"a=\xff; token-cookie=eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJpc3N1ZXI5In0.c2ln")], None, JwtError::JwksFetchFailed ; "a cookie token of issuer9 beside a non-ASCII cookie: no keys")]
+    #[test_case(&[], Some("access_token=eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJpc3N1ZXIxIn0.c2ln%FF"), JwtError::SignatureBadBase64 ; "garbage after a query token")]
+    #[test_case(&[], Some("access_token="), JwtError::BadFormat ; "an empty query token")]
+    #[test_case(&[("token-header", b"")], None, JwtError::BadFormat ; "an empty header token")]
+    fn tokens_in_any_form_are_rejected(
+        headers: &[(&str, &[u8])],
+        query: Option<&str>,
+        expected: JwtError,
+    ) {
+        let headers = header_map(headers);
+        let parts = RequestParts {
+            method: &Method::GET,
+            headers: &headers,
+            query,
+        };
+        let outcome =
+            example_rules().authenticate(&parts, &NoRemoteKeys, &TokenCache::default(), 0);
+        let Outcome::Rejected { error, .. } = outcome else {
+            panic!("not rejected: {outcome:?}");
+        };
+        assert_eq!((error, error.status()), (expected, 401));
+    }
+
+    #[test]
+    fn removing_a_cookie_keeps_non_ascii_siblings() {
+        let rules = example_rules();
+        let mut headers = header_map(&[("cookie", b"a=\xff; token-cookie=t"), ("cookie", b"b=2")]);
+        let outcome = Outcome::Authenticated(Authenticated {
+            verified: Arc::new(Verified {
+                auth: AuthInfo::from_claims(serde_json::Map::new(), &[]),
+                exp: None,
+                nbf: None,
+                payload_b64: String::new(),
+                generation: 0,
+                rule: 8,
+            }),
+            rule: rules.rules[8].clone(),
+            location: Location::Cookie("token-cookie".into()),
+            cached: false,
+            remove: vec![Location::Cookie("token-cookie".into())],
+        });
+        rewrite(&rules, &outcome, &mut headers, None);
+        assert_eq!(headers[http::header::COOKIE].as_bytes(), b"a=\xff; b=2");
+        let outcome = Outcome::Authenticated(Authenticated {
+            remove: vec![Location::Param("access_token".into())],
+            ..match outcome {
+                Outcome::Authenticated(a) => a,
+                _ => unreachable!("built above"),
+            }
+        });
+        let query = rewrite(
+            &rules,
+            &outcome,
+            &mut headers,
+            Some("x=%FF&access%5Ftoken=t%FF&access_token&y=1"),
+        );
+        assert_eq!(
+            query.as_deref(),
+            Some("x=%FF&y=1"),
+            "every value of the decoded name"
+        );
+    }
+
+    /// Header bytes `HeaderValue` accepts: tab, visible ASCII and space, obs-text.
+    fn header_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(
+            prop_oneof![Just(b'\t'), 0x20_u8..0x7f, 0x80_u8..=0xff],
+            0..48,
+        )
+    }
+
+    /// Built once: the property tests run thousands of cases.
+    static EXAMPLE: std::sync::LazyLock<(JwtRules, TokenCache)> =
+        std::sync::LazyLock::new(|| (example_rules(), TokenCache::default()));
+
+    const JWT_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever the bytes of headers, cookies and query, extraction, authentication and
+        /// rewriting do not panic, and every present location gives its token.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            authorization in header_bytes(),
+            custom in header_bytes(),
+            cookies in header_bytes(),
+            query in any::<String>(),
+        ) {
+            let (rules, cache) = &*EXAMPLE;
+            let mut headers = header_map(&[
+                ("authorization", &authorization),
+                ("token-header", &custom),
+                ("cookie", &cookies),
+            ]);
+            let parts = RequestParts { method: &Method::GET, headers: &headers, query: Some(&query) };
+            let found = rules.extract(&parts);
+            prop_assert!(
+                found.iter().any(|t| t.location == Location::Header {
+                    name: HeaderName::from_static("token-header"),
+                    prefix: String::new(),
+                }),
+                "a header location without prefix always gives a token"
+            );
+            let outcome = rules.authenticate(&parts, &NoRemoteKeys, cache, 0);
+            prop_assert!(matches!(outcome, Outcome::Rejected { .. }), "no token here verifies");
+            rewrite(rules, &outcome, &mut headers, Some(&query));
+        }
+
+        /// A value containing `Bearer ` followed by a base64url character (or `.`) always
+        /// gives a token from the Authorization location, starting at that character.
+        #[test]
+        fn bearer_then_a_jwt_character_is_a_token(
+            before in header_bytes(),
+            first in prop::sample::select(JWT_CHARS),
+            after in header_bytes(),
+        ) {
+            let mut value = before.clone();
+            value.extend_from_slice(b"Bearer ");
+            value.push(first);
+            value.extend_from_slice(&after);
+            let headers = header_map(&[("authorization", &value)]);
+            let parts = RequestParts { method: &Method::GET, headers: &headers, query: None };
+            let found = EXAMPLE.0.extract(&parts);
+            prop_assert_eq!(found.len(), 1);
+            // From the first `Bearer ` in the value (maybe one in `before`), the token starts at
+            // the first base64url character and runs to the end.
+            let prefix_end = value.windows(7).position(|w| w == b"Bearer ").expect("inserted") + 7;
+            let start = prefix_end
+                + value[prefix_end..].iter().position(|&b| is_jwt_char(b)).expect("`first` is one");
+            prop_assert_eq!(&*found[0].token, &*String::from_utf8_lossy(&value[start..]));
+            prop_assert!(found[0].token.len() > after.len());
+        }
+    }
 }

@@ -48,14 +48,40 @@ fn object(bytes: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
     }
 }
 
+/// How `jwt_verify_lib` reads a field it wants as a number.
+enum NumberError {
+    /// Present and not a number.
+    NotNumber,
+    /// Negative, or at least 2^64.
+    OutOfRange,
+}
+
+/// A time claim as `jwt_verify_lib`'s `StructUtils::GetUInt64` reads it: any JSON number (the
+/// JSON is parsed into doubles), refused when negative or at least 2^64, else truncated
+/// (`1893456000.5` -> 1893456000, `1.5e9` -> 1500000000).
 fn time_claim(
     claims: &serde_json::Map<String, serde_json::Value>,
     name: &str,
-) -> Result<Option<u64>, JwtError> {
-    match claims.get(name) {
-        None => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or(JwtError::TimeNotInteger),
+) -> Result<Option<u64>, NumberError> {
+    let Some(value) = claims.get(name) else {
+        return Ok(None);
+    };
+    let number = value.as_f64().ok_or(NumberError::NotNumber)?;
+    // `u64::MAX as f64` is 2^64: the same bound as the C++ `static_cast<double>`.
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "the bound is the double jwt_verify_lib compares with"
+    )]
+    let limit = u64::MAX as f64;
+    if number < 0.0 || number >= limit {
+        return Err(NumberError::OutOfRange);
     }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "in [0, 2^64): truncation is what GetUInt64's static_cast does"
+    )]
+    Ok(Some(number as u64))
 }
 
 /// Splits and decodes `token`; no key is involved.
@@ -88,9 +114,8 @@ pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
         .decode(payload_b64)
         .map_err(|_| JwtError::PayloadBadBase64)?;
     let claims = object(&payload_bytes).ok_or(JwtError::PayloadBadJson)?;
-    if B64.decode(signature).is_err() {
-        return Err(JwtError::SignatureBadBase64);
-    }
+    // The payload's fields in jwt_verify_lib's order (`Jwt::parseFromString`), then the
+    // signature's encoding.
     let string = |name: &str, error| match claims.get(name) {
         None => Ok(String::new()),
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -98,6 +123,18 @@ pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
     };
     let issuer = string("iss", JwtError::IssNotString)?;
     let subject = string("sub", JwtError::SubNotString)?;
+    let time = |name, not_number, out_of_range| {
+        time_claim(&claims, name).map_err(|e| match e {
+            NumberError::NotNumber => not_number,
+            NumberError::OutOfRange => out_of_range,
+        })
+    };
+    let iat = time("iat", JwtError::IatNotInteger, JwtError::IatOutOfRange)?;
+    let nbf = time("nbf", JwtError::NbfNotInteger, JwtError::NbfOutOfRange)?;
+    // jwt_verify_lib keeps a missing `exp` as 0 and checks expiry only when it is not 0
+    // (`verifyTimeConstraint`): an `exp` of 0 (or 0.5, truncated) never expires there either.
+    let exp = time("exp", JwtError::ExpNotInteger, JwtError::ExpOutOfRange)?.filter(|&e| e != 0);
+    string("jti", JwtError::JtiNotString)?;
     let audiences = match claims.get("aud") {
         None => Vec::new(),
         Some(serde_json::Value::String(a)) => vec![a.clone()],
@@ -108,11 +145,9 @@ pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
             .ok_or(JwtError::AudNotString)?,
         Some(_) => return Err(JwtError::AudNotString),
     };
-    let (exp, nbf, iat) = (
-        time_claim(&claims, "exp")?,
-        time_claim(&claims, "nbf")?,
-        time_claim(&claims, "iat")?,
-    );
+    if B64.decode(signature).is_err() {
+        return Err(JwtError::SignatureBadBase64);
+    }
     let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
     Ok(Decoded {
         alg,
