@@ -554,3 +554,143 @@ async fn http10_chunked_request_is_refused() {
     assert_eq!(statuses(&answer), ["400"], "{answer}");
     assert_eq!(pod.connections(), 0, "{}", pod.received());
 }
+
+// --- 3. Tokens that do not decode are still tokens --------------------------------------------
+
+/// `host_policies()` plus a jwtRule reading the `session` cookie (same issuer and keys).
+fn cookie_policies() -> String {
+    let keys = support::jwks(vec![support::jwk(
+        jsonwebtoken::Algorithm::RS256,
+        "rsa",
+        false,
+    )]);
+    format!(
+        "{}---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt-cookie, namespace: foo}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  jwtRules:
+  - issuer: {ISS}
+    jwks: '{keys}'
+    fromCookies: [session]
+",
+        host_policies()
+    )
+}
+
+#[tokio::test]
+async fn tokens_with_undecodable_bytes_are_verified_and_rejected() {
+    // Envoy's extractor takes the token after the prefix and verifies it: a forged token with a
+    // non-ASCII byte, beside a non-ASCII cookie, or with `%FF` in the query is a bad token (401),
+    // never a missing one.
+    let pod = RawPod::http().await;
+    let node = node_at(
+        &cookie_policies(),
+        Limits::default(),
+        Vec::new(),
+        pod.addr,
+        Upstream::default(),
+    )
+    .await;
+    let forged = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZG1pbiJ9.c2ln";
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "header, non-ASCII byte after the token",
+            [
+                format!("GET /ok HTTP/1.1\r\nHost: httpbin.foo\r\nAuthorization: Bearer {forged}").as_bytes(),
+                b"\xff\r\nConnection: close\r\n\r\n",
+            ]
+            .concat(),
+        ),
+        (
+            "header, valid token then a non-ASCII byte",
+            [
+                format!("GET /ok HTTP/1.1\r\nHost: httpbin.foo\r\nAuthorization: Bearer {}", token()).as_bytes(),
+                b"\xe9\r\nConnection: close\r\n\r\n",
+            ]
+            .concat(),
+        ),
+        (
+            "cookie beside a non-ASCII sibling",
+            [
+                format!("GET /ok HTTP/1.1\r\nHost: httpbin.foo\r\nCookie: session={forged}; name=").as_bytes(),
+                b"J\xe9r\xf4me\r\nConnection: close\r\n\r\n",
+            ]
+            .concat(),
+        ),
+        (
+            "query parameter with %FF",
+            format!("GET /ok?access_token={forged}%FF HTTP/1.1\r\nHost: httpbin.foo\r\nConnection: close\r\n\r\n")
+                .into_bytes(),
+        ),
+        (
+            "prefix after another scheme's value (Envoy finds it anywhere)",
+            format!("GET /ok HTTP/1.1\r\nHost: httpbin.foo\r\nAuthorization: Token x, Bearer {forged}\r\nConnection: close\r\n\r\n")
+                .into_bytes(),
+        ),
+    ];
+    for (case, bytes) in cases {
+        let answer = exchange(&node, UNKNOWN_CLIENT, &bytes, SHORT).await;
+        assert_eq!(statuses(&answer), ["401"], "{case}: {answer}");
+    }
+    assert_eq!(pod.connections(), 0, "{}", pod.received());
+}
+
+#[tokio::test]
+async fn a_valid_cookie_token_beside_a_non_ascii_sibling_is_used_and_removed() {
+    let pod = RawPod::http().await;
+    let node = node_at(
+        &cookie_policies(),
+        Limits::default(),
+        Vec::new(),
+        pod.addr,
+        Upstream::default(),
+    )
+    .await;
+    let bytes = [
+        format!(
+            "GET /ok HTTP/1.1\r\nHost: httpbin.foo\r\nCookie: session={}; name=",
+            token()
+        )
+        .as_bytes(),
+        b"J\xe9r\xf4me\r\nConnection: close\r\n\r\n",
+    ]
+    .concat();
+    let answer = exchange(&node, UNKNOWN_CLIENT, &bytes, SHORT).await;
+    assert_eq!(
+        statuses(&answer),
+        ["200"],
+        "a valid token: the request principal is allowed: {answer}"
+    );
+    let received = pod.received();
+    assert!(
+        !received.contains("session="),
+        "the token is removed: {received}"
+    );
+    assert!(
+        received.contains("name=J"),
+        "the sibling cookie is kept: {received}"
+    );
+}
+
+#[tokio::test]
+async fn lower_case_bearer_is_not_a_token() {
+    // Envoy's prefix match is case-sensitive: `bearer <garbage>` is ignored, the request is
+    // anonymous (here: the known workload is allowed by its principal) and the value passes.
+    let (node, pod) = raw_node(Limits::default(), Vec::new()).await;
+    let answer = exchange(
+        &node,
+        KNOWN_CLIENT,
+        b"GET /ok HTTP/1.1\r\nHost: httpbin.foo\r\nAuthorization: bearer garbage\r\nConnection: close\r\n\r\n",
+        SHORT,
+    )
+    .await;
+    assert_eq!(statuses(&answer), ["200"], "{answer}");
+    assert!(
+        pod.received().contains("bearer garbage"),
+        "{}",
+        pod.received()
+    );
+}
