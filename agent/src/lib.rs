@@ -10,6 +10,7 @@ pub mod authn;
 pub mod authz;
 pub mod cli;
 pub mod datapath;
+pub mod decision;
 pub mod enforcer;
 pub mod kubernetes;
 pub mod metrics;

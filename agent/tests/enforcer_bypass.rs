@@ -309,7 +309,10 @@ async fn a_server_first_protocol_is_judged_as_tcp_and_spliced() {
     let mut unknown = connect_from(&node, UNKNOWN_CLIENT).await;
     let got = read_all(&mut unknown, SHORT).await;
     assert_eq!(got, "", "a denied client gets nothing of the pod's");
-    assert!(node.metrics.encode().contains("reason=\"tcp_denied\""));
+    assert!(node
+        .metrics
+        .encode()
+        .contains("decision=\"deny\",code=\"0\",reason=\"no_allow_matched\""));
 }
 
 #[tokio::test]

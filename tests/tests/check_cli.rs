@@ -249,8 +249,8 @@ fn bad_input_exits_2_naming_file_object_and_field() {
             POLICIES,
             "--namespace",
             "foo",
-            "--path",
-            "/a%zz",
+            "--method",
+            "GE T",
         ],
     ] {
         let out = nodeward(&args);
@@ -259,6 +259,39 @@ fn bad_input_exits_2_naming_file_object_and_field() {
             Some(2),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn requests_the_enforcer_refuses_are_denied_with_its_answer() {
+    // `check` judges with the enforcer's own decision: what the enforcer answers 400/403 before
+    // any policy is looked at is a deny with that status, not a bad invocation.
+    for (extra, status, reason) in [
+        (vec!["--path", "/a%zz"], 400, "bad_path"),
+        (vec!["-H", "Host: a", "-H", "Host: b"], 400, "bad_host"),
+        (
+            vec!["-H", "Upgrade: h2c-made-up", "-H", "Connection: upgrade"],
+            403,
+            "upgrade_refused",
+        ),
+        (vec!["--method", "CONNECT"], 403, "connect_refused"),
+        (
+            vec![
+                "-H",
+                "Content-Length: 1",
+                "-H",
+                "Transfer-Encoding: chunked",
+            ],
+            400,
+            "content_length_conflict",
+        ),
+    ] {
+        let (code, json) = check_json(&extra);
+        assert_eq!(
+            (code, &json["status"], &json["reason_code"]),
+            (1, &status.into(), &reason.into()),
+            "{extra:?}: {json}"
         );
     }
 }

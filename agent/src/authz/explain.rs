@@ -37,7 +37,7 @@ pub struct PolicyExplanation {
 }
 
 /// Every policy in scope of the workload, evaluated in full.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Explanation {
     pub policies: Vec<PolicyExplanation>,
     /// Policies of the namespace that use targetRef(s): they apply to gateways and waypoints.

@@ -28,10 +28,15 @@ use crate::authn::rules::{KeyLookup, KeySource, Keys, NoRemoteKeys};
 use crate::authn::JwtRules;
 use crate::authn::{www_authenticate, AuthnSet, JwtError, Outcome, RequestParts};
 use crate::authz::eval::Outcome as ClauseOutcome;
-use crate::authz::explain::{explain, Explanation};
-use crate::authz::path::{normalize, Normalization};
-use crate::authz::{AuthInfo, Decision, Http, Peer, PolicySet, Request, DENIED_BODY};
+use crate::authz::explain::Explanation;
+use crate::authz::path::Normalization;
+use crate::authz::{AuthInfo, Decision, Peer, PolicySet};
+use crate::decision::probe::NodeAddresses;
+use crate::decision::{
+    decide_http, decide_tcp, Destination, HttpRequest, HttpVerdict, Judge, Reason, TcpVerdict,
+};
 use crate::policy::load_paths;
+use crate::state::workloads::Probe;
 use crate::state::Snapshot;
 
 /// Output formats.
@@ -181,9 +186,9 @@ pub enum CheckError {
     /// The JWKS fetcher could not be built.
     #[error("{0}")]
     Jwks(crate::authn::fetch::FetchError),
-    /// `--path` cannot be normalized.
-    #[error("--path: {0}")]
-    Path(#[from] crate::authz::path::PathError),
+    /// `--method` is not an HTTP method token.
+    #[error("--method {0:?}: not an HTTP method")]
+    Method(String),
     /// A header of a `POST /check` body is not `Name: value`.
     #[error("-H: {0}")]
     Header(String),
@@ -510,7 +515,110 @@ struct Shown<'a> {
     source_principal: Option<&'a str>,
 }
 
-/// Decides a described request with `inputs` and renders it as `req.output` asks.
+/// A verdict of [`crate::decision`], HTTP or TCP, as the renderers use it.
+struct Judgement {
+    allowed: bool,
+    status: u16,
+    reason: Reason,
+    /// What the agent answers itself (`None` when the request goes to the pod).
+    body: Option<String>,
+    decision: Option<Decision>,
+    explanation: Option<Explanation>,
+    authn: Option<Outcome>,
+    /// The path as judged: normalized, or as written when normalization refused it.
+    path: Option<String>,
+}
+
+impl Judgement {
+    fn of_http(verdict: HttpVerdict) -> Self {
+        Self {
+            allowed: verdict.allowed(),
+            status: verdict.status(),
+            reason: verdict.reason,
+            body: verdict.answer.map(|a| a.body.into_owned()),
+            decision: verdict.decision,
+            explanation: verdict.explanation,
+            authn: verdict.authn,
+            path: verdict.path.map(|p| p.path),
+        }
+    }
+
+    fn of_tcp(verdict: TcpVerdict) -> Self {
+        Self {
+            allowed: verdict.allow,
+            status: if verdict.allow { 200 } else { 403 },
+            reason: verdict.reason,
+            body: None,
+            decision: verdict.decision,
+            explanation: verdict.explanation,
+            authn: None,
+            path: None,
+        }
+    }
+
+    /// One line saying why: the authentication failure, the deciding policy, or the step
+    /// that answered before policies were looked at.
+    fn describe(&self, authn: &AuthnReport) -> String {
+        if let Some(e) = authn.error {
+            let rule = authn
+                .rule
+                .as_ref()
+                .map(|r| format!(" (jwtRules {r})"))
+                .unwrap_or_default();
+            return format!("authentication failed: {e}{rule}");
+        }
+        match (&self.decision, self.reason) {
+            (Some(decision), _) => decision.describe(),
+            (None, Reason::Probe) => {
+                "probe: one of the workload's probe endpoints, from the node; not judged".into()
+            }
+            (None, reason) => format!(
+                "{reason}: {}",
+                self.body.as_deref().unwrap_or_default().trim_end()
+            ),
+        }
+    }
+}
+
+/// The workload's probe endpoints, known only from the live registry.
+fn live_probes(req: &CheckRequest, inputs: &Inputs<'_>) -> Vec<Probe> {
+    match (inputs, req.dest_ip) {
+        (Inputs::Live { snapshot, .. }, Some(ip)) => snapshot
+            .destination(ip)
+            .map(|view| view.workload.probes.clone())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// Keys to verify with, the token cache, and a line per key set consulted.
+type CheckKeys<'a> = (Box<dyn Keys + 'a>, &'a TokenCache, Vec<String>);
+
+/// The keys, token cache and key-set report a check uses: none for TCP; fetched on demand
+/// for files (with a fresh cache); the agent's own store and cache for the live state.
+fn keys_for<'a>(
+    req: &CheckRequest,
+    inputs: &Inputs<'a>,
+    rules: &JwtRules,
+    parts: &RequestParts<'_>,
+    fresh: &'a TokenCache,
+) -> Result<CheckKeys<'a>, CheckError> {
+    Ok(match inputs {
+        _ if req.tcp => (Box::new(NoRemoteKeys), fresh, Vec::new()),
+        Inputs::Files { .. } => {
+            let (keys, jwks) = remote_keys(rules, parts)?;
+            (keys, fresh, jwks)
+        }
+        Inputs::Live { jwks, cache, .. } => (
+            Box::new(LiveKeys(jwks)),
+            *cache,
+            live_jwks_status(jwks, rules, parts),
+        ),
+    })
+}
+
+/// Decides a described request with `inputs` and renders it as `req.output` asks. The
+/// decision is the enforcer's own ([`crate::decision`]).
 pub fn decide(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Checked, CheckError> {
     let (namespace, labels) = destination(req, inputs)?;
     let (policy_set, jwt_set) = match inputs {
@@ -518,33 +626,38 @@ pub fn decide(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Checked, CheckE
         Inputs::Live { snapshot, .. } => (&snapshot.authz, &snapshot.authn),
     };
     let policies = policy_set.for_workload(&namespace, &labels);
-
-    let target = normalize(&req.path, normalization(req, inputs)?)?;
+    let rules = jwt_set.for_workload(&namespace, &labels);
+    let probes = live_probes(req, inputs);
+    let normalization = normalization(req, inputs)?;
     let mut headers = http::HeaderMap::new();
     for text in &req.headers {
         let (name, value) = parse_header(text).map_err(CheckError::Header)?;
         headers.append(name, value);
     }
-    let host = req
-        .host
-        .clone()
-        .or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    let rules = jwt_set.for_workload(&namespace, &labels);
-    let authn = authenticate(req, inputs, &rules, &headers, &target, &host)?;
+    let method = http::Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| CheckError::Method(req.method.clone()))?;
     let what_if = auth_info(req)?;
-    let auth = match (&authn.auth, what_if) {
-        (Some(_), Some(_)) => return Err(CheckError::WhatIfWithToken),
-        (Some(real), None) => Some(real.clone()),
-        (None, what_if) => what_if,
-    };
     let source = source(req, inputs);
-    let request = Request {
+    let raw_query = req
+        .path
+        .split('#')
+        .next()
+        .and_then(|p| p.split_once('?'))
+        .map(|(_, q)| q);
+    let parts = RequestParts {
+        method: &method,
+        headers: &headers,
+        query: raw_query,
+    };
+    let fresh = TokenCache::new(64 * 1024);
+    let (keys, cache, jwks) = keys_for(req, inputs, &rules, &parts, &fresh)?;
+    let node = NodeAddresses::default();
+    let judge = Judge {
+        destination: Some(Destination {
+            rules: &rules,
+            policies: &policies,
+            probes: &probes,
+        }),
         source: Peer {
             ip: req.source_ip,
             remote_ip: req.source_ip,
@@ -554,30 +667,53 @@ pub fn decide(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Checked, CheckE
         },
         destination_ip: req.dest_ip,
         destination_port: req.port,
-        sni: req.sni.as_deref(),
-        http: (!req.tcp).then_some(Http {
-            method: &req.method,
-            path: &target.path,
-            host: &host,
-            headers: &headers,
-            auth: auth.as_ref(),
-        }),
+        node: Some(&node),
+        keys: keys.as_ref(),
+        cache,
+        now: req.now.unwrap_or_else(unix_now),
+        normalization,
+        assumed: what_if.as_ref(),
+        explain: true,
     };
-    let decision = policies.evaluate(&request);
-    let explanation = explain(&policies, &request);
-    let allowed = decision.allow && authn.error.is_none();
+    let judged = if req.tcp {
+        Judgement::of_tcp(decide_tcp(req.sni.as_deref(), &judge))
+    } else {
+        // A described request without a host is judged with an empty authority.
+        let uri_authority = req
+            .host
+            .as_deref()
+            .or_else(|| (!headers.contains_key(http::header::HOST)).then_some(""));
+        let request = HttpRequest {
+            method: &method,
+            version: http::Version::HTTP_11,
+            h2: false,
+            target: &req.path,
+            uri_authority,
+            headers: &headers,
+            framing_conflict: false,
+        };
+        Judgement::of_http(decide_http(&request, &judge))
+    };
+    let authn = authn_report(req, &rules, judged.authn.as_ref(), jwks);
+    if what_if.is_some() && authn.auth.is_some() {
+        return Err(CheckError::WhatIfWithToken);
+    }
+    let auth = authn.auth.clone().or(what_if);
     let shown = Shown {
         req,
         namespace: &namespace,
         labels: &labels,
-        path: &target.path,
+        path: judged.path.as_deref().unwrap_or(&req.path),
         source_principal: source.shown.as_deref(),
     };
     let output = match req.output {
-        Output::Json => render_json(&shown, auth.as_ref(), &authn, &decision, &explanation),
-        Output::Text => render_text(&shown, auth.as_ref(), &authn, &decision, &explanation),
+        Output::Json => render_json(&shown, auth.as_ref(), &authn, &judged),
+        Output::Text => render_text(&shown, auth.as_ref(), &authn, &judged),
     };
-    Ok(Checked { output, allowed })
+    Ok(Checked {
+        output,
+        allowed: judged.allowed,
+    })
 }
 
 fn auth_info(req: &CheckRequest) -> Result<Option<AuthInfo>, CheckError> {
@@ -608,27 +744,33 @@ fn render_json(
     shown: &Shown<'_>,
     auth: Option<&AuthInfo>,
     authn: &AuthnReport,
-    decision: &Decision,
-    explanation: &Explanation,
+    judged: &Judgement,
 ) -> String {
     let req = shown.req;
     let rejected = authn.error.is_some();
+    let decided_by = judged
+        .decision
+        .as_ref()
+        .and_then(|d| d.decided_by.as_ref())
+        .filter(|_| !rejected);
+    let empty = Explanation::default();
+    let explanation = judged.explanation.as_ref().unwrap_or(&empty);
     let value = json!({
-        "decision": if decision.allow && !rejected { "allow" } else { "deny" },
-        "status": authn.error.map_or_else(|| decision.status(), JwtError::status),
-        "reason": authn.error.map_or_else(|| decision.describe(), |e| format!("authentication failed: {e}{}", authn.rule.as_ref().map(|r| format!(" (jwtRules {r})")).unwrap_or_default())),
-        "reason_code": if rejected { json!("authentication_failed") } else { json!(decision.reason) },
-        "body": authn.error.map(JwtError::body).or_else(|| (!decision.allow).then(|| DENIED_BODY.to_owned())),
+        "decision": if judged.allowed { "allow" } else { "deny" },
+        "status": judged.status,
+        "reason": judged.describe(authn),
+        "reason_code": judged.reason.label(),
+        "body": judged.body,
         "www_authenticate": authn.www_authenticate,
         "authn": authn,
-        "policy": (!rejected).then(|| decision.decided_by.as_ref().map(|m| &m.policy)).flatten(),
-        "action": (!rejected).then(|| decision.decided_by.as_ref().map(|m| m.action)).flatten(),
-        "rule": (!rejected).then(|| decision.decided_by.as_ref().map(|m| m.rule)).flatten(),
+        "policy": decided_by.map(|m| &m.policy),
+        "action": decided_by.map(|m| m.action),
+        "rule": decided_by.map(|m| m.rule),
         "principal": auth.map(AuthInfo::principal),
         "source_principal": shown.source_principal,
-        "audit": decision.audit,
-        "dry_run": decision.dry_run,
-        "dry_run_result": decision.shadow,
+        "audit": judged.decision.as_ref().map_or(&Vec::new(), |d| &d.audit),
+        "dry_run": judged.decision.as_ref().map_or(&Vec::new(), |d| &d.dry_run),
+        "dry_run_result": judged.decision.as_ref().map_or(&Vec::new(), |d| &d.shadow),
         "workload": { "namespace": shown.namespace, "labels": shown.labels },
         "request": {
             "protocol": if req.tcp { "tcp" } else { "http" },
@@ -646,10 +788,11 @@ fn render_text(
     shown: &Shown<'_>,
     auth: Option<&AuthInfo>,
     authn: &AuthnReport,
-    decision: &Decision,
-    explanation: &Explanation,
+    judged: &Judgement,
 ) -> String {
     let req = shown.req;
+    let empty = Explanation::default();
+    let explanation = judged.explanation.as_ref().unwrap_or(&empty);
     let mut out = String::new();
     let labels: Vec<String> = shown
         .labels
@@ -710,20 +853,22 @@ fn render_text(
             "  not applied: {id} uses targetRefs (applies to gateways/waypoints, not workloads)"
         );
     }
-    if !decision.audit.is_empty() {
-        let _ = writeln!(out, "audit:     {}", decision.audit.join(", "));
-    }
-    for s in &decision.shadow {
-        let _ = writeln!(
-            out,
-            "dry-run:   {} policies would have {} the request{}",
-            s.action.as_str(),
-            s.result,
-            s.effective_policy
-                .as_ref()
-                .map(|p| format!(" ({p})"))
-                .unwrap_or_default()
-        );
+    if let Some(decision) = &judged.decision {
+        if !decision.audit.is_empty() {
+            let _ = writeln!(out, "audit:     {}", decision.audit.join(", "));
+        }
+        for s in &decision.shadow {
+            let _ = writeln!(
+                out,
+                "dry-run:   {} policies would have {} the request{}",
+                s.action.as_str(),
+                s.result,
+                s.effective_policy
+                    .as_ref()
+                    .map(|p| format!(" ({p})"))
+                    .unwrap_or_default()
+            );
+        }
     }
     if let Some(error) = authn.error {
         let _ = write!(
@@ -736,9 +881,9 @@ fn render_text(
     let _ = write!(
         out,
         "decision:  {} {} - {}",
-        if decision.allow { "ALLOW" } else { "DENY" },
-        decision.status(),
-        decision.describe()
+        if judged.allowed { "ALLOW" } else { "DENY" },
+        judged.status,
+        judged.describe(authn)
     );
     out
 }
@@ -846,16 +991,14 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The real JWT step: tokens in the described request validated against the workload's
-/// jwtRules, keys inline, fetched (files) or from the agent's store (live).
-fn authenticate(
+/// What authentication made of the request (`outcome`: `None` when it did not run: TCP, or an
+/// answer before it), with the rules' issuers and the key sets consulted.
+fn authn_report(
     req: &CheckRequest,
-    inputs: &Inputs<'_>,
     rules: &JwtRules,
-    headers: &http::HeaderMap,
-    target: &crate::authz::path::NormalizedPath,
-    host: &str,
-) -> Result<AuthnReport, CheckError> {
+    outcome: Option<&Outcome>,
+    jwks: Vec<String>,
+) -> AuthnReport {
     let issuers = rules
         .rules
         .iter()
@@ -867,55 +1010,32 @@ fn authenticate(
             )
         })
         .collect();
-    if req.tcp {
-        return Ok(AuthnReport {
-            result: "no_rules",
-            issuers,
-            ..AuthnReport::default()
-        });
-    }
-    let method = http::Method::from_bytes(req.method.as_bytes()).unwrap_or(http::Method::GET);
-    let parts = RequestParts {
-        method: &method,
-        headers,
-        query: target.query.as_deref(),
-    };
-    let fresh;
-    let (keys, cache, jwks): (Box<dyn Keys + '_>, &TokenCache, Vec<String>) = match inputs {
-        Inputs::Files { .. } => {
-            let (keys, jwks) = remote_keys(rules, &parts)?;
-            fresh = TokenCache::new(64 * 1024);
-            (keys, &fresh, jwks)
-        }
-        Inputs::Live { jwks, cache, .. } => (
-            Box::new(LiveKeys(jwks)),
-            *cache,
-            live_jwks_status(jwks, rules, &parts),
-        ),
-    };
-    let outcome = rules.authenticate(
-        &parts,
-        keys.as_ref(),
-        cache,
-        req.now.unwrap_or_else(unix_now),
+    let host = req.host.as_deref().unwrap_or_default();
+    let realm = format!(
+        "http://{host}{}",
+        req.path.split(['?', '#']).next().unwrap_or("/")
     );
-    let realm = format!("http://{host}{}", target.path);
-    Ok(match outcome {
-        Outcome::NoRules => AuthnReport {
+    match outcome {
+        None if req.tcp || rules.is_empty() => AuthnReport {
             result: "no_rules",
-            ..AuthnReport::default()
-        },
-        Outcome::Preflight => AuthnReport {
-            result: "preflight",
             issuers,
             ..AuthnReport::default()
         },
-        Outcome::NoToken => AuthnReport {
+        None | Some(Outcome::NoToken) => AuthnReport {
             result: "no_token",
             issuers,
             ..AuthnReport::default()
         },
-        Outcome::Authenticated(a) => AuthnReport {
+        Some(Outcome::NoRules) => AuthnReport {
+            result: "no_rules",
+            ..AuthnReport::default()
+        },
+        Some(Outcome::Preflight) => AuthnReport {
+            result: "preflight",
+            issuers,
+            ..AuthnReport::default()
+        },
+        Some(Outcome::Authenticated(a)) => AuthnReport {
             result: "authenticated",
             jwks,
             rule: Some(a.rule.origin.clone()),
@@ -925,21 +1045,21 @@ fn authenticate(
             issuers,
             ..AuthnReport::default()
         },
-        Outcome::Rejected {
+        Some(Outcome::Rejected {
             error,
             rule,
             location,
-        } => AuthnReport {
+        }) => AuthnReport {
             result: "rejected",
             jwks,
-            rule: rule.map(|r| r.origin.clone()),
+            rule: rule.as_ref().map(|r| r.origin.clone()),
             location: Some(location.to_string()),
-            error: Some(error),
+            error: Some(*error),
             www_authenticate: (error.status() == 401).then(|| www_authenticate(&realm, true)),
             issuers,
             ..AuthnReport::default()
         },
-    })
+    }
 }
 
 /// Key sets of the rules' remote sources, fetched once, only when the request carries a

@@ -19,16 +19,13 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::inspect::{HeadFlags, Inspect};
-use super::probe;
 use super::sniff::Protocol;
-use super::upgrade::{self, Upgrade};
 use super::upstream::Watched;
 use super::{unix_now, ConnectionInfo, Enforcer};
-use crate::authn::rules::rewrite;
-use crate::authn::{www_authenticate, Outcome, RequestParts};
-use crate::authz::path::normalize;
-use crate::authz::{Http, Request as AuthzRequest, DENIED_BODY};
+use crate::decision::upgrade::Upgrade;
+use crate::decision::{decide_http, Answer, Destination, HttpRequest, Judge, Reason};
 use crate::metrics::{ReasonLabels, RequestLabels, SharedLabel};
+use crate::state::{Snapshot, WorkloadView};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -141,10 +138,26 @@ struct Judged {
     principal: Option<String>,
 }
 
+fn answer(answer: &Answer) -> Response<Body> {
+    let mut res = full(answer.status, answer.body.clone().into_owned());
+    if let Some(v) = answer
+        .www_authenticate
+        .as_deref()
+        .and_then(|w| HeaderValue::from_str(w).ok())
+    {
+        res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    if answer.close {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}
+
 impl Enforcer {
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         info: ConnectionInfo,
         h2: bool,
         conflict: bool,
@@ -154,21 +167,59 @@ impl Enforcer {
         // For the access log; a Uri clone shares its bytes.
         let uri = req.uri().clone();
         let snapshot = self.store.load();
-        let workload = snapshot.destination(info.original_dst.ip()).cloned();
-        let workload_id = workload
+        let view = snapshot.destination(info.original_dst.ip()).cloned();
+        let workload_id = view
             .as_ref()
             .map_or_else(super::no_workload, |w| w.id.clone());
-        let (response, judged) = self
-            .judge(
-                req,
-                info,
+        let verdict = {
+            let request = HttpRequest {
+                method: &method,
+                version: req.version(),
                 h2,
-                conflict,
-                &snapshot,
-                workload.as_deref(),
-                started,
-            )
-            .await;
+                target: uri
+                    .path_and_query()
+                    .map_or("/", hyper::http::uri::PathAndQuery::as_str),
+                uri_authority: uri.authority().map(hyper::http::uri::Authority::as_str),
+                headers: req.headers(),
+                framing_conflict: conflict,
+            };
+            decide_http(&request, &self.judge(&snapshot, view.as_deref(), info))
+        };
+        if let Some(reason) = verdict.reason.refusal() {
+            self.metrics
+                .refused
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        } else {
+            self.metrics
+                .decision_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        let mut judged = Judged {
+            decision: if verdict.allowed() { "allow" } else { "deny" },
+            status: verdict.answer.as_ref().map_or(0, |a| a.status.as_u16()),
+            reason: verdict.reason.label(),
+            policy: verdict.policy.clone(),
+            principal: verdict.principal.clone(),
+        };
+        let response = match (&verdict.answer, view.as_deref()) {
+            (Some(refused), _) => answer(refused),
+            (None, Some(view)) => {
+                // What was judged is what the pod receives.
+                let path_and_query = verdict.rewrite(&view.authn, req.headers_mut(), h2);
+                let upgrade =
+                    verdict.upgrade == Upgrade::WebSocket && verdict.reason != Reason::Probe;
+                strip_hop_by_hop(req.headers_mut(), upgrade);
+                let host = verdict.authority.as_deref().unwrap_or_default();
+                let (response, forwarded) = self
+                    .forward(req, info, h2, upgrade, host, &path_and_query, judged)
+                    .await;
+                judged = forwarded;
+                response
+            }
+            (None, None) => unreachable!("a verdict without a destination is an answer"),
+        };
+        drop(snapshot);
         let elapsed = started.elapsed();
         self.metrics
             .requests
@@ -196,232 +247,30 @@ impl Enforcer {
         response
     }
 
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one request's judgement, step by step in Envoy's order"
-    )]
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the request and its connection's context"
-    )]
-    async fn judge(
-        &self,
-        mut req: Request<Incoming>,
+    /// The decision's inputs for a connection into the workload `view` (if any).
+    pub(super) fn judge<'a>(
+        &'a self,
+        snapshot: &'a Snapshot,
+        view: Option<&'a WorkloadView>,
         info: ConnectionInfo,
-        h2: bool,
-        conflict: bool,
-        snapshot: &crate::state::Snapshot,
-        workload: Option<&crate::state::WorkloadView>,
-        started: Instant,
-    ) -> (Response<Body>, Judged) {
-        let deny = |status: StatusCode, reason: Cow<'static, str>, body: String| {
-            (
-                full(status, body),
-                Judged {
-                    decision: "deny",
-                    status: status.as_u16(),
-                    reason,
-                    policy: None,
-                    principal: None,
-                },
-            )
-        };
-        if conflict || conflicting_lengths(req.headers()) {
-            self.metrics
-                .refused
-                .get_or_create(&ReasonLabels {
-                    reason: "content_length_conflict",
-                })
-                .inc();
-            let (mut res, judged) = deny(
-                StatusCode::BAD_REQUEST,
-                "bad_request".into(),
-                "Bad Request: conflicting Content-Length / Transfer-Encoding\n".into(),
-            );
-            res.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return (res, judged);
-        }
-        let offer = upgrade::classify(
-            req.method().as_str().as_bytes(),
-            req.version() == hyper::Version::HTTP_11,
-            req.headers()
-                .iter()
-                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
-        );
-        if let Upgrade::Refused(refusal) = offer {
-            // Envoy's answer to an upgrade type it was not configured for: 403, no body.
-            self.metrics
-                .refused
-                .get_or_create(&ReasonLabels {
-                    reason: refusal.reason(),
-                })
-                .inc();
-            let (mut res, judged) = deny(
-                StatusCode::FORBIDDEN,
-                refusal.reason().into(),
-                String::new(),
-            );
-            res.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return (res, judged);
-        }
-        let host = match authority(&req, h2) {
-            Ok(host) => host,
-            Err(why) => {
-                self.metrics
-                    .refused
-                    .get_or_create(&ReasonLabels { reason: "bad_host" })
-                    .inc();
-                let (mut res, judged) = deny(
-                    StatusCode::BAD_REQUEST,
-                    "bad_host".into(),
-                    format!("Bad Request: {why}\n"),
-                );
-                res.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return (res, judged);
-            }
-        };
-        set_authority(&mut req, h2, host.as_deref());
-        let host = host.unwrap_or_default();
-        let Some(workload) = workload else {
-            // Steered here, yet no workload is known at this address: fail closed.
-            return deny(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unknown_destination".into(),
-                format!("no workload at {}\n", info.original_dst),
-            );
-        };
-        let target = req
-            .uri()
-            .path_and_query()
-            .map_or("/", hyper::http::uri::PathAndQuery::as_str)
-            .to_owned();
-        let normalized = match normalize(&target, self.config.path_normalization) {
-            Ok(n) => n,
-            Err(e) => {
-                self.metrics
-                    .refused
-                    .get_or_create(&ReasonLabels { reason: "bad_path" })
-                    .inc();
-                return deny(
-                    StatusCode::BAD_REQUEST,
-                    "bad_path".into(),
-                    format!("Bad Request: {e}\n"),
-                );
-            }
-        };
-
-        // Authentication (Envoy's jwt_authn runs before RBAC).
-        let method = req.method().clone();
-        let attempt = probe::Attempt::Http {
-            method: &method,
-            path: &normalized.path,
-        };
-        if self.is_probe(&workload.workload, &info, attempt) {
-            let judged = Judged {
-                decision: "allow",
-                status: 0,
-                reason: "probe".into(),
-                policy: None,
-                principal: None,
-            };
-            strip_hop_by_hop(req.headers_mut(), false);
-            let target = normalized.path_and_query();
-            return self
-                .forward(req, info, h2, false, &host, &target, judged)
-                .await;
-        }
-        let parts = RequestParts {
-            method: &method,
-            headers: req.headers(),
-            query: normalized.query.as_deref(),
-        };
-        let outcome =
-            workload
-                .authn
-                .authenticate(&parts, self.keys.as_ref(), &self.cache, unix_now());
-        if let Outcome::Rejected { error, rule, .. } = &outcome {
-            let (mut res, mut judged) = deny(
-                StatusCode::from_u16(error.status()).unwrap_or(StatusCode::UNAUTHORIZED),
-                format!("authn_{}", error_word(*error)).into(),
-                error.body(),
-            );
-            if error.status() == 401 {
-                let realm = format!("http://{host}{}", normalized.path);
-                if let Ok(v) = HeaderValue::from_str(&www_authenticate(&realm, true)) {
-                    res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-                }
-            }
-            judged.policy = rule.as_ref().map(|r| r.origin.clone());
-            self.metrics
-                .decision_seconds
-                .observe(started.elapsed().as_secs_f64());
-            return (res, judged);
-        }
-        // Borrowed from the verified token (shared with the cache): no copy of the claims.
-        let auth = match &outcome {
-            Outcome::Authenticated(a) => Some(&a.verified.auth),
-            _ => None,
-        };
-
-        // Authorization.
-        let request = AuthzRequest {
+    ) -> Judge<'a> {
+        Judge {
+            destination: view.map(|v| Destination {
+                rules: &v.authn,
+                policies: &v.authz,
+                probes: &v.workload.probes,
+            }),
             source: snapshot.peer(info.peer.ip()),
             destination_ip: Some(info.original_dst.ip()),
             destination_port: info.original_dst.port(),
-            sni: None,
-            http: Some(Http {
-                method: method.as_str(),
-                path: &normalized.path,
-                host: &host,
-                headers: req.headers(),
-                auth,
-            }),
-        };
-        let decision = workload.authz.evaluate(&request);
-        let principal = auth.map(crate::authz::AuthInfo::principal);
-        let policy = decision.decided_by.as_ref().map(|m| m.policy.clone());
-        if !decision.allow {
-            self.metrics
-                .decision_seconds
-                .observe(started.elapsed().as_secs_f64());
-            let (res, mut judged) = deny(
-                StatusCode::FORBIDDEN,
-                reason_word(decision.reason).into(),
-                DENIED_BODY.to_owned(),
-            );
-            judged.policy = policy;
-            judged.principal = principal;
-            return (res, judged);
+            node: Some(&self.node),
+            keys: self.keys.as_ref(),
+            cache: &self.cache,
+            now: unix_now(),
+            normalization: self.config.path_normalization,
+            assumed: None,
+            explain: false,
         }
-
-        // Rewrite what goes to the pod: what was judged is what it receives.
-        let query = rewrite(
-            &workload.authn,
-            &outcome,
-            req.headers_mut(),
-            normalized.query.as_deref(),
-        );
-        let path_and_query = match &query {
-            Some(q) => format!("{}?{q}", normalized.path),
-            None => normalized.path.clone(),
-        };
-        let upgrade = !h2 && offer == Upgrade::WebSocket;
-        strip_hop_by_hop(req.headers_mut(), upgrade);
-        self.metrics
-            .decision_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let judged = Judged {
-            decision: "allow",
-            status: 0,
-            reason: reason_word(decision.reason).into(),
-            policy,
-            principal,
-        };
-        self.forward(req, info, h2, upgrade, &host, &path_and_query, judged)
-            .await
     }
 
     #[expect(clippy::too_many_arguments, reason = "the request and where it goes")]
@@ -562,59 +411,6 @@ fn splice_websocket(
     Ok(())
 }
 
-/// The request's authority: what host rules judge and exactly what the pod receives.
-///
-/// - HTTP/1.1 (RFC 9112 3.2): more than one `Host` field line, a missing `Host`, or an
-///   invalid one is answered 400. An absolute-form target's authority wins over `Host`
-///   (RFC 9112 3.2.2), as in Envoy.
-/// - HTTP/1.0: `Host` is optional; without it the authority is empty (`None`).
-/// - HTTP/2: `:authority`; a `host` field beside it is discarded, as Envoy does; without
-///   `:authority`, a single `host` field stands in for it (RFC 9113 8.3.1); neither is 400.
-fn authority(req: &Request<Incoming>, h2: bool) -> Result<Option<String>, &'static str> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let (first, second) = (hosts.next(), hosts.next());
-    if let Some(authority) = req.uri().authority() {
-        return valid_authority(authority.as_str().as_bytes()).map(Some);
-    }
-    if second.is_some() {
-        return Err("more than one Host header");
-    }
-    match first {
-        Some(host) => valid_authority(host.as_bytes()).map(Some),
-        None if h2 => Err("no :authority or Host"),
-        None if req.version() == hyper::Version::HTTP_10 => Ok(None),
-        None => Err("no Host header (required in HTTP/1.1)"),
-    }
-}
-
-/// `uri-host [ ":" port ]` (RFC 9110 7.2; empty allowed): no user info, path, whitespace or
-/// control characters.
-fn valid_authority(value: &[u8]) -> Result<String, &'static str> {
-    const INVALID: &str = "invalid Host";
-    if value.is_empty() {
-        return Ok(String::new());
-    }
-    let text = std::str::from_utf8(value).map_err(|_| INVALID)?;
-    let parsed: hyper::http::uri::Authority = text.parse().map_err(|_| INVALID)?;
-    if text.contains('@') || parsed.as_str() != text {
-        return Err(INVALID);
-    }
-    Ok(text.to_owned())
-}
-
-/// Makes the request carry exactly `authority`: HTTP/1 one `Host` line (none for an HTTP/1.0
-/// request without one); HTTP/2 no `host` field (the authority goes in `:authority`).
-fn set_authority(req: &mut Request<Incoming>, h2: bool, authority: Option<&str>) {
-    let headers = req.headers_mut();
-    headers.remove(header::HOST);
-    if h2 {
-        return;
-    }
-    if let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
-        headers.insert(header::HOST, value);
-    }
-}
-
 /// Removes hop-by-hop headers and those `Connection` names; keeps `Connection: upgrade` and
 /// `Upgrade` for an upgrade.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
@@ -641,37 +437,4 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(header::UPGRADE);
         headers.remove("http2-settings");
     }
-}
-
-/// Content-Length values that disagree (hyper refuses most; this also covers HTTP/2).
-fn conflicting_lengths(headers: &HeaderMap) -> bool {
-    let mut values = headers
-        .get_all(header::CONTENT_LENGTH)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','));
-    let Some(first) = values.next() else {
-        return false;
-    };
-    let first = first.trim_ascii();
-    values.any(|v| v.trim_ascii() != first)
-        || (headers.contains_key(header::TRANSFER_ENCODING)
-            && headers.contains_key(header::CONTENT_LENGTH))
-}
-
-fn reason_word(reason: crate::authz::Reason) -> &'static str {
-    use crate::authz::Reason as R;
-    match reason {
-        R::CustomNotSupported => "custom_not_supported",
-        R::DeniedByPolicy => "denied_by_policy",
-        R::NoAllowPolicies => "no_allow_policies",
-        R::AllowedByPolicy => "allowed_by_policy",
-        R::NoAllowMatched => "no_allow_matched",
-    }
-}
-
-fn error_word(error: crate::authn::JwtError) -> String {
-    serde_json::to_value(error)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "error".into())
 }

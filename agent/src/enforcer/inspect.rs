@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::upgrade::Upgrade;
+use crate::decision::upgrade::{self, Upgrade};
 
 /// Heads longer than this are left to hyper's own limit; inspection stops.
 const MAX_HEAD: usize = 128 * 1024;
@@ -176,7 +176,7 @@ impl Framer {
         // Where the service ends HTTP on this connection (a WebSocket splice, or a refused
         // upgrade or CONNECT answered and closed), framing stops; an h2c offer is removed and
         // the connection goes on as HTTP/1.1.
-        let upgrade = super::upgrade::classify(
+        let upgrade = upgrade::classify(
             req.method.unwrap_or_default().as_bytes(),
             req.version == Some(1),
             req.headers.iter().map(|h| (h.name.as_bytes(), h.value)),

@@ -9,10 +9,8 @@
 
 mod http;
 mod inspect;
-pub mod probe;
 pub mod sniff;
 mod tcp;
-pub mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -96,7 +94,7 @@ pub struct Enforcer {
     pub(crate) config: EnforcerConfig,
     pub(crate) upstream: Upstream,
     /// The node's own addresses, for the probe exemption ([`probe`]).
-    pub(crate) node: probe::NodeAddresses,
+    pub(crate) node: crate::decision::probe::NodeAddresses,
 }
 
 /// One accepted connection as the enforcer sees it.
@@ -143,7 +141,7 @@ impl Enforcer {
             metrics,
             config,
             upstream,
-            node: probe::NodeAddresses::default(),
+            node: crate::decision::probe::NodeAddresses::default(),
         })
     }
 

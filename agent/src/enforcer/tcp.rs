@@ -19,9 +19,8 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::probe::Attempt;
 use super::{ConnectionInfo, Enforcer};
-use crate::authz::Request;
+use crate::decision::decide_tcp;
 use crate::metrics::{RequestLabels, SharedLabel};
 
 /// Whether an allowed TCP connection goes on, after it was judged, counted and logged.
@@ -33,33 +32,16 @@ fn authorize(
 ) -> bool {
     let started = Instant::now();
     let snapshot = enforcer.store.load();
-    let workload = snapshot.destination(info.original_dst.ip()).cloned();
-    let workload_id = workload
+    let view = snapshot.destination(info.original_dst.ip()).cloned();
+    let workload_id = view
         .as_ref()
         .map_or_else(super::no_workload, |w| w.id.clone());
-    let (allow, reason, policy) = match &workload {
-        None => (false, "unknown_destination", None),
-        Some(view) if sni.is_none() && enforcer.is_probe(&view.workload, &info, Attempt::Tcp) => {
-            (true, "probe", None)
-        }
-        Some(view) => {
-            let request = Request {
-                source: snapshot.peer(info.peer.ip()),
-                destination_ip: Some(info.original_dst.ip()),
-                destination_port: info.original_dst.port(),
-                sni,
-                http: None,
-            };
-            let decision = view.authz.evaluate(&request);
-            let word = if decision.allow { "allowed" } else { "denied" };
-            (decision.allow, word, decision.decided_by.map(|m| m.policy))
-        }
-    };
+    let verdict = decide_tcp(sni, &enforcer.judge(&snapshot, view.as_deref(), info));
     enforcer
         .metrics
         .decision_seconds
         .observe(started.elapsed().as_secs_f64());
-    let decision = if allow { "allow" } else { "deny" };
+    let decision = if verdict.allow { "allow" } else { "deny" };
     enforcer
         .metrics
         .requests
@@ -67,7 +49,7 @@ fn authorize(
             workload: SharedLabel(workload_id.clone()),
             decision,
             code: 0,
-            reason: format!("tcp_{reason}").into(),
+            reason: verdict.reason.label(),
         })
         .inc();
     let protocol = match (sni.is_some(), server_first) {
@@ -83,11 +65,11 @@ fn authorize(
         protocol,
         sni = sni.unwrap_or("-"),
         decision,
-        reason,
-        policy = policy.as_deref().unwrap_or("-"),
+        reason = %verdict.reason,
+        policy = verdict.policy.as_deref().unwrap_or("-"),
         latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
     );
-    allow
+    verdict.allow
 }
 
 /// Copies both ways until either side is done, or shutdown.

@@ -134,6 +134,15 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// The state the enforcer reads.
+    pub store: Arc<StateStore>,
+}
+
+impl Node {
+    /// The snapshot the enforcer judges with now.
+    pub fn enforcer_snapshot(&self) -> Arc<Snapshot> {
+        self.store.load()
+    }
 }
 
 impl Drop for Node {
@@ -172,10 +181,21 @@ pub async fn node_at(
     pod: SocketAddr,
     upstream: Upstream,
 ) -> Node {
+    node_shaped(policies, limits, pod, upstream, |w| w.ports = ports).await
+}
+
+/// A node whose pod workload `shape` adjusts (ports, probes, ...).
+pub async fn node_shaped(
+    policies: &str,
+    limits: Limits,
+    pod: SocketAddr,
+    upstream: Upstream,
+    shape: impl FnOnce(&mut Workload),
+) -> Node {
     let loaded = load_str(Path::new("policies.yaml"), policies);
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let mut httpbin = workload("httpbin", POD, &[("app", "httpbin")]);
-    Arc::make_mut(&mut httpbin).ports = ports;
+    shape(Arc::make_mut(&mut httpbin));
     let workloads = vec![
         httpbin,
         workload("sleep", KNOWN_CLIENT, &[("app", "sleep")]),
@@ -196,7 +216,7 @@ pub async fn node_at(
         ..EnforcerConfig::default()
     };
     let enforcer = Enforcer::new(
-        store,
+        store.clone(),
         Arc::new(NoRemoteKeys),
         TokenCache::default(),
         metrics.clone(),
@@ -213,6 +233,7 @@ pub async fn node_at(
         metrics,
         shutdown,
         tracker,
+        store,
     }
 }
 

@@ -23,15 +23,14 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{ConnectionInfo, Enforcer};
-use crate::state::workloads::{Probe, Workload};
+use crate::state::workloads::Probe;
 
 /// How long a read of the node's addresses is used before it is read again.
 const REFRESH: Duration = Duration::from_secs(1);
 
 /// What arrived on a connection, as far as probes care.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Attempt<'a> {
+pub enum Attempt<'a> {
     /// An HTTP request: its method and normalized path (without query).
     Http {
         method: &'a http::Method,
@@ -41,28 +40,9 @@ pub(super) enum Attempt<'a> {
     Tcp,
 }
 
-impl Enforcer {
-    /// Whether `attempt` on the connection `info` into `workload` is one of its probes, sent by
-    /// the node: it passes without authentication and authorization (see the module doc).
-    pub(super) fn is_probe(
-        &self,
-        workload: &Workload,
-        info: &ConnectionInfo,
-        attempt: Attempt<'_>,
-    ) -> bool {
-        exempt(
-            &workload.probes,
-            &self.node,
-            info.peer.ip(),
-            info.original_dst.port(),
-            attempt,
-        )
-    }
-}
-
 /// Whether `attempt` from `peer` to `port` is one of `probes` and `peer` is the node itself:
 /// the request (connection) passes without authentication and authorization.
-pub(super) fn exempt(
+pub fn exempt(
     probes: &[Probe],
     node: &NodeAddresses,
     peer: IpAddr,

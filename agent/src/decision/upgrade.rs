@@ -6,9 +6,9 @@
 //! `CONNECT`, gets 403 and the connection is closed, as Envoy answers an upgrade type its
 //! listener has no `upgrade_configs` entry for.
 //!
-//! The same rule decides in two places that must agree: the service ([`super::http`]) and the
-//! framer under hyper ([`super::inspect`]), which stops reading requests only where the
-//! service ends HTTP on the connection.
+//! The same rule decides in two places that must agree: the decision ([`super::decide_http`])
+//! and the enforcer's framer under hyper (`enforcer::inspect`), which stops reading requests
+//! only where the decision ends HTTP on the connection.
 
 /// What a request's upgrade offer amounts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
