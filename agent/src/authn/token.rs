@@ -10,6 +10,14 @@ use jsonwebtoken::Algorithm;
 use super::error::JwtError;
 use super::jwks::KeySet;
 
+/// Seconds since the Unix epoch: the clock token times are checked against.
+#[must_use]
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Envoy's default clock skew for `exp` and `nbf`.
 pub const CLOCK_SKEW_SECS: u64 = 60;
 

@@ -25,8 +25,9 @@ use crate::admin::client::{self, ClientError};
 use crate::authn::cache::TokenCache;
 use crate::authn::fetch::{FetchConfig, JwksSource, JwksStore, SourceStatus, DEFAULT_TIMEOUT};
 use crate::authn::rules::{KeyLookup, KeySource, Keys, NoRemoteKeys};
+use crate::authn::token::unix_now;
 use crate::authn::JwtRules;
-use crate::authn::{www_authenticate, AuthnSet, JwtError, Outcome, RequestParts};
+use crate::authn::{AuthnSet, JwtError, Outcome, RequestParts};
 use crate::authz::eval::Outcome as ClauseOutcome;
 use crate::authz::explain::Explanation;
 use crate::authz::path::Normalization;
@@ -527,6 +528,8 @@ struct Judgement {
     authn: Option<Outcome>,
     /// The path as judged: normalized, or as written when normalization refused it.
     path: Option<String>,
+    /// `WWW-Authenticate` of a 401, as the enforcer sends it.
+    www_authenticate: Option<String>,
 }
 
 impl Judgement {
@@ -535,6 +538,10 @@ impl Judgement {
             allowed: verdict.allowed(),
             status: verdict.status(),
             reason: verdict.reason,
+            www_authenticate: verdict
+                .answer
+                .as_ref()
+                .and_then(|a| a.www_authenticate.clone()),
             body: verdict.answer.map(|a| a.body.into_owned()),
             decision: verdict.decision,
             explanation: verdict.explanation,
@@ -553,6 +560,7 @@ impl Judgement {
             explanation: verdict.explanation,
             authn: None,
             path: None,
+            www_authenticate: None,
         }
     }
 
@@ -694,7 +702,8 @@ pub fn decide(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Checked, CheckE
         };
         Judgement::of_http(decide_http(&request, &judge))
     };
-    let authn = authn_report(req, &rules, judged.authn.as_ref(), jwks);
+    let mut authn = authn_report(req, &rules, judged.authn.as_ref(), jwks);
+    authn.www_authenticate.clone_from(&judged.www_authenticate);
     if what_if.is_some() && authn.auth.is_some() {
         return Err(CheckError::WhatIfWithToken);
     }
@@ -985,14 +994,9 @@ impl AuthnReport {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// What authentication made of the request (`outcome`: `None` when it did not run: TCP, or an
-/// answer before it), with the rules' issuers and the key sets consulted.
+/// answer before it), with the rules' issuers and the key sets consulted. Its
+/// `www_authenticate` is the verdict's.
 fn authn_report(
     req: &CheckRequest,
     rules: &JwtRules,
@@ -1010,11 +1014,6 @@ fn authn_report(
             )
         })
         .collect();
-    let host = req.host.as_deref().unwrap_or_default();
-    let realm = format!(
-        "http://{host}{}",
-        req.path.split(['?', '#']).next().unwrap_or("/")
-    );
     match outcome {
         None if req.tcp || rules.is_empty() => AuthnReport {
             result: "no_rules",
@@ -1055,7 +1054,6 @@ fn authn_report(
             rule: rule.as_ref().map(|r| r.origin.clone()),
             location: Some(location.to_string()),
             error: Some(*error),
-            www_authenticate: (error.status() == 401).then(|| www_authenticate(&realm, true)),
             issuers,
             ..AuthnReport::default()
         },

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -12,7 +12,7 @@ use serde_json::json;
 use super::check::Output;
 use crate::authn::fetch::{FetchConfig, Fetcher};
 use crate::authn::jwks::KeySet;
-use crate::authn::token::{self, Decoded};
+use crate::authn::token::{self, unix_now, Decoded};
 use crate::authn::JwtError;
 
 #[derive(Debug, Subcommand)]
@@ -103,13 +103,6 @@ pub fn run(command: &JwtCommand) -> u8 {
             2
         }
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }
 
 /// `2026-11-22T14:00:00Z (in 1h 2m)`.
