@@ -35,7 +35,8 @@ use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
 use super::jwks::{JwksError, KeySet};
-use super::rules::{KeyLookup, Keys};
+pub use super::keys::{discovery_url, JwksSource};
+use super::keys::{KeyLookup, Keys};
 
 /// The body of the 401 a token gets while its issuer has no usable keys (Envoy's words).
 pub const FETCH_FAILED_BODY: &str = "Jwks remote fetch is failed";
@@ -120,12 +121,6 @@ impl fmt::Display for Document {
 /// operator can check; `issuer` may list several issuers that share the source.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {
-    /// The rule has no `jwksUri` and its issuer is not an https URL to discover keys from.
-    #[error(
-        "issuer {issuer} has no jwksUri and is not an https URL, so its keys cannot be discovered \
-         (OpenID discovery needs https://); requests with tokens from {issuer} get 401 until jwksUri or jwks is set"
-    )]
-    NoSource { issuer: String },
     /// The URI is not an absolute http(s) URL with a host.
     #[error("{what} for issuer {issuer} cannot be fetched from {uri:?}: {reason}; requests with tokens from {issuer} get 401 until the URI is fixed")]
     BadUri {
@@ -253,7 +248,7 @@ impl FetchError {
     #[must_use]
     pub fn uri(&self) -> Option<&str> {
         match self {
-            Self::NoSource { .. } | Self::Client { .. } => None,
+            Self::Client { .. } => None,
             Self::BadUri { uri, .. }
             | Self::Forbidden { uri, .. }
             | Self::Timeout { uri, .. }
@@ -264,63 +259,6 @@ impl FetchError {
             | Self::Discovery { uri, .. } => Some(uri),
         }
     }
-}
-
-/// Where a rule's remote keys come from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum JwksSource {
-    /// The rule's `jwksUri`.
-    Uri(String),
-    /// No `jwksUri`: the issuer's OIDC discovery document names the key set.
-    Discovery { issuer: String },
-}
-
-impl JwksSource {
-    /// The source of a rule without inline `jwks`: its `jwksUri`, else OIDC discovery when
-    /// the issuer is an https URL, else an error (its tokens fail closed).
-    pub fn for_rule(issuer: &str, jwks_uri: Option<&str>) -> Result<Self, FetchError> {
-        if let Some(uri) = jwks_uri.filter(|u| !u.is_empty()) {
-            return Ok(Self::Uri(uri.to_owned()));
-        }
-        match Url::parse(issuer) {
-            Ok(url) if url.scheme() == "https" && url.host_str().is_some_and(|h| !h.is_empty()) => {
-                Ok(Self::Discovery {
-                    issuer: issuer.to_owned(),
-                })
-            }
-            _ => Err(FetchError::NoSource {
-                issuer: issuer.to_owned(),
-            }),
-        }
-    }
-
-    /// The key the store and the rules know the source by: the `jwksUri`, or the discovery
-    /// document's URL (`<issuer>/.well-known/openid-configuration`).
-    #[must_use]
-    pub fn key(&self) -> String {
-        match self {
-            Self::Uri(uri) => uri.clone(),
-            Self::Discovery { issuer } => discovery_url(issuer),
-        }
-    }
-}
-
-impl fmt::Display for JwksSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Uri(uri) => f.write_str(uri),
-            Self::Discovery { issuer } => write!(f, "OpenID discovery of {issuer}"),
-        }
-    }
-}
-
-/// The OIDC discovery document's URL of an issuer.
-#[must_use]
-pub fn discovery_url(issuer: &str) -> String {
-    format!(
-        "{}/.well-known/openid-configuration",
-        issuer.trim_end_matches('/')
-    )
 }
 
 /// Why an address or host is refused, when it is.
@@ -1408,46 +1346,5 @@ mod tests {
         assert_eq!(config.default_timeout, Duration::from_secs(5));
         assert!(!config.allow_link_local);
         assert!(config.retry_max <= Duration::from_mins(1));
-    }
-
-    #[test]
-    fn discovery_applies_only_to_https_issuers_without_jwks_uri() {
-        assert_eq!(
-            JwksSource::for_rule(
-                "https://accounts.example.com",
-                Some("https://keys.example.com/jwks")
-            ),
-            Ok(JwksSource::Uri("https://keys.example.com/jwks".into()))
-        );
-        let discovered =
-            JwksSource::for_rule("https://accounts.example.com/", None).expect("https issuer");
-        assert_eq!(
-            discovered,
-            JwksSource::Discovery {
-                issuer: "https://accounts.example.com/".into()
-            }
-        );
-        assert_eq!(
-            discovered.key(),
-            "https://accounts.example.com/.well-known/openid-configuration"
-        );
-        assert_eq!(
-            JwksSource::for_rule("https://accounts.example.com", Some("")),
-            Ok(JwksSource::Discovery {
-                issuer: "https://accounts.example.com".into()
-            })
-        );
-        for issuer in [
-            "http://accounts.example.com",
-            "testing@secure.istio.io",
-            "",
-            "https://",
-        ] {
-            let error = JwksSource::for_rule(issuer, None).expect_err(issuer);
-            assert!(
-                matches!(error, FetchError::NoSource { .. }),
-                "{issuer}: {error:?}"
-            );
-        }
     }
 }
