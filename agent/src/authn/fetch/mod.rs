@@ -18,9 +18,9 @@
 //!
 //! Key material is never logged or shown; key ids are.
 //!
-//! By concern: [`guard`] refuses forbidden targets (URLs, DNS answers, redirects); [`client`]
-//! is the guarded HTTP client ([`Fetcher`]) that fetches and parses one document; [`store`]
-//! keeps every source's key set fresh ([`JwksStore`]). This module holds what they share: the
+//! By concern: `guard` refuses forbidden targets (URLs, DNS answers, redirects); `client` is
+//! the guarded HTTP client ([`Fetcher`]) that fetches and parses one document; `store` keeps
+//! every source's key set fresh ([`JwksStore`]). This module holds what they share: the
 //! configuration and the errors.
 
 use std::fmt;
