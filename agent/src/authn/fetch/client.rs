@@ -1,4 +1,4 @@
-//! The guarded HTTP client: fetches one JWKS or OpenID discovery document within the limits of
+//! The guarded HTTP client: fetches one JWKS or OIDC discovery document within the limits of
 //! [`FetchConfig`] (address guard, size, time) and parses it, with errors that name the issuer
 //! and URI.
 
