@@ -692,7 +692,7 @@ async fn keys_are_found_by_openid_discovery() {
     // `for_rule` decides discovery applies only to https issuers; the store fetches what it is given.
     assert!(matches!(
         JwksSource::for_rule(&issuer, None),
-        Err(FetchError::NoSource { .. })
+        Err(nodeward::authn::keys::KeysError::NoSource { .. })
     ));
     let source = JwksSource::Discovery {
         issuer: issuer.clone(),

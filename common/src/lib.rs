@@ -13,12 +13,14 @@
 //! - [`reason`]: why a kernel program decided what it decided, and the verdict of each reason.
 //! - [`counter`]: slots of the `COUNTERS` per-CPU array.
 //! - [`fastpath`]: the key of the `FAST_PATH_SOCKETS` sock hash (same-node fast path).
+//! - [`maps`]: the name and capacity of every map, one table for both sides.
 #![no_std]
 
 pub mod config;
 pub mod counter;
 pub mod endpoint;
 pub mod fastpath;
+pub mod maps;
 pub mod reason;
 
 pub use config::KernelConfig;

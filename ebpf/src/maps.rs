@@ -1,7 +1,8 @@
 //! Maps shared between the kernel programs and the agent.
 //!
-//! Map names are the static names below; the agent looks them up by these names
-//! (`agent/src/datapath`), so renaming one is a change on both sides. Every map is pinned by name
+//! Each static is named and sized as its entry in [`nodeward_common::maps`], the table the agent
+//! reads too: a static's name must be that entry's `name` (the agent refuses an object that
+//! lacks one), and its capacity is that entry's `max_entries`. Every map is pinned by name
 //! (`PinningType::ByName`) under the agent's pin directory (`<pin_dir>/maps/<NAME>`), so a
 //! restarted agent adopts the same maps and the programs left attached by a crashed one keep
 //! reading the same state.
@@ -12,9 +13,8 @@ use aya_ebpf::{
 };
 use nodeward_common::{
     config::{FAILURE_MODE_CLOSED, LOG_OFF},
-    counter,
     fastpath::SocketKey,
-    EndpointKey, KernelConfig, PORT_ANY,
+    maps as table, EndpointKey, KernelConfig, PORT_ANY,
 };
 
 /// Destinations nodeward enforces for.
@@ -27,7 +27,8 @@ use nodeward_common::{
 /// - Value: `u32` endpoint flags, [`nodeward_common::ENDPOINT_FLAGS_NONE`] today; the programs
 ///   test only the key's presence.
 #[map]
-pub static PROTECTED_ENDPOINTS: HashMap<EndpointKey, u32> = HashMap::pinned(16_384, 0);
+pub static PROTECTED_ENDPOINTS: HashMap<EndpointKey, u32> =
+    HashMap::pinned(table::PROTECTED_ENDPOINTS.max_entries, 0);
 
 /// Settings of the programs: one element, index 0.
 ///
@@ -38,7 +39,7 @@ pub static PROTECTED_ENDPOINTS: HashMap<EndpointKey, u32> = HashMap::pinned(16_3
 /// - Key: `u32` index 0.
 /// - Value: [`KernelConfig`].
 #[map]
-pub static CONFIG: Array<KernelConfig> = Array::pinned(1, 0);
+pub static CONFIG: Array<KernelConfig> = Array::pinned(table::CONFIG.max_entries, 0);
 
 /// Packet counters, one `u64` per slot and CPU.
 ///
@@ -47,7 +48,7 @@ pub static CONFIG: Array<KernelConfig> = Array::pinned(1, 0);
 /// - Key: slot index, the constants in [`nodeward_common::counter`].
 /// - Value: `u64` number of packets.
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(table::COUNTERS.max_entries, 0);
 
 /// Sockets of the same-node fast path.
 ///
@@ -58,7 +59,8 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
 /// - Key: [`SocketKey`], the socket's own 4-tuple and side (node namespace or pod).
 /// - Value: the socket (the kernel's reference; `u32` in user space).
 #[map]
-pub static FAST_PATH_SOCKETS: SockHash<SocketKey> = SockHash::pinned(65_536, 0);
+pub static FAST_PATH_SOCKETS: SockHash<SocketKey> =
+    SockHash::pinned(table::FAST_PATH_SOCKETS.max_entries, 0);
 
 /// Connections that opened through the TC data path, by the 4-tuple their pod-side end has: what
 /// binds a pod's socket in `FAST_PATH_SOCKETS` to a flow the node's routing delivered.
@@ -72,7 +74,8 @@ pub static FAST_PATH_SOCKETS: SockHash<SocketKey> = SockHash::pinned(65_536, 0);
 /// - Key: [`SocketKey`] of the pod-side socket, side [`SIDE_POD`](nodeward_common::fastpath::SIDE_POD).
 /// - Value: `u32`, 0.
 #[map]
-pub static OPENED_FLOWS: LruHashMap<SocketKey, u32> = LruHashMap::pinned(65_536, 0);
+pub static OPENED_FLOWS: LruHashMap<SocketKey, u32> =
+    LruHashMap::pinned(table::OPENED_FLOWS.max_entries, 0);
 
 /// Records that a connection whose pod-side end is (`local`, `remote`) (network byte order)
 /// opened through the TC data path; nothing while the fast path is off.
@@ -99,7 +102,7 @@ pub fn record_opened(local_addr: u32, local_port: u16, remote_addr: u32, remote_
 /// - Key: `u32` index 0.
 /// - Value: `u64` network namespace cookie; 0 (unset) keeps every socket out of the fast path.
 #[map]
-pub static NODE_NETNS: Array<u64> = Array::pinned(1, 0);
+pub static NODE_NETNS: Array<u64> = Array::pinned(table::NODE_NETNS.max_entries, 0);
 
 /// The node's network namespace cookie, or `None` while the agent has not written it.
 #[inline]

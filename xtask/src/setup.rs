@@ -5,8 +5,8 @@
 //! 2. clippy and rustfmt for the toolchain that builds the workspace;
 //! 3. the nightly toolchain (checked only: it cannot be downloaded on these machines);
 //! 4. `rust-src` for nightly (`-Z build-std=core` for the BPF target);
-//! 5. bpf-linker 0.13.0, linked against the nightly's own libLLVM (see
-//!    shared/notes/ebpf-toolchain.md). A stamp file next to the binary records the nightly it was
+//! 5. bpf-linker 0.13.0, linked against the nightly's own libLLVM (a plain `cargo install`
+//!    builds against the system's LLVM, which is too old). A stamp file next to the binary records the nightly it was
 //!    built for; a different nightly, or a binary that no longer runs, triggers a reinstall.
 
 use std::{
@@ -248,7 +248,7 @@ fn bpf_linker_runs(binary: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The recipe from shared/notes/ebpf-toolchain.md: link bpf-linker against the nightly's
+/// Links bpf-linker against the nightly's
 /// `libLLVM-<major>-rust-*.so` (rpath to the nightly's lib dir), without linking LLVM statically.
 fn install_bpf_linker(root: &Path, nightly: &Nightly) -> Result<()> {
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;

@@ -12,7 +12,7 @@ use moka::Expiry;
 use sha2::{Digest, Sha256};
 
 use super::token::CLOCK_SKEW_SECS;
-use crate::authz::AuthInfo;
+use super::AuthInfo;
 
 /// Memory the cache may hold, in bytes as [`weight`] estimates them: about 4,000 tokens of a
 /// typical size (a payload of 300 characters), 40,000 small ones. Bounded by bytes, not

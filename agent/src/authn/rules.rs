@@ -15,10 +15,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use super::cache::{TokenCache, TokenKey, Verified};
 use super::error::JwtError;
-use super::fetch::JwksSource;
 use super::jwks::KeySet;
+use super::keys::JwksSource;
+/// The key-lookup vocabulary lives in [`super::keys`]; named here too for existing callers.
+pub use super::keys::{KeyLookup, Keys, NoRemoteKeys};
 use super::token;
-use crate::authz::AuthInfo;
+use super::AuthInfo;
 use crate::policy::model::JwtRule;
 use crate::policy::validate::parse_duration;
 use crate::policy::{scope, RequestAuthentication};
@@ -66,27 +68,6 @@ pub enum KeySource {
     Remote { source: JwksSource, key: String },
     /// Neither, and the issuer is not an https URL: no keys, tokens fail closed.
     Missing,
-}
-
-/// The answer of a key store for a source.
-pub enum KeyLookup {
-    Ready(Arc<KeySet>, u64),
-    /// No usable keys yet, or fetching failed with no earlier good set.
-    Unavailable,
-}
-
-/// Where remote key sets are looked up (the JWKS store).
-pub trait Keys {
-    fn lookup(&self, source: &str) -> KeyLookup;
-}
-
-/// No remote keys at all (every remote source is unavailable).
-pub struct NoRemoteKeys;
-
-impl Keys for NoRemoteKeys {
-    fn lookup(&self, _: &str) -> KeyLookup {
-        KeyLookup::Unavailable
-    }
 }
 
 /// One `jwtRules` entry ready to use.

@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::attribute::{parse_port, Attribute};
 use super::matcher::{IpSet, PathSet, RequestPrincipalSet, StringSet};
+use crate::policy::attribute::{parse_port, Attribute};
 use crate::policy::model::{Condition, Operation, Source};
 use crate::policy::{scope, validate};
 use crate::policy::{Action, AuthorizationPolicy, Origin};

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::attribute::parse_ip_block;
-use super::path::PathPattern;
+use crate::policy::attribute::parse_ip_block;
+use crate::policy::path_pattern::PathPattern;
 
 /// Istio's string forms: `*` (present), `abc*` (prefix), `*abc` (suffix), else exact.
 #[derive(Debug, Clone, Default)]

@@ -5,14 +5,15 @@
 //! ones that apply to a workload; [`WorkloadPolicies::evaluate`] decides a [`Request`];
 //! [`explain`] says why, clause by clause.
 
-pub mod attribute;
 pub mod compile;
 pub mod eval;
 pub mod explain;
 pub mod matcher;
 pub mod path;
 
+/// Made by authentication; named here too because requests carry it.
+pub use crate::authn::AuthInfo;
 pub use compile::{CompiledPolicy, PolicySet, WorkloadPolicies};
-pub use eval::{AuthInfo, Decision, Http, Peer, Reason, Request, DENIED_BODY};
+pub use eval::{Decision, Http, Peer, Reason, Request, DENIED_BODY};
 #[cfg(test)]
 mod tests;

@@ -27,7 +27,7 @@ use aya::{
     programs::{links::FdLink, sk_msg::SkMsgLink, CgroupAttachMode, SkMsg, SockOps},
     Ebpf,
 };
-use nodeward_common::fastpath::SocketKey;
+use nodeward_common::{fastpath::SocketKey, maps};
 
 use super::{bpffs::PinLayout, links, DatapathError};
 
@@ -36,11 +36,9 @@ pub const SOCKOPS_PROGRAM: &str = "fastpath_sockops";
 /// Name of the `sk_msg` program in the object.
 pub const MSG_PROGRAM: &str = "fastpath_msg";
 /// Name of the sock hash: key [`SocketKey`], value a socket.
-pub const FAST_PATH_SOCKETS_MAP: &str = "FAST_PATH_SOCKETS";
-/// Name of the LRU map of flows opened through `steer`/`guard` (pod-side 4-tuples).
-pub const OPENED_FLOWS_MAP: &str = "OPENED_FLOWS";
+pub const FAST_PATH_SOCKETS_MAP: &str = maps::FAST_PATH_SOCKETS.name;
 /// Name of the single-element array holding the node's network namespace cookie.
-pub const NODE_NETNS_MAP: &str = "NODE_NETNS";
+pub const NODE_NETNS_MAP: &str = maps::NODE_NETNS.name;
 
 /// `CGROUP2_SUPER_MAGIC` (`include/uapi/linux/magic.h`).
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;

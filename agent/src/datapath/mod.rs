@@ -660,8 +660,8 @@ const LOOPBACK_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
 /// (`fib_validate_source`; measured: `in_martian_src` in `/proc/net/stat/rt_cache`). Ordinary
 /// loopback packets keep their route and are never checked, so the setting only concerns packets
 /// injected into `lo`'s ingress. It stays set after a stop (a crashed run's programs keep
-/// redirecting). Where it cannot be set (a read-only `/proc/sys`), the node's traffic to
-/// protected pods is dropped, as before this existed: logged as an error, not fatal.
+/// redirecting). Where it cannot be set (a read-only `/proc/sys`), the node's own traffic to
+/// protected pods is dropped as martian: logged as an error, not fatal.
 fn accept_local_on_loopback() {
     match std::fs::read_to_string(LOOPBACK_ACCEPT_LOCAL) {
         Ok(value) if value.trim() == "1" => return,

@@ -10,7 +10,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use nodeward_common::{
-    counter, fastpath::SocketKey, EndpointKey, KernelConfig, ENDPOINT_FLAGS_NONE,
+    counter, fastpath::SocketKey, maps, EndpointKey, KernelConfig, ENDPOINT_FLAGS_NONE,
 };
 
 use super::{bpffs::Hook, Counters, DatapathError};
@@ -19,67 +19,64 @@ use super::{bpffs::Hook, Counters, DatapathError};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeward-ebpf"));
 
 /// Name of the protected-endpoints map: key [`EndpointKey`], value `u32` flags.
-pub const PROTECTED_ENDPOINTS_MAP: &str = "PROTECTED_ENDPOINTS";
+pub const PROTECTED_ENDPOINTS_MAP: &str = maps::PROTECTED_ENDPOINTS.name;
 /// Name of the configuration map: index 0, value [`KernelConfig`].
-pub const CONFIG_MAP: &str = "CONFIG";
+pub const CONFIG_MAP: &str = maps::CONFIG.name;
 /// Name of the per-CPU counters map: index [`nodeward_common::counter`], value `u64`.
-pub const COUNTERS_MAP: &str = "COUNTERS";
+pub const COUNTERS_MAP: &str = maps::COUNTERS.name;
 
-/// What a pinned map must look like to be adopted: type, key size, value size, entries.
+/// What a pinned map must look like to be adopted: name and entries (from the shared table in
+/// [`nodeward_common::maps`]), type, key size, value size.
 struct MapSpec {
-    name: &'static str,
+    map: maps::MapDef,
     map_type: MapType,
     key_size: u32,
     value_size: u32,
-    max_entries: u32,
 }
 
 /// The pinned maps of this build. A pinned map that differs (left by another version) is not
 /// adopted: see [`retire_incompatible_pins`].
 const MAP_SPECS: [MapSpec; 6] = [
     MapSpec {
-        name: PROTECTED_ENDPOINTS_MAP,
+        map: maps::PROTECTED_ENDPOINTS,
         map_type: MapType::Hash,
         key_size: size_of::<EndpointKey>() as u32,
         value_size: size_of::<u32>() as u32,
-        max_entries: 16_384,
     },
     MapSpec {
-        name: CONFIG_MAP,
+        map: maps::CONFIG,
         map_type: MapType::Array,
         key_size: size_of::<u32>() as u32,
         value_size: size_of::<KernelConfig>() as u32,
-        max_entries: 1,
     },
     MapSpec {
-        name: COUNTERS_MAP,
+        map: maps::COUNTERS,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>() as u32,
         value_size: size_of::<u64>() as u32,
-        max_entries: counter::LEN,
     },
     MapSpec {
-        name: super::fastpath::FAST_PATH_SOCKETS_MAP,
+        map: maps::FAST_PATH_SOCKETS,
         map_type: MapType::SockHash,
         key_size: size_of::<SocketKey>() as u32,
         value_size: size_of::<u32>() as u32,
-        max_entries: 65_536,
     },
     MapSpec {
-        name: super::fastpath::OPENED_FLOWS_MAP,
+        map: maps::OPENED_FLOWS,
         map_type: MapType::LruHash,
         key_size: size_of::<SocketKey>() as u32,
         value_size: size_of::<u32>() as u32,
-        max_entries: 65_536,
     },
     MapSpec {
-        name: super::fastpath::NODE_NETNS_MAP,
+        map: maps::NODE_NETNS,
         map_type: MapType::Array,
         key_size: size_of::<u32>() as u32,
         value_size: size_of::<u64>() as u32,
-        max_entries: 1,
     },
 ];
+
+// Every map of the shared table has a spec here.
+const _: () = assert!(MAP_SPECS.len() == maps::ALL.len());
 
 /// Protected endpoints carried over from a pinned map this build could not adopt.
 pub type CarriedEndpoints = Vec<(Ipv4Addr, u16)>;
@@ -92,7 +89,7 @@ pub type CarriedEndpoints = Vec<(Ipv4Addr, u16)>;
 pub fn retire_incompatible_pins(maps_dir: &Path) -> Result<CarriedEndpoints, DatapathError> {
     let mut carried = Vec::new();
     for spec in &MAP_SPECS {
-        let path = maps_dir.join(spec.name);
+        let path = maps_dir.join(spec.map.name);
         if !path.exists() {
             continue;
         }
@@ -102,31 +99,32 @@ pub fn retire_incompatible_pins(maps_dir: &Path) -> Result<CarriedEndpoints, Dat
             continue;
         };
         let info = map.info().map_err(|source| {
-            DatapathError::map(spec.name, "reading the pinned map's info", source)
+            DatapathError::map(spec.map.name, "reading the pinned map's info", source)
         })?;
         let compatible = info.map_type().ok() == Some(spec.map_type)
             && info.key_size() == spec.key_size
             && info.value_size() == spec.value_size
-            && info.max_entries() == spec.max_entries;
+            && info.max_entries() == spec.map.max_entries;
         if compatible {
             continue;
         }
         tracing::warn!(
-            map = spec.name,
+            map = spec.map.name,
             path = %path.display(),
             "the pinned map was made by another version of nodeward (type or size differ); \
              replacing it"
         );
-        if spec.name == PROTECTED_ENDPOINTS_MAP
+        if spec.map.name == PROTECTED_ENDPOINTS_MAP
             && info.map_type().ok() == Some(MapType::Hash)
             && info.key_size() == spec.key_size
             && info.value_size() == spec.value_size
         {
             let map: HashMap<MapData, EndpointKey, u32> =
                 HashMap::try_from(aya::maps::Map::HashMap(map))
-                    .map_err(|source| DatapathError::map(spec.name, "open", source))?;
+                    .map_err(|source| DatapathError::map(spec.map.name, "open", source))?;
             for key in map.keys() {
-                let key = key.map_err(|source| DatapathError::map(spec.name, "iterate", source))?;
+                let key =
+                    key.map_err(|source| DatapathError::map(spec.map.name, "iterate", source))?;
                 carried.push((key.ip(), key.port()));
             }
         }
@@ -152,6 +150,16 @@ pub fn load(maps_dir: &Path) -> Result<Ebpf, DatapathError> {
         .map_err(|source| DatapathError::Load {
             source: Box::new(source),
         })?;
+    // The kernel side names its maps after the shared table; an object that lacks one was
+    // built from another table.
+    for map in &maps::ALL {
+        if ebpf.map(map.name).is_none() {
+            return Err(DatapathError::Missing {
+                kind: "map",
+                name: map.name,
+            });
+        }
+    }
     for hook in [Hook::Steer, Hook::Guard] {
         classifier(&mut ebpf, hook)?
             .load()

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 
+use super::attribute::{self, AttributeError};
 use super::model::{
     AuthorizationPolicySpec, Condition, JwtRule, ObjectMeta, Operation, PolicyTargetReference,
     RequestAuthenticationSpec, Source,
 };
-use crate::authz::attribute::{self, AttributeError};
-use crate::authz::path::{self, TemplateError};
+use super::path_pattern::{PathPattern, TemplateError};
 
 /// The most rules one AuthorizationPolicy may carry, and the most `from` entries of a rule
 /// (Istio's CRD schema: `maxItems: 512`).
@@ -429,7 +429,7 @@ fn validate_operation(o: &Operation, field: &str, errors: &mut Vec<FieldError>) 
     }
     for (name, list) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
         for (i, p) in list.iter().enumerate() {
-            if let Err(error) = path::PathPattern::parse(p) {
+            if let Err(error) = PathPattern::parse(p) {
                 errors.push(err(
                     format!("{field}.{name}[{i}]"),
                     Problem::PathTemplate {
