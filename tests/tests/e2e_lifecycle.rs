@@ -1,4 +1,4 @@
-//! End to end, the agent's life cycle on a node (Istio's reference scenario 8): a crashed agent
+//! End to end, the agent's life cycle on a node (reference scenario 8): a crashed agent
 //! (SIGKILL) leaves its programs attached and requests to protected pods fail or pass unjudged
 //! per `--failure-mode`; a restart over the same pins enforces again; a clean stop leaves no
 //! pins, and the node leaves no namespaces.

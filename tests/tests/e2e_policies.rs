@@ -1,4 +1,4 @@
-//! End to end, Istio's reference scenarios 1–7 through the kernel data path: JWT
+//! End to end, the reference scenarios 1–7 through the kernel data path: JWT
 //! authentication and authorization, claim conditions, principals from the registry, DENY over
 //! ALLOW and the root namespace, an unprotected pod that is not steered, and live policy edits.
 //! Each test builds its own node ([`nodeward_tests::e2e::start`]); see there for what it holds.
