@@ -3,7 +3,7 @@
 //! attachments, the protected-endpoint map, guards, interfaces coming and going, link events,
 //! route lookups, refusals before anything is created, and the kernel log switch.
 //!
-//! Needs root (`CAP_BPF`, `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`) and iproute2: without them each test
+//! Needs `CAP_BPF`, `CAP_NET_ADMIN` and `CAP_SYS_ADMIN` (root) and iproute2: without them each test
 //! FAILS, saying what is missing. Everything is removed by guards, also on panic.
 
 mod datapath_support;
@@ -20,8 +20,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use datapath_support::{
-    eventually, ip, request, require_privileges, serial, FakeEnforcer, Node, PodServer,
-    LISTENER_PORT, NODE_IP, POD_PORT, ROUTE_TABLE, STEER_MARK, UPSTREAM_MARK,
+    config, request, serial, FakeEnforcer, PodServer, LISTENER_PORT, POD_PORT, ROUTE_TABLE,
+    STEER_MARK, UPSTREAM_MARK,
 };
 use nodeward::datapath::{
     interface_for, on_bpffs, Datapath, DatapathConfig, DatapathError, FailureMode,
@@ -30,19 +30,21 @@ use nodeward_common::{
     config::{FAILURE_MODE_CLOSED, LOG_DECISIONS},
     EndpointKey, ENDPOINT_FLAGS_NONE, PORT_ANY,
 };
+use nodeward_tests::eventually;
+use nodeward_tests::netns::{ip, TestNode, NODE_ADDR};
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 2, 2);
 const LATE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 5, 2);
 const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(10, 200, 9, 9);
 
-fn start(node: &Node, config: DatapathConfig) -> Datapath {
+fn start(node: &TestNode, config: DatapathConfig) -> Datapath {
     node.run(|| Datapath::start(config))
         .unwrap_or_else(|e| panic!("Datapath::start: {e}"))
 }
 
 /// Names of the programs on `iface`'s TCX hook in the node.
-fn tcx_program_names(node: &Node, iface: &str, attach_type: TcAttachType) -> Vec<String> {
+fn tcx_program_names(node: &TestNode, iface: &str, attach_type: TcAttachType) -> Vec<String> {
     node.run(|| SchedClassifier::query_tcx(iface, attach_type))
         .unwrap_or_else(|e| panic!("querying TCX on {iface}: {e}"))
         .1
@@ -51,7 +53,7 @@ fn tcx_program_names(node: &Node, iface: &str, attach_type: TcAttachType) -> Vec
         .collect()
 }
 
-fn ifindex(node: &Node, iface: &str) -> u32 {
+fn ifindex(node: &TestNode, iface: &str) -> u32 {
     let out = node.ip_out(&["-o", "link", "show", iface]);
     out.split(':')
         .next()
@@ -61,11 +63,10 @@ fn ifindex(node: &Node, iface: &str) -> u32 {
 
 #[test]
 fn start_pins_configures_routes_and_attaches() {
-    require_privileges();
     let _serial = serial();
-    let mut node = Node::new('l');
-    let pod = node.add_endpoint('p', POD_IP);
-    let config = node.config(FailureMode::Closed);
+    let mut node = TestNode::new("start");
+    let pod = node.add_pod("pod", POD_IP);
+    let config = config(&node, FailureMode::Closed);
     assert!(
         !on_bpffs(&config.pin_dir).expect("statfs"),
         "the test's bpffs is not mounted yet"
@@ -130,11 +131,10 @@ fn start_pins_configures_routes_and_attaches() {
 
 #[test]
 fn sync_writes_the_endpoint_map_and_guards_protected_pods() {
-    require_privileges();
     let _serial = serial();
-    let mut node = Node::new('m');
-    let pod = node.add_endpoint('p', POD_IP);
-    let config = node.config(FailureMode::Closed);
+    let mut node = TestNode::new("sync");
+    let pod = node.add_pod("pod", POD_IP);
+    let config = config(&node, FailureMode::Closed);
     let datapath = start(&node, config.clone());
     let pod_index = ifindex(&node, &pod.host_if);
 
@@ -205,11 +205,10 @@ fn sync_writes_the_endpoint_map_and_guards_protected_pods() {
 
 #[test]
 fn interfaces_come_and_go_and_routes_name_them() {
-    require_privileges();
     let _serial = serial();
-    let mut node = Node::new('i');
-    let pod = node.add_endpoint('p', POD_IP);
-    let config = node.config(FailureMode::Closed);
+    let mut node = TestNode::new("interfaces");
+    let pod = node.add_pod("pod", POD_IP);
+    let config = config(&node, FailureMode::Closed);
     let datapath = start(&node, config.clone());
 
     // Route lookups for the registry: a pod's host interface; none for local or unknown.
@@ -221,7 +220,7 @@ fn interfaces_come_and_go_and_routes_name_them() {
     );
     assert_eq!(
         datapath
-            .interface_for(NODE_IP)
+            .interface_for(NODE_ADDR)
             .unwrap_or_else(|e| panic!("{e}")),
         None
     );
@@ -233,7 +232,7 @@ fn interfaces_come_and_go_and_routes_name_them() {
     );
 
     // Interfaces come and go.
-    let late = node.add_endpoint('q', LATE_IP);
+    let late = node.add_pod("late", LATE_IP);
     let report = node
         .run(|| datapath.rescan_interfaces())
         .unwrap_or_else(|e| panic!("rescan: {e}"));
@@ -241,7 +240,7 @@ fn interfaces_come_and_go_and_routes_name_them() {
     let late_index = ifindex(&node, &late.host_if);
     // Deleting the node's end removes the pair at once (deleting the pod's namespace would, but
     // the kernel tears namespaces down asynchronously).
-    ip(&["-n", &node.ns, "link", "del", &late.host_if]);
+    ip(&["-n", &node.netns, "link", "del", &late.host_if]);
     let report = node
         .run(|| datapath.rescan_interfaces())
         .unwrap_or_else(|e| panic!("rescan: {e}"));
@@ -259,11 +258,10 @@ fn interfaces_come_and_go_and_routes_name_them() {
 
 #[test]
 fn start_replaces_leftovers_it_cannot_adopt() {
-    require_privileges();
     let _serial = serial();
-    let mut node = Node::new('j');
-    let pod = node.add_endpoint('p', POD_IP);
-    let config = node.config(FailureMode::Closed);
+    let mut node = TestNode::new("leftovers");
+    let pod = node.add_pod("pod", POD_IP);
+    let config = config(&node, FailureMode::Closed);
     drop(start(&node, config.clone())); // a crash: pins left behind
     let pod_index = ifindex(&node, &pod.host_if);
     let link_pin = config.pin_dir.join(format!("links/steer-{pod_index}"));
@@ -302,10 +300,9 @@ fn start_replaces_leftovers_it_cannot_adopt() {
 
 #[test]
 fn start_refuses_before_creating_anything() {
-    require_privileges();
     let _serial = serial();
-    let node = Node::new('e');
-    let base = node.config(FailureMode::Closed);
+    let node = TestNode::new("refuses");
+    let base = config(&node, FailureMode::Closed);
 
     let refusals: [(DatapathConfig, &str); 3] = [
         (
@@ -332,7 +329,7 @@ fn start_refuses_before_creating_anything() {
             // Someone else's default route in the configured table.
             ip(&[
                 "-n",
-                &node.ns,
+                &node.netns,
                 "route",
                 "add",
                 "unreachable",
@@ -359,12 +356,11 @@ fn start_refuses_before_creating_anything() {
 
 #[test]
 fn link_events_announce_new_interfaces() {
-    require_privileges();
     let _serial = serial();
-    let mut node = Node::new('k');
-    let _pod = node.add_endpoint('p', POD_IP);
-    let datapath = start(&node, node.config(FailureMode::Closed));
-    let ns = node.ns.clone();
+    let mut node = TestNode::new("link-events");
+    let _pod = node.add_pod("pod", POD_IP);
+    let datapath = start(&node, config(&node, FailureMode::Closed));
+    let ns = node.netns.clone();
     let late_if = node.run(|| {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -434,7 +430,6 @@ impl Capture {
 
 #[test]
 fn kernel_log_lines_follow_the_run_time_level() {
-    require_privileges();
     let _serial = serial();
     // The subscriber (with its `log` bridge) before the datapath: the log thread binds the `log`
     // crate's logger when it starts.
@@ -446,17 +441,17 @@ fn kernel_log_lines_follow_the_run_time_level() {
         .try_init()
         .expect("the only subscriber of this test binary");
 
-    let mut node = Node::new('g');
-    let client = node.add_endpoint('c', CLIENT_IP);
-    let pod = node.add_endpoint('p', POD_IP);
-    let _pod_server = PodServer::start(&pod.ns, POD_IP, POD_PORT);
-    let _enforcer = FakeEnforcer::start(&node.ns);
-    let datapath = start(&node, node.config(FailureMode::Closed));
+    let mut node = TestNode::new("kernel-log");
+    let client = node.add_pod("client", CLIENT_IP);
+    let pod = node.add_pod("pod", POD_IP);
+    let _pod_server = PodServer::start(&pod.netns, POD_IP, POD_PORT);
+    let _enforcer = FakeEnforcer::start(&node.netns);
+    let datapath = start(&node, config(&node, FailureMode::Closed));
     node.run(|| datapath.sync(&[(POD_IP, PORT_ANY)], std::slice::from_ref(&pod.host_if)))
         .unwrap_or_else(|e| panic!("sync: {e}"));
     let target = SocketAddrV4::new(POD_IP, POD_PORT);
 
-    request(&client.ns, target, None, Duration::from_secs(3)).expect("steered, quiet");
+    request(&client.netns, target, None, Duration::from_secs(3)).expect("steered, quiet");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         !capture.text().contains("steer: "),
@@ -467,7 +462,7 @@ fn kernel_log_lines_follow_the_run_time_level() {
     datapath
         .set_log_level(LOG_DECISIONS)
         .unwrap_or_else(|e| panic!("{e}"));
-    request(&client.ns, target, None, Duration::from_secs(3)).expect("steered, logged");
+    request(&client.netns, target, None, Duration::from_secs(3)).expect("steered, logged");
     let line = format!("steer: {CLIENT_IP}:");
     assert!(
         eventually(Duration::from_secs(2), || capture.text().contains(&line)

@@ -1,17 +1,18 @@
 //! Privileged end-to-end tests of the datapath: real kernel programs on a node made of network
-//! namespaces (see `datapath_support`), real TCP through a stand-in enforcer.
+//! namespaces (the test kit's `TestNode`), real TCP through a stand-in enforcer
+//! (`datapath_support`).
 //!
 //! The stand-in enforcer is a transparent listener in the node's namespace that records
 //! `getsockname()` of each accepted connection (it must be the pod's address and port) and proxies
 //! it to the pod from a socket marked with the upstream mark, prefixing the answer with
 //! `enforcer|`. The pods answer `pod saw <peer>`, so each answer says which way it came:
-//! `enforcer|pod saw 10.200.0.1` (through the enforcer, whose upstream source is the node) or
-//! `pod saw 10.200.1.2` (straight from the client).
+//! `enforcer|pod saw 10.200.255.1` (through the enforcer, whose upstream source is the node's
+//! address) or `pod saw 10.200.1.2` (straight from the client).
 //!
 //! No bypass is tested like a security property: every path into a protected pod that does not
 //! go through the enforcer must fail, and the pod must never see the client's address.
 //!
-//! Needs root (`CAP_BPF`, `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`) and iproute2: without them each test
+//! Needs `CAP_BPF`, `CAP_NET_ADMIN` and `CAP_SYS_ADMIN` (root) and iproute2: without them each test
 //! FAILS, saying what is missing. Everything is removed by guards, also on panic.
 
 mod datapath_support;
@@ -28,11 +29,13 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use datapath_support::{
-    eventually, request, require_privileges, serial, Accepted, FakeEnforcer, Node, PodServer,
-    NODE_IP, POD_PORT, ROUTE_TABLE, UPSTREAM_MARK,
+    config, request, serial, Accepted, FakeEnforcer, PodServer, POD_PORT, ROUTE_TABLE,
+    UPSTREAM_MARK,
 };
 use nodeward::datapath::{Counters, Datapath, FailureMode};
 use nodeward_common::PORT_ANY;
+use nodeward_tests::eventually;
+use nodeward_tests::netns::{TestNode, NODE_ADDR};
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 2, 2);
@@ -48,7 +51,7 @@ const OK_TIMEOUT: Duration = Duration::from_secs(3);
 const DROP_TIMEOUT: Duration = Duration::from_millis(400);
 
 fn through_enforcer() -> String {
-    format!("enforcer|pod saw {NODE_IP}")
+    format!("enforcer|pod saw {NODE_ADDR}")
 }
 
 fn direct_from(ip: Ipv4Addr) -> String {
@@ -61,12 +64,12 @@ fn counters(datapath: &Datapath) -> Counters {
         .unwrap_or_else(|e| panic!("reading counters: {e}"))
 }
 
-fn start(node: &Node, mode: FailureMode) -> Datapath {
-    node.run(|| Datapath::start(node.config(mode)))
+fn start(node: &TestNode, mode: FailureMode) -> Datapath {
+    node.run(|| Datapath::start(config(node, mode)))
         .unwrap_or_else(|e| panic!("Datapath::start: {e}"))
 }
 
-fn protect(node: &Node, datapath: &Datapath, guarded: &[&str]) {
+fn protect(node: &TestNode, datapath: &Datapath, guarded: &[&str]) {
     let guarded: Vec<String> = guarded.iter().map(|s| (*s).to_owned()).collect();
     let report = node
         .run(|| datapath.sync(&[(POD_IP, PORT_ANY)], &guarded))
@@ -90,7 +93,7 @@ fn assert_reply(ns: &str, target: SocketAddrV4, mark: Option<u32>, expected: &st
 }
 
 /// Programs attached to `iface`'s TCX hook in the node, by id.
-fn tcx_programs(node: &Node, iface: &str, attach_type: TcAttachType) -> Vec<u32> {
+fn tcx_programs(node: &TestNode, iface: &str, attach_type: TcAttachType) -> Vec<u32> {
     node.run(|| SchedClassifier::query_tcx(iface, attach_type))
         .unwrap_or_else(|e| panic!("querying TCX on {iface}: {e}"))
         .1
@@ -103,17 +106,17 @@ fn tcx_programs(node: &Node, iface: &str, attach_type: TcAttachType) -> Vec<u32>
 /// own flows are sent through `lo` to the enforcer, forwarded ones from an unhooked interface are
 /// dropped; and a rescan hooks a new interface.
 fn assert_no_bypass(
-    node: &mut Node,
+    node: &mut TestNode,
     datapath: &Datapath,
     enforcer: &FakeEnforcer,
     pod_server: &PodServer,
 ) {
     // (3) No bypass. (a) A client on an interface added after start, not rescanned: no steer
     // there, so its SYN is forwarded to the pod, and guard drops it.
-    let rogue = node.add_endpoint('r', ROGUE_IP);
+    let rogue = node.add_pod("rogue", ROGUE_IP);
     let before = counters(datapath);
     assert_dropped(
-        &rogue.ns,
+        &rogue.netns,
         POD,
         None,
         "unhooked interface to the protected pod",
@@ -128,7 +131,7 @@ fn assert_no_bypass(
         "a forwarded flow is not sent to lo: {after:?}"
     );
     assert_reply(
-        &rogue.ns,
+        &rogue.netns,
         OTHER_POD,
         None,
         &direct_from(ROGUE_IP),
@@ -138,7 +141,7 @@ fn assert_no_bypass(
     // the enforcer too, which sees the node's address as the peer.
     let before = counters(datapath);
     assert_reply(
-        &node.ns,
+        &node.netns,
         POD,
         None,
         &through_enforcer(),
@@ -153,15 +156,15 @@ fn assert_no_bypass(
     assert_eq!(after.guard_dropped_bypass, before.guard_dropped_bypass);
     assert_eq!(
         enforcer.accepted().last().map(|a| (a.peer.ip(), a.local)),
-        Some((NODE_IP.into(), SocketAddr::V4(POD))),
+        Some((NODE_ADDR.into(), SocketAddr::V4(POD))),
         "the enforcer got the node's connection with the pod's address"
     );
     // (c) The same path with the enforcer's upstream mark is the enforcer's own, and passes.
     assert_reply(
-        &node.ns,
+        &node.netns,
         POD,
         Some(UPSTREAM_MARK),
-        &direct_from(NODE_IP),
+        &direct_from(NODE_ADDR),
         "marked like the enforcer's upstream",
     );
     assert!(
@@ -175,7 +178,7 @@ fn assert_no_bypass(
         .unwrap_or_else(|e| panic!("rescan: {e}"));
     assert_eq!(report.attached, vec![rogue.host_if.clone()], "{report:?}");
     assert_reply(
-        &rogue.ns,
+        &rogue.netns,
         POD,
         None,
         &through_enforcer(),
@@ -189,16 +192,15 @@ fn assert_no_bypass(
 
 #[test]
 fn protected_pod_is_reached_only_through_the_enforcer() {
-    require_privileges();
     let _serial = serial();
     let started = Instant::now();
-    let mut node = Node::new('s');
-    let client = node.add_endpoint('c', CLIENT_IP);
-    let pod = node.add_endpoint('p', POD_IP);
-    let other = node.add_endpoint('o', OTHER_POD_IP);
-    let pod_server = PodServer::start(&pod.ns, POD_IP, POD_PORT);
-    let other_server = PodServer::start(&other.ns, OTHER_POD_IP, POD_PORT);
-    let enforcer = FakeEnforcer::start(&node.ns);
+    let mut node = TestNode::new("steering");
+    let client = node.add_pod("client", CLIENT_IP);
+    let pod = node.add_pod("pod", POD_IP);
+    let other = node.add_pod("other", OTHER_POD_IP);
+    let pod_server = PodServer::start(&pod.netns, POD_IP, POD_PORT);
+    let other_server = PodServer::start(&other.netns, OTHER_POD_IP, POD_PORT);
+    let enforcer = FakeEnforcer::start(&node.netns);
 
     let datapath = start(&node, FailureMode::Closed);
     protect(&node, &datapath, &[&pod.host_if]);
@@ -226,7 +228,7 @@ fn protected_pod_is_reached_only_through_the_enforcer() {
     // pod as original destination, and the pod's answer comes back through the enforcer.
     let before = counters(&datapath);
     assert_reply(
-        &client.ns,
+        &client.netns,
         POD,
         None,
         &through_enforcer(),
@@ -243,7 +245,7 @@ fn protected_pod_is_reached_only_through_the_enforcer() {
     );
     assert_eq!(
         pod_server.peers(),
-        vec![NODE_IP],
+        vec![NODE_ADDR],
         "the pod sees only the enforcer"
     );
     let after = counters(&datapath);
@@ -274,7 +276,7 @@ fn protected_pod_is_reached_only_through_the_enforcer() {
     // (2) An unprotected pod costs a lookup and is reached directly; the enforcer sees nothing.
     let before = counters(&datapath);
     assert_reply(
-        &client.ns,
+        &client.netns,
         OTHER_POD,
         None,
         &direct_from(CLIENT_IP),
@@ -299,21 +301,20 @@ fn protected_pod_is_reached_only_through_the_enforcer() {
 
 #[test]
 fn failure_mode_closed_drops_and_open_passes_when_the_listener_is_gone() {
-    require_privileges();
     let _serial = serial();
     let started = Instant::now();
-    let mut node = Node::new('f');
-    let client = node.add_endpoint('c', CLIENT_IP);
-    let pod = node.add_endpoint('p', POD_IP);
-    let pod_server = PodServer::start(&pod.ns, POD_IP, POD_PORT);
+    let mut node = TestNode::new("failure-mode");
+    let client = node.add_pod("client", CLIENT_IP);
+    let pod = node.add_pod("pod", POD_IP);
+    let pod_server = PodServer::start(&pod.netns, POD_IP, POD_PORT);
 
     // No enforcer listening: the agent is down.
     let datapath = start(&node, FailureMode::Closed);
     protect(&node, &datapath, &[&pod.host_if]);
 
     let before = counters(&datapath);
-    assert_dropped(&client.ns, POD, None, "closed mode, steered path");
-    assert_dropped(&node.ns, POD, None, "closed mode, node-local path");
+    assert_dropped(&client.netns, POD, None, "closed mode, steered path");
+    assert_dropped(&node.netns, POD, None, "closed mode, node-local path");
     let after = counters(&datapath);
     assert!(
         after.dropped_failure_closed > before.dropped_failure_closed,
@@ -331,7 +332,7 @@ fn failure_mode_closed_drops_and_open_passes_when_the_listener_is_gone() {
         .unwrap_or_else(|e| panic!("set_failure_mode: {e}"));
     let before = counters(&datapath);
     assert_reply(
-        &client.ns,
+        &client.netns,
         POD,
         None,
         &direct_from(CLIENT_IP),
@@ -349,9 +350,9 @@ fn failure_mode_closed_drops_and_open_passes_when_the_listener_is_gone() {
     assert_eq!(after.steered, before.steered);
 
     // The listener is back: open mode steers like closed mode.
-    let enforcer = FakeEnforcer::start(&node.ns);
+    let enforcer = FakeEnforcer::start(&node.netns);
     assert_reply(
-        &client.ns,
+        &client.netns,
         POD,
         None,
         &through_enforcer(),
@@ -370,15 +371,14 @@ fn failure_mode_closed_drops_and_open_passes_when_the_listener_is_gone() {
 
 #[test]
 fn clean_shutdown_leaves_no_pin_rule_route_or_link() {
-    require_privileges();
     let _serial = serial();
     let started = Instant::now();
-    let mut node = Node::new('c');
-    let client = node.add_endpoint('c', CLIENT_IP);
-    let pod = node.add_endpoint('p', POD_IP);
-    let _pod_server = PodServer::start(&pod.ns, POD_IP, POD_PORT);
-    let enforcer = FakeEnforcer::start(&node.ns);
-    let config = node.config(FailureMode::Closed);
+    let mut node = TestNode::new("shutdown");
+    let client = node.add_pod("client", CLIENT_IP);
+    let pod = node.add_pod("pod", POD_IP);
+    let _pod_server = PodServer::start(&pod.netns, POD_IP, POD_PORT);
+    let enforcer = FakeEnforcer::start(&node.netns);
+    let config = config(&node, FailureMode::Closed);
 
     let datapath = start(&node, FailureMode::Closed);
     protect(&node, &datapath, &[&pod.host_if]);
@@ -394,7 +394,7 @@ fn clean_shutdown_leaves_no_pin_rule_route_or_link() {
         .ip_out(&["route", "show", "table", &ROUTE_TABLE.to_string()])
         .contains("local default dev lo"));
     assert_reply(
-        &client.ns,
+        &client.netns,
         POD,
         None,
         &through_enforcer(),
@@ -426,7 +426,7 @@ fn clean_shutdown_leaves_no_pin_rule_route_or_link() {
     // Nothing steers any more: the client reaches the pod directly (a clean exit ends
     // enforcement, by definition).
     assert_reply(
-        &client.ns,
+        &client.netns,
         POD,
         None,
         &direct_from(CLIENT_IP),
@@ -441,7 +441,7 @@ fn clean_shutdown_leaves_no_pin_rule_route_or_link() {
 
 /// (C) Leftovers of a crash can be removed without starting.
 fn assert_leftovers_removed(
-    node: &Node,
+    node: &TestNode,
     datapath: Datapath,
     config: &nodeward::datapath::DatapathConfig,
     client_if: &str,
@@ -495,26 +495,25 @@ impl Prober {
 
 #[test]
 fn restart_over_a_crash_adopts_the_pins_without_a_gap() {
-    require_privileges();
     let _serial = serial();
     let started = Instant::now();
-    let mut node = Node::new('r');
-    let client = node.add_endpoint('c', CLIENT_IP);
-    let pod = node.add_endpoint('p', POD_IP);
-    let pod_server = PodServer::start(&pod.ns, POD_IP, POD_PORT);
-    let enforcer = FakeEnforcer::start(&node.ns);
-    let config = node.config(FailureMode::Closed);
+    let mut node = TestNode::new("restart");
+    let client = node.add_pod("client", CLIENT_IP);
+    let pod = node.add_pod("pod", POD_IP);
+    let pod_server = PodServer::start(&pod.netns, POD_IP, POD_PORT);
+    let enforcer = FakeEnforcer::start(&node.netns);
+    let config = config(&node, FailureMode::Closed);
 
     let datapath = start(&node, FailureMode::Closed);
     protect(&node, &datapath, &[&pod.host_if]);
-    assert_reply(&client.ns, POD, None, &through_enforcer(), "first run");
+    assert_reply(&client.netns, POD, None, &through_enforcer(), "first run");
     let first_programs = tcx_programs(&node, &client.host_if, TcAttachType::Ingress);
     assert_eq!(first_programs.len(), 1, "{first_programs:?}");
 
     // (A) The datapath restarts while the enforcer keeps listening (an upgrade, or a crash of
     // the datapath's owner alone): probes run the whole time, and every one must go through the
     // enforcer: no instant without a program, no packet straight to the pod.
-    let prober = Prober::start(&client.ns);
+    let prober = Prober::start(&client.netns);
     assert!(eventually(Duration::from_secs(2), || enforcer
         .accepted()
         .len()
@@ -572,9 +571,10 @@ fn restart_over_a_crash_adopts_the_pins_without_a_gap() {
     let dropped_before = counters(&datapath).dropped_failure_closed;
     drop(datapath);
     enforcer.stop();
-    assert_dropped(&client.ns, POD, None, "between crash and restart");
-    assert_dropped(&node.ns, POD, None, "node-local, between crash and restart");
-    let enforcer = FakeEnforcer::start(&node.ns);
+    assert_dropped(&client.netns, POD, None, "between crash and restart");
+    let node_ns = &node.netns;
+    assert_dropped(node_ns, POD, None, "node-local, between crash and restart");
+    let enforcer = FakeEnforcer::start(&node.netns);
     let datapath = start(&node, FailureMode::Closed);
     let after = counters(&datapath);
     assert!(
@@ -582,7 +582,8 @@ fn restart_over_a_crash_adopts_the_pins_without_a_gap() {
         "the pinned counters kept counting while the agent was down: {after:?}"
     );
     assert!(after.guard_dropped_failure_closed > 0, "{after:?}");
-    assert_reply(&client.ns, POD, None, &through_enforcer(), "after restart");
+    let client_ns = &client.netns;
+    assert_reply(client_ns, POD, None, &through_enforcer(), "after restart");
     assert_eq!(enforcer.accepted().len(), 1);
     assert!(
         !pod_server.peers().contains(&CLIENT_IP),

@@ -7,124 +7,85 @@
 //!
 //! The agent runs with `--datapath off` on loopback ports (its transparent listener needs
 //! `CAP_NET_ADMIN`: run as root; without it the agent exits 1 saying so and the test fails
-//! with its log). A guard kills it and removes its directory on drop, also on panic.
+//! with its log). The test kit's agent harness stops it and a guard removes its directory on
+//! drop, also on panic.
 
 mod kubernetes_support;
 
-use std::fs;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::ops::{Deref, DerefMut};
+use std::process::Command;
+use std::time::Duration;
 
+use nodeward_tests::agent::Agent;
+use nodeward_tests::{free_port, TempDir};
 use serde_json::{json, Value};
 
 use kubernetes_support::ApiStandIn;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodeward");
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-/// One HTTP/1.1 GET with `Connection: close`; `None` when nothing answers.
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let addr: SocketAddr = addr.parse().expect("a socket address");
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
-/// A running `nodeward run --kubernetes`; killed and cleaned up on drop.
+/// A running `nodeward run --kubernetes` (the kit's [`Agent`], which it derefs to). Fields drop
+/// in order: the agent (stopped), then its directory.
 struct Daemon {
-    child: Child,
-    dir: PathBuf,
+    agent: Agent,
+    /// The kubeconfig and the log; removed after the agent stopped.
+    _dir: TempDir,
     admin: String,
 }
 
 impl Daemon {
     fn start(api: &ApiStandIn) -> Self {
-        let dir = std::env::temp_dir().join(format!("nodeward-kube-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temporary directory");
+        let dir = TempDir::new("kube");
         let kubeconfig = dir.join("kubeconfig");
-        fs::write(&kubeconfig, api.kubeconfig()).expect("writing the kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig()).expect("writing the kubeconfig");
         let admin = format!("127.0.0.1:{}", free_port());
         let listen = format!("127.0.0.1:{}", free_port());
-        let log = fs::File::create(dir.join("agent.log")).expect("log file");
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["run", "--kubernetes", "--kubeconfig"])
             .arg(&kubeconfig)
             .args(["--listen", &listen, "--admin", &admin, "--datapath", "off"])
             // The Downward API's variable, as the DaemonSet sets it.
             .env("NODE_NAME", "node-a")
             .env_remove("NODEWARD_NODE_NAME")
-            .env("NODEWARD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {BIN} run: {e}"));
-        Self { child, dir, admin }
+            .env("NODEWARD_LOG", "info");
+        let agent = Agent::spawn(
+            command,
+            admin.parse().expect("admin address"),
+            None,
+            &dir.join("agent.log"),
+        );
+        Self {
+            agent,
+            _dir: dir,
+            admin,
+        }
     }
 
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
+    /// `GET path` from the admin server: (status, body).
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        get(&self.admin, path)
+        self.agent.get(path).map(|(status, _, body)| (status, body))
     }
 
     /// Panics with the agent's log when `condition` does not hold within 20 s, or the agent
     /// exits meanwhile.
-    fn wait_for(&mut self, what: &str, mut condition: impl FnMut(&Self) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if condition(self) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "nodeward run exited ({status}) while waiting for {what}; its log:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within 20 s; the agent's log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn state(&self) -> Value {
-        let (status, body) = self.get("/debug/state").expect("/debug/state answers");
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("/debug/state is not JSON ({e}): {body}"))
+    fn wait_for(&mut self, what: &str, condition: impl FnMut(&Agent) -> bool) {
+        self.agent
+            .wait_for(what, Duration::from_secs(20), condition);
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
+impl Deref for Daemon {
+    type Target = Agent;
+
+    fn deref(&self) -> &Agent {
+        &self.agent
+    }
+}
+
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Agent {
+        &mut self.agent
     }
 }
 
@@ -197,10 +158,10 @@ fn the_agent_follows_the_api_server() {
     api.fail_next(2);
     let mut agent = Daemon::start(&api);
     agent.wait_for("/healthz", |d| {
-        d.get("/healthz").is_some_and(|(s, _)| s == 200)
+        d.get("/healthz").is_some_and(|(s, _, _)| s == 200)
     });
     agent.wait_for("/readyz 200", |d| {
-        d.get("/readyz").is_some_and(|(s, _)| s == 200)
+        d.get("/readyz").is_some_and(|(s, _, _)| s == 200)
     });
     let (_, readyz) = agent.get("/readyz").expect("/readyz answers");
     for watcher in [
@@ -269,23 +230,8 @@ fn the_agent_follows_the_api_server() {
     });
 
     // SIGTERM stops the watchers and exits 0.
-    let kill = Command::new("kill")
-        .args(["-TERM", &agent.child.id().to_string()])
-        .status()
-        .expect("running kill");
-    assert!(kill.success(), "kill -TERM failed");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = agent.child.try_wait().expect("waiting for the agent") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no exit within 15 s of SIGTERM; its log:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    agent.sigterm();
+    let status = agent.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "its log:\n{}", agent.log());
 }
 
@@ -311,10 +257,9 @@ fn kubernetes_flags_are_checked() {
         "{stderr}"
     );
 
-    let dir = std::env::temp_dir().join(format!("nodeward-kube-flags-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("temporary directory");
+    let dir = TempDir::new("kube-flags");
     let kubeconfig = dir.join("kubeconfig");
-    fs::write(&kubeconfig, ApiStandIn::start(&[]).kubeconfig()).expect("a kubeconfig");
+    std::fs::write(&kubeconfig, ApiStandIn::start(&[]).kubeconfig()).expect("a kubeconfig");
     let kubeconfig = kubeconfig.to_string_lossy().into_owned();
     let admin = format!("127.0.0.1:{}", free_port());
     let out = run(
@@ -329,7 +274,7 @@ fn kubernetes_flags_are_checked() {
         ],
         &[],
     );
-    let _ = fs::remove_dir_all(&dir);
+    drop(dir);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

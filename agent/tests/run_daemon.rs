@@ -2,19 +2,22 @@
 //! that waits for JWKS, `nodeward status`, `nodeward check --admin` against the file-based
 //! check on Istio's reference scenarios (examples/), hot reload and bad edits, and SIGTERM.
 //!
-//! Each test starts its own agent on loopback ports with copies of `examples/` in a temporary
-//! directory; a guard kills the agent and removes the directory on drop, also on panic. The
+//! Each test starts its own agent (the test kit's agent harness) on loopback ports with copies
+//! of `examples/` in a temporary directory; guards stop the agent and remove the directory on
+//! drop, also on panic. The
 //! enforcer's transparent listener needs `CAP_NET_ADMIN` (root): without it the agent exits 1
 //! saying so, and the tests fail with its log.
 
 use std::fs;
 use std::io::{Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use nodeward_tests::agent::{Agent, Response};
+use nodeward_tests::{eventually, free_port, repo_root, TempDir};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodeward");
@@ -25,10 +28,7 @@ const HTTPBIN_GET_IP: &str = "10.200.0.13";
 const MODULUS_PREFIX: &str = "xAE7eB6qugXyCAG3yhh7pkDkT65pHymX";
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the agent crate is in the workspace")
-        .to_path_buf()
+    repo_root()
 }
 
 fn token(file: &str) -> String {
@@ -39,31 +39,10 @@ fn token(file: &str) -> String {
         .to_owned()
 }
 
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 /// One HTTP/1.1 exchange with `Connection: close`; `None` when nothing answers.
-fn http(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16, String, String)> {
+fn http(addr: &str, method: &str, path: &str, body: &str) -> Option<Response> {
     let addr: SocketAddr = addr.parse().expect("a socket address");
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, head.to_owned(), body.to_owned()))
+    nodeward_tests::agent::http(addr, method, path, body)
 }
 
 /// Runs `nodeward` with `args`.
@@ -86,26 +65,11 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Polls `condition` every 20 ms until it holds; `false` after `timeout`.
-fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-static DAEMONS: AtomicUsize = AtomicUsize::new(0);
-
-/// A running `nodeward run` with copies of `examples/`; killed and cleaned up on drop.
+/// A running `nodeward run` with copies of `examples/` (the kit's [`Agent`], which it derefs
+/// to). Fields drop in order: the agent (stopped), then its directory.
 struct Daemon {
-    child: Child,
-    dir: PathBuf,
+    agent: Agent,
+    dir: TempDir,
     admin: String,
     listen: String,
 }
@@ -113,9 +77,7 @@ struct Daemon {
 impl Daemon {
     /// Starts an agent; `setup` may add files to the policies directory first.
     fn start(extra: &[&str], setup: impl FnOnce(&Path)) -> Self {
-        let n = DAEMONS.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("nodeward-run-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = TempDir::new("run");
         let policies = dir.join("policies");
         fs::create_dir_all(&policies).expect("temporary directory");
         let examples = repo().join("examples");
@@ -129,8 +91,8 @@ impl Daemon {
 
         let admin = format!("127.0.0.1:{}", free_port());
         let listen = format!("127.0.0.1:{}", free_port());
-        let log = fs::File::create(dir.join("agent.log")).expect("log file");
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("run")
             .arg("--policies")
             .arg(&policies)
@@ -141,86 +103,24 @@ impl Daemon {
             // (the namespace end-to-end tests run the data path).
             .args(["--datapath", "off"])
             .args(extra)
-            .env("NODEWARD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {BIN} run: {e}"));
-        let mut daemon = Self {
-            child,
+            .env("NODEWARD_LOG", "info");
+        let mut agent = Agent::spawn(
+            command,
+            admin.parse().expect("admin address"),
+            None,
+            &dir.join("agent.log"),
+        );
+        agent.wait_healthy(Duration::from_secs(10));
+        Self {
+            agent,
             dir,
             admin,
             listen,
-        };
-        daemon.wait_for(
-            "the admin server to answer /healthz",
-            Duration::from_secs(10),
-            |d| {
-                d.get("/healthz")
-                    .is_some_and(|(status, _, _)| status == 200)
-            },
-        );
-        daemon
+        }
     }
 
     fn policies(&self) -> PathBuf {
         self.dir.join("policies")
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// The log once it holds `needle`, or after 5 s: the daemon writes its buffered lines
-    /// every 100 ms.
-    fn log_with(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let log = self.log();
-            if log.contains(needle) || Instant::now() >= deadline {
-                return log;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn get(&self, path: &str) -> Option<(u16, String, String)> {
-        http(&self.admin, "GET", path, "")
-    }
-
-    fn state(&self) -> Value {
-        let (status, _, body) = self.get("/debug/state").expect("/debug/state answers");
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("/debug/state is not JSON ({e}): {body}"))
-    }
-
-    /// Panics with the agent's log when `condition` does not hold within `timeout`, or the
-    /// agent exits meanwhile.
-    fn wait_for(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        mut condition: impl FnMut(&Self) -> bool,
-    ) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if condition(self) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "nodeward run exited ({status}) while waiting for {what}; its log:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within {timeout:?}; the agent's log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// `nodeward check --admin` with `args`, JSON output: (exit code, JSON, raw stdout).
@@ -229,40 +129,19 @@ impl Daemon {
         all.extend_from_slice(args);
         parse_check(&nodeward(&all))
     }
+}
 
-    /// Sends SIGTERM.
-    fn sigterm(&self) {
-        let kill = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(kill.success(), "kill -TERM failed");
-    }
+impl Deref for Daemon {
+    type Target = Agent;
 
-    /// Waits (at most `bound`) for the agent to exit.
-    fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
-                return status;
-            }
-            assert!(
-                start.elapsed() < bound,
-                "nodeward run did not exit within {bound:?}; its log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn deref(&self) -> &Agent {
+        &self.agent
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Agent {
+        &mut self.agent
     }
 }
 
@@ -959,8 +838,7 @@ fn sigterm_cuts_what_outlives_the_drain_bound() {
 
 #[test]
 fn startup_errors_name_what_to_fix() {
-    let dir = std::env::temp_dir().join(format!("nodeward-run-start-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("temporary directory");
+    let dir = TempDir::new("run-start");
     let policies = repo().join("examples/policies");
     let policies = policies.to_str().expect("UTF-8");
     let missing = dir.join("missing.yaml");
@@ -1007,5 +885,4 @@ fn startup_errors_name_what_to_fix() {
         "{}",
         stderr(&out)
     );
-    let _ = fs::remove_dir_all(&dir);
 }

@@ -4,17 +4,17 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nodeward::metrics::{Metrics, ResultLabels};
 use nodeward::state::standalone::{OnPublish, Standalone, StandaloneConfig, StartError};
 use nodeward::state::{Snapshot, StateStore};
+use nodeward_tests::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// How fast an edit must be in force (the promise).
+/// How fast an edit must be in force (the README promises a second).
 const WITHIN: Duration = Duration::from_secs(1);
 
 const HTTPBIN: &str = "10.0.0.12";
@@ -49,23 +49,14 @@ fn ip(text: &str) -> IpAddr {
 /// A temporary directory with `policies/` and `workloads.yaml`, removed on drop (also when
 /// the test panics).
 struct Fixture {
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Fixture {
     fn new(test: &str) -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock after 1970")
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "nodeward-standalone-{test}-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let dir = TempDir::new(&format!("standalone-{test}"));
         std::fs::create_dir_all(dir.join("policies"))
-            .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+            .unwrap_or_else(|e| panic!("creating {}: {e}", dir.path().display()));
         let fixture = Self { dir };
         fixture.write("workloads.yaml", WORKLOADS);
         fixture.write("policies/a.yaml", &allow("allow-get", "GET"));
@@ -104,12 +95,6 @@ impl Fixture {
         // Long enough that every change seen in these tests comes from a file event.
         config.rescan = Duration::from_hours(1);
         config
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

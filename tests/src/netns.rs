@@ -1,58 +1,421 @@
-//! A node made of network namespaces, for end-to-end tests: a `node` namespace (where the
-//! agent runs, never in the machine's own namespace) and pod namespaces joined to it by veth
-//! pairs, routed like a CNI would (pod /32 routes on the node, proxy ARP on the host side, the
-//! pod's default route on its `eth0`). Addresses are in 10.200.0.0/16 and exist only
-//! inside these namespaces.
+//! A node made of network namespaces, for privileged tests: a node namespace (where the agent
+//! or the data path under test runs, never in the machine's own namespace) and pod namespaces
+//! joined to it by veth pairs, routed like a routed CNI (Calico style): each pod has a /32
+//! address on its `eth0` and a default route out of it; the node has a /32 route to each pod,
+//! proxy ARP (answering at once) on the host-side veths, forwards between them, has reverse-path
+//! filtering off, and owns [`NODE_ADDR`] on `lo`, the source of its own connections. Addresses
+//! are in 10.200.0.0/16 and exist only inside these namespaces.
 //!
-//! A [`TestNode`] removes everything it made when dropped, also on panic: its processes, then
-//! its namespaces (which takes their veths and routes with them). Namespaces left by a test
-//! process that was killed are removed when the next `TestNode` starts.
+//! Each node also has a BPF filesystem mount point of its own ([`TestNode::bpffs`]; mounted by
+//! [`TestNode::mount_bpffs`] or by the data path itself), so pins never meet another test's or a
+//! real agent's, and on request a cgroup v2 of its own ([`TestNode::use_cgroup`]): every process
+//! the node starts from then on joins it, so programs attached to it (the fast path's
+//! `sock_ops`) see exactly the node's sockets and never the machine's.
 //!
-//! [`TestNode::use_cgroup`] gives the node a cgroup v2 of its own ([`TestCgroup`],
-//! `<cgroup2 mount>/nodeward-test-<pid>-<seq>`): every process the node starts from then on
-//! (agent, pod servers, clients) joins it before it runs, so programs attached to that cgroup
-//! (the fast path's `sock_ops`) see exactly the node's sockets and never the machine's. It is
-//! removed after the processes; cgroups of killed test runs are removed at the next start.
+//! Names carry the test process's id, a per-process sequence number and the test's tag
+//! (`nwt-<pid>-<seq>-<tag>-node`), so tests of one binary run in parallel and several developers'
+//! runs share a machine. A [`TestNode`] removes everything it made when dropped, also on panic:
+//! its processes, its namespaces (and with them veths, rules, routes and TC links), its bpffs
+//! mount (and with it every pin) and its cgroup. What a killed test process left (its pid no
+//! longer exists) is removed when the next node starts; nothing of a live process is touched.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
 
-/// Prefix of every namespace a test makes: `nwt-<pid>-<seq>-<name>`.
+/// Prefix of every namespace and bpffs mount point a node makes: `nwt-<pid>-<seq>-<tag>-…`.
 pub const PREFIX: &str = "nwt-";
-/// The node's own address (on its loopback), the source of the agent's connections to pods.
-pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 255, 1);
-
-/// Nodes made by this process so far (tests of one binary run in parallel).
-static SEQUENCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// Prefix of every cgroup a test makes: `nodeward-test-<pid>-<seq>`.
+/// Prefix of every cgroup a node makes: `nodeward-test-<pid>-<seq>-<tag>`.
 pub const CGROUP_PREFIX: &str = "nodeward-test-";
+/// The node's own address (on its `lo`): the source of the node's, and the enforcer's upstream,
+/// connections to pods.
+pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 255, 1);
+/// `BPF_FS_MAGIC` of statfs(2).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// Where cgroup v2 is mounted on this machine (`/sys/fs/cgroup` on a unified hierarchy,
-/// often `/sys/fs/cgroup/unified` on a hybrid one), from `/proc/self/mountinfo`.
-///
-/// # Panics
-/// When no cgroup2 file system is mounted: the fast-path tests need one, and fail naming it.
+/// Nodes made by this process so far.
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+/// The address `10.200.0.<index>`: where the end-to-end tests put their pods.
 #[must_use]
-pub fn cgroup2_mount() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("/proc/self/mountinfo");
-    info.lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })
-        .expect(
-            "no cgroup2 file system is mounted (needed for the fast path's sock_ops programs):              `mount -t cgroup2 none /sys/fs/cgroup/unified`",
-        )
+pub const fn pod_ip(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200, 0, index)
 }
 
-/// A cgroup v2 made for one test, removed (its processes killed first) when dropped.
+/// A pod (or a client): its namespace, address and the node-side end of its veth.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The host-side interface, in the node namespace.
+    pub host_if: String,
+}
+
+/// The node and its pods; see the module documentation.
+pub struct TestNode {
+    /// The node's namespace.
+    pub netns: String,
+    /// `nwt-<pid>-<seq>-<tag>-`: the start of every name of this node.
+    stem: String,
+    /// `<pid>-<seq>-<tag>`.
+    id: String,
+    bpffs: PathBuf,
+    pods: Vec<Pod>,
+    /// Every namespace made, the node's first.
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+    /// Declared last: removed after the processes, namespaces and mount.
+    cgroup: Option<TestCgroup>,
+}
+
+impl TestNode {
+    /// Checks the privileges ([`crate::privilege::require_privileges`]), removes leftovers of
+    /// killed runs and creates the node namespace; `tag` (short, `[a-z0-9-]`) says which test it
+    /// belongs to.
+    #[must_use]
+    pub fn new(tag: &str) -> Self {
+        crate::privilege::require_privileges();
+        remove_leftovers();
+        let seq = SEQUENCE.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{seq}-{tag}", std::process::id());
+        let stem = format!("{PREFIX}{id}-");
+        let netns = format!("{stem}node");
+        let mut node = Self {
+            netns: netns.clone(),
+            bpffs: std::env::temp_dir().join(format!("{stem}bpffs")),
+            stem,
+            id,
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+            children: Vec::new(),
+            cgroup: None,
+        };
+        // Recorded before it exists, so a failure half-way is still cleaned up.
+        node.namespaces.push(netns.clone());
+        ip(&["netns", "add", &netns]);
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{NODE_ADDR}/32"),
+            "dev",
+            "lo",
+        ]);
+        for (key, value) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            sysctl(&netns, key, value);
+        }
+        node
+    }
+
+    /// Adds a pod `name` with address `ip_addr`.
+    pub fn add_pod(&mut self, name: &str, ip_addr: Ipv4Addr) -> Pod {
+        let pod = Pod {
+            name: name.to_owned(),
+            netns: format!("{}{name}", self.stem),
+            ip: ip_addr,
+            // Unique inside the node's namespace, at most 15 bytes.
+            host_if: format!("nwp{}", self.pods.len()),
+        };
+        self.namespaces.push(pod.netns.clone());
+        self.pods.push(pod.clone());
+        let (node, netns, host_if) = (&self.netns, &pod.netns, &pod.host_if);
+        ip(&["netns", "add", netns]);
+        ip(&[
+            "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
+            netns,
+        ]);
+        ip(&["-n", node, "link", "set", host_if, "up"]);
+        sysctl(node, &format!("net.ipv4.conf.{host_if}.proxy_arp"), "1");
+        sysctl(node, &format!("net.ipv4.conf.{host_if}.rp_filter"), "0");
+        // Proxy ARP answers after a random delay of up to 0.8 s by default; a test that expects
+        // a drop within a fraction of that would pass without a packet ever being sent.
+        sysctl(node, &format!("net.ipv4.neigh.{host_if}.proxy_delay"), "0");
+        ip(&[
+            "-n",
+            node,
+            "route",
+            "add",
+            &format!("{ip_addr}/32"),
+            "dev",
+            host_if,
+        ]);
+        ip(&["-n", netns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{ip_addr}/32"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", netns, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n", netns, "route", "add", "default", "dev", "eth0", "scope", "link",
+        ]);
+        pod
+    }
+
+    #[must_use]
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// The node's BPF filesystem mount point (not mounted until [`TestNode::mount_bpffs`] or the
+    /// data path mounts it); unmounted and removed when the node is dropped.
+    #[must_use]
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// Mounts a BPF filesystem instance of the node's own at [`TestNode::bpffs`] (what the
+    /// node's `/sys/fs/bpf` is in a cluster) and returns the mount point.
+    pub fn mount_bpffs(&mut self) -> PathBuf {
+        std::fs::create_dir_all(&self.bpffs)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", self.bpffs.display()));
+        if !on_bpffs(&self.bpffs) {
+            let target = c_path(&self.bpffs);
+            // SAFETY: NUL-terminated strings that outlive the call; no mount data.
+            let rc = unsafe {
+                libc::mount(
+                    c"bpf".as_ptr(),
+                    target.as_ptr(),
+                    c"bpf".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            assert!(
+                rc == 0,
+                "mounting a BPF filesystem at {}: {} (needs CAP_SYS_ADMIN)",
+                self.bpffs.display(),
+                io::Error::last_os_error()
+            );
+        }
+        self.bpffs.clone()
+    }
+
+    /// Gives the node a cgroup v2 of its own; every process it starts from now on joins it.
+    /// Returns its directory (for the agent's `--cgroup`).
+    pub fn use_cgroup(&mut self) -> PathBuf {
+        let cgroup = self.cgroup.get_or_insert_with(|| TestCgroup::new(&self.id));
+        cgroup.path.clone()
+    }
+
+    /// The node's cgroup, when [`TestNode::use_cgroup`] made one.
+    #[must_use]
+    pub fn cgroup(&self) -> Option<&TestCgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// Runs `f` on a thread of this process that has entered the node's namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(&self.netns, f)
+    }
+
+    /// `ip -n <node> args`, its stdout.
+    #[must_use]
+    pub fn ip_out(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", self.netns.as_str()];
+        full.extend_from_slice(args);
+        ip_out(&full)
+    }
+
+    /// `nsenter --net=<netns> -- <program>`, keeping the machine's mounts (bpffs and cgroup2
+    /// stay visible) and joining the node's cgroup if it has one. For processes the caller
+    /// owns (the agent harness); [`TestNode::spawn`] for those the node owns.
+    #[must_use]
+    pub fn command(&self, netns: &str, program: impl AsRef<OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .arg(program)
+            .stdin(Stdio::null());
+        if let Some(cgroup) = &self.cgroup {
+            join_cgroup(&mut command, &cgroup.path.join("cgroup.procs"));
+        }
+        command
+    }
+
+    /// Starts `program args` inside `netns`; it is stopped when the node is dropped.
+    pub fn spawn(&mut self, netns: &str, program: &Path, args: &[&str]) -> u32 {
+        let child = self
+            .command(netns, program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} in {netns}: {e}", program.display()));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Like [`TestNode::spawn`], with the program's stdout and stderr appended to `log`.
+    pub fn spawn_logged(&mut self, netns: &str, program: &Path, args: &[&str], log: &Path) -> u32 {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        let err = file.try_clone().expect("log file handle");
+        let child = self
+            .command(netns, program)
+            .args(args)
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} in {netns}: {e}", program.display()));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Kills a process started with [`TestNode::spawn`] with SIGKILL (a crash: it cleans
+    /// nothing up) and waits for it.
+    pub fn kill(&mut self, pid: u32) {
+        if let Some(child) = self.children.iter_mut().find(|c| c.id() == pid) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.retain(|c| c.id() != pid);
+    }
+
+    /// Stops a process started with [`TestNode::spawn`] with SIGTERM and returns its exit code
+    /// (`None` if it had to be killed after `wait`).
+    pub fn terminate(&mut self, pid: u32, wait: Duration) -> Option<i32> {
+        if self.children.iter().any(|c| c.id() == pid) {
+            signal(pid, libc::SIGTERM);
+        }
+        self.wait_exit(pid, wait)
+    }
+
+    /// Waits up to `limit` for a process started with [`TestNode::spawn`] to exit by itself and
+    /// returns its exit code; `None` if it was still running (it is then killed) or was killed
+    /// by a signal. The process is reaped and forgotten, so nothing signals its pid later.
+    pub fn wait_exit(&mut self, pid: u32, limit: Duration) -> Option<i32> {
+        let index = self.children.iter().position(|c| c.id() == pid)?;
+        let mut child = self.children.remove(index);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a command inside `netns` and returns its output (whatever its exit status).
+    #[must_use]
+    pub fn exec(&self, netns: &str, args: &[&str]) -> Output {
+        self.command(netns, args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("running {args:?} in {netns}: {e}"))
+    }
+
+    /// `curl` from a namespace with a limit of `seconds`: (HTTP status, body); status 0 when no
+    /// answer came.
+    #[must_use]
+    pub fn curl_within(
+        &self,
+        seconds: u32,
+        netns: &str,
+        method: &str,
+        url: &str,
+        headers: &[&str],
+    ) -> (u16, String) {
+        let limit = seconds.to_string();
+        let mut args = vec![
+            "curl",
+            "-s",
+            "-m",
+            &limit,
+            "-X",
+            method,
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ];
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        let out = self.exec(netns, &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// [`TestNode::curl_within`] 5 s.
+    #[must_use]
+    pub fn curl(&self, netns: &str, method: &str, url: &str, headers: &[&str]) -> (u16, String) {
+        self.curl_within(5, netns, method, url, headers)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // SIGTERM first so an agent removes what it made; SIGKILL what is still there after 5 s.
+        for child in &self.children {
+            signal(child.id(), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for child in &mut self.children {
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Deleting a namespace deletes its interfaces (a veth pair goes with either end), its
+        // rules and routes, and detaches TC links from its devices.
+        let mut failures = Vec::new();
+        for ns in self.namespaces.iter().rev() {
+            if let Err(e) = delete_namespace(ns) {
+                failures.push(e);
+            }
+        }
+        // Unmounting the node's bpffs removes every pin left in it (a test that failed before
+        // its shutdown, an agent that was killed).
+        if let Err(e) = remove_bpffs(&self.bpffs) {
+            failures.push(e);
+        }
+        if !failures.is_empty() {
+            let message = format!("cleanup failed: {}", failures.join("; "));
+            if thread::panicking() {
+                eprintln!("{message}");
+            } else {
+                panic!("{message}");
+            }
+        }
+    }
+}
+
+/// A cgroup v2 made for one node, removed (its processes killed first) when dropped.
 pub struct TestCgroup {
     pub path: PathBuf,
 }
@@ -86,37 +449,25 @@ impl Drop for TestCgroup {
     }
 }
 
-/// Kills what runs in `path` (bounded: 5 s), then removes the directory.
-fn remove_cgroup(path: &Path) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let pids = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
-        if pids.trim().is_empty() || std::time::Instant::now() >= deadline {
-            break;
-        }
-        for pid in pids.split_whitespace() {
-            let _ = Command::new("kill").args(["-9", pid]).status();
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let _ = std::fs::remove_dir(path);
-}
-
-/// Cgroups of test processes that no longer exist (a killed run).
-fn remove_leftover_cgroups(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(CGROUP_PREFIX)) else {
-            continue;
-        };
-        let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-            remove_cgroup(&entry.path());
-        }
-    }
+/// Where cgroup v2 is mounted on this machine (`/sys/fs/cgroup` on a unified hierarchy,
+/// often `/sys/fs/cgroup/unified` on a hybrid one), from `/proc/self/mountinfo`.
+///
+/// # Panics
+/// When no cgroup2 file system is mounted: the fast-path tests need one, and fail naming it.
+#[must_use]
+pub fn cgroup2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("/proc/self/mountinfo");
+    info.lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .expect(
+            "no cgroup2 file system is mounted (needed for the fast path's sock_ops programs): \
+             `mount -t cgroup2 none /sys/fs/cgroup/unified`",
+        )
 }
 
 /// `BPF_PROG_QUERY`: how many programs are attached to the cgroup `path` for `attach_type`
@@ -128,12 +479,12 @@ fn remove_leftover_cgroups(root: &Path) {
 #[must_use]
 pub fn cgroup_attached_programs(path: &Path, attach_type: u32) -> u32 {
     const BPF_PROG_QUERY: libc::c_long = 16;
-    let dir = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dir = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     // `union bpf_attr`'s `query` member: target_fd at 0, attach_type at 4, query_flags at 8,
     // attach_flags at 12, prog_ids at 16, prog_cnt at 24; the rest stays zero. u64s keep the
     // 8-byte alignment the kernel's struct has.
     let mut attr = [0_u64; 9];
-    let fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&dir)).expect("a valid descriptor");
+    let fd = u32::try_from(dir.as_raw_fd()).expect("a valid descriptor");
     attr[0] = u64::from(fd) | (u64::from(attach_type) << 32);
     // SAFETY: `attr` is a zeroed `bpf_attr` prefix of the size passed; prog_ids is null, so the
     // kernel only writes prog_cnt (and attach_flags) inside it.
@@ -149,26 +500,131 @@ pub fn cgroup_attached_programs(path: &Path, attach_type: u32) -> u32 {
         rc == 0,
         "BPF_PROG_QUERY on {} failed: {} (needs CAP_NET_ADMIN/CAP_BPF)",
         path.display(),
-        std::io::Error::last_os_error()
+        io::Error::last_os_error()
     );
     (attr[3] & 0xffff_ffff) as u32
+}
+
+/// Whether `path` is the root of a BPF filesystem (statfs(2) `f_type`).
+#[must_use]
+pub fn on_bpffs(path: &Path) -> bool {
+    let c = c_path(path);
+    // SAFETY: an all-zero statfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the kernel writes into `stat` only.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut stat) };
+    #[expect(
+        clippy::useless_conversion,
+        reason = "`f_type` is an i64 here, a u32 on some other architectures"
+    )]
+    let magic = i64::from(stat.f_type);
+    rc == 0 && magic == BPF_FS_MAGIC
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (`setns` affects only the calling
+/// thread; threads it spawns start in the same namespace).
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter_netns(ns);
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Moves the calling thread into network namespace `ns`.
+pub fn enter_netns(ns: &str) {
+    let path = netns_path(ns);
+    let file = File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    // SAFETY: plain syscall on a valid descriptor; it changes the calling thread's namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns into {}: {}",
+        path.display(),
+        io::Error::last_os_error()
+    );
+}
+
+/// Where `ip netns` keeps namespace `ns`.
+#[must_use]
+pub fn netns_path(ns: &str) -> PathBuf {
+    Path::new("/run/netns").join(ns)
+}
+
+/// Runs `ip args`, panicking with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    let _ = ip_out(args);
+}
+
+/// Runs `ip args` and returns its stdout, panicking with its stderr on failure.
+#[must_use]
+pub fn ip_out(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running `ip {}`: {e}", args.join(" ")));
+    assert!(
+        out.status.success(),
+        "`ip {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sets a sysctl inside namespace `ns` (`/proc/sys` shows the namespace of the process).
+pub fn sysctl(ns: &str, key: &str, value: &str) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running sysctl in {ns}: {e}"));
+    assert!(
+        out.status.success(),
+        "sysctl {key}={value} in {ns} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("a path without NUL")
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) has no memory preconditions.
+        unsafe { libc::kill(pid, signal) };
+    }
 }
 
 /// Makes `command`'s process join the cgroup whose `cgroup.procs` is `procs` before it execs, so
 /// every socket it opens belongs to that cgroup.
 fn join_cgroup(command: &mut Command, procs: &Path) {
-    let procs = CString::new(procs.as_os_str().as_bytes()).expect("cgroup path without NUL");
+    let procs = c_path(procs);
     // SAFETY: the closure only calls async-signal-safe functions (open, write, close) on data
     // prepared before the fork.
     unsafe {
         command.pre_exec(move || {
             let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 {
-                return Err(std::io::Error::last_os_error());
+                return Err(io::Error::last_os_error());
             }
             // "0": the writing process itself.
             let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let error = std::io::Error::last_os_error();
+            let error = io::Error::last_os_error();
             libc::close(fd);
             if written == 1 {
                 Ok(())
@@ -179,377 +635,100 @@ fn join_cgroup(command: &mut Command, procs: &Path) {
     }
 }
 
-/// Panics, naming what is missing, unless the test can create namespaces and load programs.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert!(
-        euid == 0,
-        "this end-to-end test needs root (CAP_SYS_ADMIN for network namespaces, CAP_NET_ADMIN for \
-         veths and routes, CAP_BPF for the kernel programs); effective uid is {euid}. Run it via \
-         `cargo xtask test` as root."
-    );
-    assert!(Path::new("/sys/fs/cgroup").exists() && Path::new("/proc/self/ns/net").exists());
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "`{}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    out
-}
-
-fn ip(args: &[&str]) -> Output {
-    let mut full = vec!["ip"];
-    full.extend_from_slice(args);
-    run(&full)
-}
-
-/// A pod: its namespace, address and the node-side end of its veth.
-#[derive(Debug, Clone)]
-pub struct Pod {
-    pub name: String,
-    pub netns: String,
-    pub ip: Ipv4Addr,
-    /// The host-side interface in the node namespace.
-    pub host_if: String,
-}
-
-/// The node and its pods.
-pub struct TestNode {
-    pub netns: String,
-    /// `<pid>-<seq>`: makes this node's names unique on the machine.
-    id: String,
-    /// Short form for interface names (15 bytes at most).
-    tag: String,
-    pods: Vec<Pod>,
-    namespaces: Vec<String>,
-    children: Vec<Child>,
-    /// Declared last: removed after the processes and namespaces.
-    cgroup: Option<TestCgroup>,
-}
-
-impl TestNode {
-    /// Creates the node namespace after removing leftovers of killed test runs.
-    #[must_use]
-    pub fn new() -> Self {
-        require_root();
-        remove_leftovers();
-        let pid = std::process::id();
-        let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let id = format!("{pid}-{seq}");
-        let tag = format!("{}{seq}", pid % 10_000);
-        let netns = format!("{PREFIX}{id}-node");
-        let mut node = Self {
-            netns: netns.clone(),
-            id,
-            tag,
-            pods: Vec::new(),
-            namespaces: Vec::new(),
-            children: Vec::new(),
-            cgroup: None,
-        };
-        ip(&["netns", "add", &netns]);
-        node.namespaces.push(netns.clone());
-        ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{NODE_ADDR}/32"),
-            "dev",
-            "lo",
-        ]);
-        node.sysctl("net.ipv4.ip_forward", "1");
-        node
+/// Kills what still runs in namespace `ns` (never this process), then deletes it. Nothing to do
+/// when it does not exist (a node that failed half-way).
+fn delete_namespace(ns: &str) -> Result<(), String> {
+    if !netns_path(ns).exists() {
+        return Ok(());
     }
-
-    /// Gives the node a cgroup v2 of its own; every process it starts from now on joins it.
-    /// Returns its directory (for the agent's `--cgroup`).
-    pub fn use_cgroup(&mut self) -> PathBuf {
-        let cgroup = self.cgroup.get_or_insert_with(|| TestCgroup::new(&self.id));
-        cgroup.path.clone()
-    }
-
-    /// The node's cgroup, when [`TestNode::use_cgroup`] made one.
-    #[must_use]
-    pub fn cgroup(&self) -> Option<&TestCgroup> {
-        self.cgroup.as_ref()
-    }
-
-    /// `nsenter --net=<netns> -- <program>`, joining the node's cgroup if it has one.
-    fn command(&self, netns: &str, program: &std::ffi::OsStr) -> Command {
-        let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--net=/run/netns/{netns}"))
-            .arg("--")
-            .arg(program)
-            .stdin(Stdio::null());
-        if let Some(cgroup) = &self.cgroup {
-            join_cgroup(&mut command, &cgroup.path.join("cgroup.procs"));
-        }
-        command
-    }
-
-    fn sysctl(&self, key: &str, value: &str) {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.netns,
-            "sysctl",
-            "-q",
-            "-w",
-            &format!("{key}={value}"),
-        ]);
-    }
-
-    /// Adds a pod with address `10.200.0.<index>`.
-    pub fn add_pod(&mut self, name: &str, index: u8) -> Pod {
-        let netns = format!("{PREFIX}{}-{name}", self.id);
-        let host_if = format!("nw{}p{index}", self.tag);
-        let pod_ip = Ipv4Addr::new(10, 200, 0, index);
-        ip(&["netns", "add", &netns]);
-        self.namespaces.push(netns.clone());
-        ip(&[
-            "-n",
-            &self.netns,
-            "link",
-            "add",
-            &host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns,
-        ]);
-        ip(&["-n", &self.netns, "link", "set", &host_if, "up"]);
-        ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{pod_ip}/32"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", &netns, "route", "add", "default", "dev", "eth0"]);
-        ip(&[
-            "-n",
-            &self.netns,
-            "route",
-            "add",
-            &format!("{pod_ip}/32"),
-            "dev",
-            &host_if,
-        ]);
-        self.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1");
-        let pod = Pod {
-            name: name.to_owned(),
-            netns,
-            ip: pod_ip,
-            host_if,
-        };
-        self.pods.push(pod.clone());
-        pod
-    }
-
-    /// Starts `program args` inside `netns`, keeping the machine's mounts (`nsenter --net`),
-    /// so bpffs and cgroup2 stay visible. Killed when the node is dropped.
-    pub fn spawn(&mut self, netns: &str, program: &Path, args: &[&str]) -> u32 {
-        let child = self
-            .command(netns, program.as_os_str())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {} in {netns}: {e}", program.display()));
-        let pid = child.id();
-        self.children.push(child);
-        pid
-    }
-
-    /// Like [`TestNode::spawn`], with the program's stdout and stderr appended to `log` (a
-    /// pipe nobody reads could fill up and block a chatty program).
-    pub fn spawn_logged(&mut self, netns: &str, program: &Path, args: &[&str], log: &Path) -> u32 {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
-        let err = file.try_clone().expect("log file handle");
-        let child = self
-            .command(netns, program.as_os_str())
-            .args(args)
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {} in {netns}: {e}", program.display()));
-        let pid = child.id();
-        self.children.push(child);
-        pid
-    }
-
-    /// Kills a process started with [`TestNode::spawn`] with SIGKILL (a crash: it cleans
-    /// nothing up) and waits for it.
-    pub fn kill(&mut self, pid: u32) {
-        if let Some(child) = self.children.iter_mut().find(|c| c.id() == pid) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.children.retain(|c| c.id() != pid);
-    }
-
-    /// Runs a command inside `netns` and returns its output (whatever its exit status).
-    #[must_use]
-    pub fn exec(&self, netns: &str, args: &[&str]) -> Output {
-        self.command(netns, std::ffi::OsStr::new(args[0]))
-            .args(&args[1..])
-            .output()
-            .unwrap_or_else(|e| panic!("running {args:?} in {netns}: {e}"))
-    }
-
-    /// Stops a process started with [`TestNode::spawn`] with SIGTERM and returns its exit code
-    /// (`None` if it had to be killed after `wait`).
-    pub fn terminate(&mut self, pid: u32, wait: std::time::Duration) -> Option<i32> {
-        let child = self.children.iter_mut().find(|c| c.id() == pid)?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        let deadline = std::time::Instant::now() + wait;
-        let code = loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                break status.code();
-            }
-            if std::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
-        // Reaped: its pid may be reused, so the node's Drop must not signal it again.
-        self.children.retain(|c| c.id() != pid);
-        code
-    }
-
-    /// Waits up to `limit` for a process started with [`TestNode::spawn`] to exit by itself and
-    /// returns its exit code; `None` if it was still running (it is then killed) or was killed
-    /// by a signal. The process is reaped and forgotten, so nothing signals its pid later.
-    pub fn wait_exit(&mut self, pid: u32, limit: std::time::Duration) -> Option<i32> {
-        let index = self.children.iter().position(|c| c.id() == pid)?;
-        let mut child = self.children.remove(index);
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            if std::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-
-    /// `curl` from a namespace: (HTTP status, body); status 0 when no answer came.
-    #[must_use]
-    pub fn curl(&self, netns: &str, method: &str, url: &str, headers: &[&str]) -> (u16, String) {
-        let mut args = vec![
-            "curl",
-            "-s",
-            "-m",
-            "5",
-            "-X",
-            method,
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            url,
-        ];
-        for h in headers {
-            args.extend(["-H", h]);
-        }
-        let out = self.exec(netns, &args);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-        (code.trim().parse().unwrap_or(0), body.to_owned())
-    }
-
-    #[must_use]
-    pub fn pods(&self) -> &[Pod] {
-        &self.pods
-    }
-}
-
-impl Default for TestNode {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        // SIGTERM first so an agent removes what it made; SIGKILL what is still there after 5 s.
-        for child in &self.children {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        for child in &mut self.children {
-            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for ns in self.namespaces.iter().rev() {
-            delete_namespace(ns);
-        }
-    }
-}
-
-/// Kills what still runs in a namespace, then deletes it.
-fn delete_namespace(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        let me = std::process::id();
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("kill").args(["-9", pid]).status();
+            match pid.parse::<u32>() {
+                Ok(pid) if pid != me => signal(pid, libc::SIGKILL),
+                _ => {}
+            }
         }
     }
-    let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    match Command::new("ip").args(["netns", "del", ns]).output() {
+        Ok(out) if out.status.success() => Ok(()),
+        other => Err(format!("`ip netns del {ns}`: {other:?}")),
+    }
 }
 
-/// Namespaces of test processes that no longer exist (a killed run).
+/// Unmounts the bpffs at `path` if mounted (its pins go with it) and removes the directory.
+fn remove_bpffs(path: &Path) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if on_bpffs(path) {
+        let c = c_path(path);
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(format!(
+                "unmounting {}: {}",
+                path.display(),
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    std::fs::remove_dir(path).map_err(|e| format!("removing {}: {e}", path.display()))
+}
+
+/// Kills what runs in `path` (bounded: 5 s), then removes the directory.
+fn remove_cgroup(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        if pids.trim().is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+            signal(pid, libc::SIGKILL);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+/// Whether `name` (after `prefix`) belongs to a test process that no longer exists.
+fn owner_is_gone(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Namespaces and bpffs mount points of test processes that no longer exist (a killed run).
 fn remove_leftovers() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split_whitespace().next() {
+                if owner_is_gone(name, PREFIX) {
+                    let _ = delete_namespace(name);
+                }
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with("-bpffs") && owner_is_gone(&name, PREFIX) {
+                let _ = remove_bpffs(&entry.path());
+            }
+        }
+    }
+}
+
+/// Cgroups of test processes that no longer exist (a killed run).
+fn remove_leftover_cgroups(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-            delete_namespace(name);
+    for entry in entries.flatten() {
+        if owner_is_gone(&entry.file_name().to_string_lossy(), CGROUP_PREFIX) {
+            remove_cgroup(&entry.path());
         }
     }
 }

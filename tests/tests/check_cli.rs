@@ -1,7 +1,7 @@
 //! `nodeward check` on Istio's reference scenarios (the `examples/policies` directory), through
 //! the real binary: exit codes, JSON fields and text explanations.
 
-use nodeward_tests::nodeward;
+use nodeward_tests::{nodeward, TempDir};
 use serde_json::Value;
 
 const POLICIES: &str = "examples/policies";
@@ -179,8 +179,8 @@ fn tcp_connection_uses_istio_tcp_semantics() {
 
 #[test]
 fn bad_input_exits_2_naming_file_object_and_field() {
-    let dir = TempDir::new("nodeward-cli");
-    let file = dir.0.join("bad.yaml");
+    let dir = TempDir::new("cli");
+    let file = dir.join("bad.yaml");
     std::fs::write(
         &file,
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: broken, namespace: foo}\nspec:\n  rules:\n  - from:\n    - source: {ipBlocks: [10.0.0.0/40]}\n",
@@ -293,23 +293,6 @@ fn requests_the_enforcer_refuses_are_denied_with_its_answer() {
             (1, &status.into(), &reason.into()),
             "{extra:?}: {json}"
         );
-    }
-}
-
-/// A directory removed when the test ends, also when it fails.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -558,7 +541,7 @@ fn remote_policies(dir: &TempDir, port: u16) -> String {
     let yaml = format!(
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: remote, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: testing@secure.istio.io\n    jwksUri: http://127.0.0.1:{port}/jwks.json\n    timeout: 2s\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-group, namespace: foo}}\nspec:\n  rules:\n  - from:\n    - source:\n        requestPrincipals: [testing@secure.istio.io/testing@secure.istio.io]\n    when:\n    - key: request.auth.claims[groups]\n      values: [group1]\n"
     );
-    let file = dir.0.join("remote.yaml");
+    let file = dir.join("remote.yaml");
     std::fs::write(&file, yaml).expect("write policy");
     file.to_str().expect("utf-8").to_owned()
 }
@@ -590,7 +573,7 @@ fn jwks_fetched_over_http_from_jwks_uri() {
     )
     .expect("jwks");
     let server = JwksServer::start("200 OK", jwks);
-    let dir = TempDir::new("nodeward-remote-jwks");
+    let dir = TempDir::new("remote-jwks");
     let policies = remote_policies(&dir, server.port);
     let (code, json) = check_remote(&policies, Some(&sample("groups-scope.jwt")));
     assert_eq!((code, &json["status"]), (0, &200.into()), "{json}");
@@ -616,7 +599,7 @@ fn jwks_fetched_over_http_from_jwks_uri() {
 #[test]
 fn failing_jwks_server_fails_closed_for_tokens_only() {
     let server = JwksServer::start("500 Internal Server Error", "oops".into());
-    let dir = TempDir::new("nodeward-failing-jwks");
+    let dir = TempDir::new("failing-jwks");
     let policies = remote_policies(&dir, server.port);
     let (code, json) = check_remote(&policies, Some(&sample("groups-scope.jwt")));
     assert_eq!(

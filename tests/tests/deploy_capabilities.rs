@@ -7,17 +7,18 @@
 //! What a container adds on top and this test does not reproduce (no container runtime here):
 //! the seccomp and AppArmor profiles (the DaemonSet sets both to Unconfined, see
 //! deploy/README.md) and the mount namespace. Like a Kubernetes node, the "host" provides the
-//! BPF filesystem: the test mounts a private bpffs instance for the agent's pins (mounting one
-//! needs `CAP_SYS_ADMIN`, which the agent is not given) and unmounts it at the end.
+//! BPF filesystem: the test node mounts a bpffs instance of its own for the agent's pins
+//! (mounting one needs `CAP_SYS_ADMIN`, which the agent is not given) and unmounts it at the end.
 //!
 //! Needs root (namespaces, veths, the bpffs mount); fails, never skips, without it.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nodeward_tests::netns::TestNode;
-use nodeward_tests::{nodeward_bin, repo_root};
+use nodeward_tests::agent::Agent;
+use nodeward_tests::netns::{pod_ip, TestNode};
+use nodeward_tests::privilege::cap_eff;
+use nodeward_tests::{nodeward_bin, pod_server_bin, repo_root, TempDir};
 
 /// `securityContext.capabilities.add` of the DaemonSet's container, e.g. `["BPF", ...]`.
 fn daemonset_capabilities() -> Vec<String> {
@@ -36,84 +37,40 @@ fn daemonset_capabilities() -> Vec<String> {
     caps
 }
 
-/// A private BPF filesystem (the node's /sys/fs/bpf in a cluster) for one test: mounted in a
-/// temp dir, unmounted and removed when dropped, also on panic.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("nodeward-capfs-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("bpffs mount point");
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&dir)
-            .status()
-            .expect("mount runs");
-        assert!(
-            status.success(),
-            "mounting a bpffs at {} failed (needs root)",
-            dir.display()
-        );
-        Self(dir)
-    }
-
-    fn pin_dir(&self) -> PathBuf {
-        self.0.join("nodeward")
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        // Pins left by an agent that failed to start go with the mount.
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// A directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A node with a protected pod (`httpbin-get`, HTTP on 8000) and a client (`sleep`), the
-/// example policies (GET allowed for known workloads, POST denied) and a workloads file.
+/// example policies (GET allowed for known workloads, POST denied), a workloads file, and a
+/// BPF filesystem of the node's own for the agent's pins (the node's /sys/fs/bpf in a cluster).
+/// Fields drop in order: the node (namespaces, bpffs, cgroup), then the files.
 struct Env {
     node: TestNode,
     cgroup: PathBuf,
-    bpffs: Bpffs,
     dir: TempDir,
     target: String,
     client: String,
 }
 
-fn env(name: &str) -> Env {
-    let mut node = TestNode::new();
+fn env(tag: &str) -> Env {
+    let mut node = TestNode::new(tag);
     // The agent's defaults include the fast path: its sock_ops program goes on this node's own
     // cgroup v2 (the DaemonSet's is the node's root), never the machine's.
     let cgroup = node.use_cgroup();
-    let bpffs = Bpffs::mount(name);
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("nodeward-cap-{}-{name}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0).expect("temp dir");
-    let server = PathBuf::from(env!("CARGO_BIN_EXE_nw-pod-server"));
-    let pod = node.add_pod("httpbin-get", 13);
-    node.spawn(&pod.netns, &server, &[&format!("{}:8000", pod.ip)]);
-    let client = node.add_pod("sleep", 20);
+    node.mount_bpffs();
+    let dir = TempDir::new(&format!("cap-{tag}"));
+    let pod = node.add_pod("httpbin-get", pod_ip(13));
+    node.spawn(
+        &pod.netns,
+        &pod_server_bin(),
+        &[&format!("{}:8000", pod.ip)],
+    );
+    let client = node.add_pod("sleep", pod_ip(20));
     let workloads = format!(
         "workloads:\n  - {{name: httpbin-get, namespace: foo, serviceAccount: httpbin, labels: {{app: httpbin-get}}, ip: {}, interface: {}}}\n  - {{name: sleep, namespace: foo, serviceAccount: sleep, labels: {{app: sleep}}, ip: {}, interface: {}}}\n",
         pod.ip, pod.host_if, client.ip, client.host_if
     );
-    std::fs::write(dir.0.join("workloads.yaml"), workloads).expect("write");
+    std::fs::write(dir.join("workloads.yaml"), workloads).expect("write");
     Env {
         node,
         cgroup,
-        bpffs,
         dir,
         target: format!("http://{}:8000/get", pod.ip),
         client: client.netns,
@@ -121,71 +78,45 @@ fn env(name: &str) -> Env {
 }
 
 impl Env {
+    fn pin_dir(&self) -> PathBuf {
+        self.node.bpffs().join("nodeward")
+    }
+
     /// Starts `nodeward run` in the node namespace with only `caps` (names as in the
-    /// DaemonSet) in its bounding set; returns its pid.
-    fn start_agent(&mut self, caps: &[String]) -> u32 {
+    /// DaemonSet) in its bounding set (`setpriv` execs the agent in place).
+    fn start_agent(&self, caps: &[String]) -> Agent {
         let bounding = std::iter::once("-all".to_owned())
             .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
             .collect::<Vec<_>>()
             .join(",");
         let policies = repo_root().join("examples/policies");
-        let args = [
-            format!("--bounding-set={bounding}"),
-            "--inh-caps=-all".to_owned(),
-            "--".to_owned(),
-            nodeward_bin().display().to_string(),
-            "run".to_owned(),
-            "--policies".to_owned(),
-            policies.display().to_string(),
-            "--workloads".to_owned(),
-            self.dir.0.join("workloads.yaml").display().to_string(),
-            "--bpf-pin-dir".to_owned(),
-            self.bpffs.pin_dir().display().to_string(),
-            "--cgroup".to_owned(),
-            self.cgroup.display().to_string(),
-        ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let netns = self.node.netns.clone();
-        self.node
-            .spawn_logged(&netns, Path::new("setpriv"), &args, &self.log_path())
+        let mut command = self.node.command(&self.node.netns, "setpriv");
+        command
+            .arg(format!("--bounding-set={bounding}"))
+            .args(["--inh-caps=-all", "--"])
+            .arg(nodeward_bin())
+            .arg("run")
+            .arg("--policies")
+            .arg(policies)
+            .arg("--workloads")
+            .arg(self.dir.join("workloads.yaml"))
+            .arg("--bpf-pin-dir")
+            .arg(self.pin_dir())
+            .arg("--cgroup")
+            .arg(&self.cgroup);
+        let admin = nodeward_tests::e2e::ADMIN.parse().expect("admin address");
+        Agent::spawn(
+            command,
+            admin,
+            Some(&self.node.netns),
+            &self.dir.join("agent.log"),
+        )
     }
+}
 
-    fn log_path(&self) -> PathBuf {
-        self.dir.0.join("agent.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// `/readyz` of the admin server in the node namespace: its status, 0 when none answers.
-    fn readyz(&self) -> u16 {
-        let out = self.node.exec(
-            &self.node.netns,
-            &[
-                "curl",
-                "-s",
-                "-m",
-                "1",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "http://127.0.0.1:15000/readyz",
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    }
-
-    /// The effective capabilities of process `pid` (`CapEff` of `/proc/<pid>/status`) as a mask.
-    fn cap_eff(pid: u32) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-        u64::from_str_radix(hex.trim(), 16).ok()
-    }
+/// `/readyz` of the agent's admin server: its status, 0 when none answers.
+fn readyz(agent: &Agent) -> u16 {
+    agent.get("/readyz").map_or(0, |(status, _, _)| status)
 }
 
 /// Bit of a capability name in the kernel's masks (linux/capability.h).
@@ -204,27 +135,27 @@ fn cap_bit(name: &str) -> u32 {
 #[test]
 fn the_daemonsets_capabilities_are_enough_to_enforce() {
     let caps = daemonset_capabilities();
-    let mut env = env("enough");
-    let agent = env.start_agent(&caps);
+    let env = env("enough");
+    let mut agent = env.start_agent(&caps);
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    while env.readyz() != 200 {
+    while readyz(&agent) != 200 {
         assert!(
             Instant::now() < deadline,
             "the agent with only {caps:?} did not become ready:\n{}",
-            env.log()
+            agent.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     // It runs with exactly those capabilities (setpriv execs the agent in place).
     let want: u64 = caps.iter().map(|c| 1u64 << cap_bit(c)).sum();
     assert_eq!(
-        Env::cap_eff(agent),
+        cap_eff(agent.pid()),
         Some(want),
         "effective capabilities of the agent"
     );
     assert!(
-        env.bpffs.pin_dir().join("maps").is_dir(),
+        env.pin_dir().join("maps").is_dir(),
         "the agent pinned its maps"
     );
 
@@ -234,7 +165,7 @@ fn the_daemonsets_capabilities_are_enough_to_enforce() {
         status,
         200,
         "GET from foo/sleep is allowed (get-only): {body}\n{}",
-        env.log()
+        agent.log()
     );
     assert!(body.contains("\"method\""), "the pod answered: {body}");
     let (status, body) = env.node.curl(&env.client, "POST", &env.target, &[]);
@@ -242,12 +173,9 @@ fn the_daemonsets_capabilities_are_enough_to_enforce() {
     assert_eq!(body, "RBAC: access denied");
 
     // SIGTERM: drain, remove programs, pins, rule and route, exit 0.
-    let code = env.node.terminate(agent, Duration::from_secs(25));
-    assert_eq!(code, Some(0), "clean stop:\n{}", env.log());
-    assert!(
-        !env.bpffs.pin_dir().exists(),
-        "the pins were removed on SIGTERM"
-    );
+    let code = agent.terminate(Duration::from_secs(25));
+    assert_eq!(code, Some(0), "clean stop:\n{}", agent.log());
+    assert!(!env.pin_dir().exists(), "the pins were removed on SIGTERM");
 }
 
 #[test]
@@ -255,17 +183,17 @@ fn each_of_the_daemonsets_capabilities_is_needed() {
     let caps = daemonset_capabilities();
     for missing in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
-        let mut env = env(&format!("without-{}", missing.to_lowercase()));
-        let agent = env.start_agent(&fewer);
+        let env = env(&format!("without-{}", missing.to_lowercase()));
+        let mut agent = env.start_agent(&fewer);
         // It must fail to start (exit non-zero), never become ready.
-        let code = env.node.wait_exit(agent, Duration::from_secs(20));
-        assert_ne!(env.readyz(), 200);
+        let code = agent.exit_code_within(Duration::from_secs(20));
+        assert_ne!(readyz(&agent), 200);
         assert!(
             matches!(code, Some(c) if c != 0),
             "without CAP_{missing} the agent must fail to start; exit {code:?}:\n{}",
-            env.log()
+            agent.log()
         );
-        let log = env.log();
+        let log = agent.log();
         assert!(
             log.contains("kernel data path"),
             "without CAP_{missing} the error names the kernel data path:\n{log}"

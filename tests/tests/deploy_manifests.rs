@@ -24,7 +24,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use nodeward_tests::{nodeward_bin, repo_root};
+use nodeward_tests::{nodeward_bin, repo_root, TempDir};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
@@ -1001,15 +1001,6 @@ fn crd_schemas_reject_malformed_policies() {
     }
 }
 
-/// A directory removed when the test ends, also on panic.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Rules Istio's CRDs state in CEL, which `jsonschema` does not evaluate: the schema accepts
 /// these, and the agent's own validation refuses them (exit 2 of `nodeward check`), so a policy
 /// a cluster would refuse is never enforced differently by the agent.
@@ -1033,9 +1024,7 @@ const CEL_ONLY: &[(&str, &str, &str)] = &[
 
 #[test]
 fn cel_only_rules_are_enforced_by_the_agent() {
-    let dir = std::env::temp_dir().join(format!("nodeward-deploy-cel-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let _cleanup = TempDir(dir.clone());
+    let dir = TempDir::new("deploy-cel");
     for (i, (kind, spec, rule)) in CEL_ONLY.iter().enumerate() {
         let value = policy(kind, spec);
         assert!(

@@ -1,7 +1,8 @@
 //! The namespace node itself: pods reach each other through the node like on a CNI, and
 //! everything the harness made is gone afterwards, also after a panic.
 
-use nodeward_tests::netns::{TestNode, PREFIX};
+use nodeward_tests::netns::{pod_ip, TestNode, PREFIX};
+use nodeward_tests::pod_server_bin;
 
 fn namespaces() -> Vec<String> {
     let out = std::process::Command::new("ip")
@@ -18,10 +19,10 @@ fn namespaces() -> Vec<String> {
 
 #[test]
 fn pods_talk_through_the_node_and_everything_is_removed() {
-    let mut node = TestNode::new();
-    let server = node.add_pod("server", 10);
-    let client = node.add_pod("client", 11);
-    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_nw-pod-server"));
+    let mut node = TestNode::new("topology");
+    let server = node.add_pod("server", pod_ip(10));
+    let client = node.add_pod("client", pod_ip(11));
+    let bin = pod_server_bin();
     let listen = format!("{}:8000", server.ip);
     node.spawn(&server.netns, &bin, &[&listen]);
     let url = format!("http://{}:8000/hello?x=1", server.ip);
@@ -63,8 +64,8 @@ fn pods_talk_through_the_node_and_everything_is_removed() {
 fn cleanup_also_happens_on_panic() {
     let made = std::sync::Mutex::new(Vec::new());
     let result = std::panic::catch_unwind(|| {
-        let mut node = TestNode::new();
-        let pod = node.add_pod("doomed", 20);
+        let mut node = TestNode::new("panic");
+        let pod = node.add_pod("doomed", pod_ip(20));
         made.lock()
             .expect("lock")
             .extend([node.netns.clone(), pod.netns]);

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use nodeward_tests::netns::{Pod, TestNode};
+use nodeward_tests::netns::{pod_ip, Pod, TestNode};
 
 use crate::{setup, system};
 
@@ -166,13 +166,13 @@ pub fn run() -> Result<()> {
 
     let bpffs_before = system::bpffs_mounted(system::BPFFS);
     println!("==> building the demo node: a node namespace and pods on veths (10.200.0.0/24)");
-    let mut node = TestNode::new();
+    let mut node = TestNode::new("demo");
     // The demo node's processes share a cgroup v2 of their own: the agent's fast path
     // (`sock_ops`, on by default) attaches there, not to this machine's root cgroup.
     let cgroup = node.use_cgroup();
     let mut pods = Vec::new();
     for (name, index) in PODS {
-        let pod = node.add_pod(name, *index);
+        let pod = node.add_pod(name, pod_ip(*index));
         if ![SLEEP, STRANGER].contains(name) {
             node.spawn(&pod.netns, &pod_server, &[&format!("{}:8000", pod.ip)]);
         }

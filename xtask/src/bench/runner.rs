@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use nodeward_tests::netns::{Pod, TestNode, NODE_ADDR};
+use nodeward_tests::netns::{pod_ip, Pod, TestNode, NODE_ADDR};
 use serde_json::Value;
 
 use crate::system;
@@ -68,13 +68,13 @@ impl<'a> Bench<'a> {
         fs::create_dir_all(&dir)?;
         let dir = TempDir(dir);
         println!("==> building the bench node: a node namespace, a server pod, a client pod");
-        let mut node = TestNode::new();
+        let mut node = TestNode::new("bench");
         // Every process of the bench (nginx, wrk, HAProxy, the agent) runs in a cgroup v2 of
         // the node's own, so the fast-path rows attach `sock_ops` there, never to the
         // machine's root cgroup, and every row runs under the same accounting.
         let cgroup = node.use_cgroup();
-        let server = node.add_pod(SERVER.0, SERVER.1);
-        let client = node.add_pod(CLIENT.0, CLIENT.1);
+        let server = node.add_pod(SERVER.0, pod_ip(SERVER.1));
+        let client = node.add_pod(CLIENT.0, pod_ip(CLIENT.1));
         let conf = write_nginx_conf(&dir.0, &server)?;
         let nginx = which("nginx")?;
         node.spawn_logged(

@@ -1,0 +1,108 @@
+//! End to end, the node's own traffic (a host process, the kubelet) into protected pods: it
+//! goes through the enforcer and is judged, with only the declared probe endpoints exempt and
+//! only from the node; a pod cannot pose as the node; without the agent it follows
+//! `--failure-mode` like a pod's.
+
+use nodeward_tests::e2e::{
+    add_probes, bypass_refused, node_traffic_answers, protected_policies, seen, start, Env,
+    PROTECTED_PODS, SHORT,
+};
+use nodeward_tests::netns::NODE_ADDR;
+use test_case::test_case;
+
+fn start_node_traffic(tag: &str, extra: &[&str]) -> Env {
+    start(tag, &PROTECTED_PODS, &protected_policies(), extra)
+}
+
+/// The node's own traffic into protected pods goes through the enforcer: judged, with only the
+/// declared probe endpoints exempt, only from the node.
+#[test]
+fn node_traffic_is_judged_and_only_probes_pass() {
+    let env = start_node_traffic("node-traffic", &[]);
+    add_probes(&env);
+    node_traffic_answers(&env);
+    bypass_refused(&env);
+    a_pod_cannot_pose_as_the_node(&env);
+}
+
+/// A pod that sends from the node's address (it owns it inside its own namespace) does not get
+/// the probe exemption: the node's kernel drops a packet with a local source address that
+/// arrives on a pod's interface (a martian), before any socket sees it.
+fn a_pod_cannot_pose_as_the_node(env: &Env) {
+    let node_addr = NODE_ADDR.to_string();
+    let stranger = env.pod("stranger").netns.clone();
+    nodeward_tests::netns::ip(&[
+        "-n",
+        &stranger,
+        "addr",
+        "add",
+        &format!("{node_addr}/32"),
+        "dev",
+        "lo",
+    ]);
+    let target = nodeward_tests::e2e::url(env.pod("require"), "/healthz");
+    let limit = SHORT.to_string();
+    let out = env.node.exec(
+        &stranger,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            &limit,
+            "--interface",
+            &node_addr,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &target,
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "000",
+        "a pod spoofing the node's address got an answer to the probe path"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "curl timed out (its SYN went unanswered), rather than failing to bind: {out:?}"
+    );
+}
+
+/// What the node's request to a protected pod gets while the agent is down, and the counter
+/// that shows `guard` decided it.
+#[derive(Debug, Clone, Copy)]
+enum WhileDown {
+    /// No answer (status 0): `guard` dropped the node's SYNs.
+    NoAnswer,
+    /// The pod answers 200 unjudged.
+    Unjudged,
+}
+
+/// With the agent killed, the node's traffic follows `--failure-mode` like a pod's: closed
+/// drops it, open lets it through unjudged; a restart judges it again.
+#[test_case("closed", WhileDown::NoAnswer, "guard_dropped_failure_closed" ; "node traffic fails closed without the agent")]
+#[test_case("open", WhileDown::Unjudged, "guard_passed_failure_open" ; "node traffic fails open without the agent")]
+fn node_traffic_without_agent(mode: &str, while_down: WhileDown, counter: &str) {
+    let mut env = start_node_traffic(&format!("node-down-{mode}"), &["--failure-mode", mode]);
+    add_probes(&env);
+    env.kill_agent();
+    let (status, body) = env.curl_from_node("GET", "require", "/", &[]);
+    match while_down {
+        WhileDown::NoAnswer => {
+            assert_eq!(status, 0, "fail closed: no answer, got {status} {body}");
+        }
+        WhileDown::Unjudged => {
+            assert_eq!(status, 200, "fail open: the pod answers: {body}");
+            let got = seen(&body);
+            assert_eq!(got["uri"], "/", "{got}");
+        }
+    }
+    env.start_agent();
+    // The pinned counters survived the crash.
+    assert!(env.counter(counter) > 0, "{counter}");
+    let (status, body) = env.curl_from_node("GET", "require", "/", &[]);
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
+}
