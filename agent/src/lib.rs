@@ -14,4 +14,5 @@ pub mod enforcer;
 pub mod kubernetes;
 pub mod metrics;
 pub mod policy;
+pub mod readiness;
 pub mod state;

@@ -15,7 +15,6 @@
 
 pub mod client;
 pub mod jwks_metrics;
-pub mod readiness;
 pub mod state;
 
 use std::convert::Infallible;
@@ -41,9 +40,9 @@ use crate::cli::check::{
     decide, CheckRequest, Inputs, Output, CONFIG_ERRORS_HEADER, DECISION_HEADER,
 };
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::state::StateStore;
 pub use jwks_metrics::JwksMetrics;
-pub use readiness::{CheckResult, Readiness};
 pub use state::{AgentConfig, DebugState};
 
 /// Largest `POST /check` body.

@@ -9,11 +9,11 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::readiness::CheckResult;
 use super::Admin;
 use crate::authn::fetch::SourceStatus;
 use crate::authn::rules::{CompiledJwtRule, KeySource};
 use crate::cli::run::FailureMode;
+use crate::readiness::CheckResult;
 use crate::state::{Snapshot, WorkloadView};
 
 /// How the agent was started (flags of `nodeward run`).

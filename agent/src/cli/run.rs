@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::LogFormat;
-use crate::admin::{Admin, AdminServer, AgentConfig, JwksMetrics, Readiness};
+use crate::admin::{Admin, AdminServer, AgentConfig, JwksMetrics};
 use crate::authn::cache::TokenCache;
 use crate::authn::fetch::{FetchConfig, FetchError, JwksSource, JwksStore, SourceState};
 use crate::authn::rules::KeySource;
@@ -43,6 +43,7 @@ use crate::datapath::DatapathConfig;
 use crate::enforcer::{transparent_listener, Enforcer, EnforcerConfig, Limits};
 use crate::kubernetes::{self, Health, Kubernetes, KubernetesConfig, KubernetesMetrics};
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::state::standalone::{
     OnPublish, Standalone, StandaloneConfig, StartError, DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
