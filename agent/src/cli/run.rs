@@ -35,20 +35,17 @@ use tracing::{error, info, warn};
 use super::LogFormat;
 use crate::admin::{Admin, AdminServer, AgentConfig, JwksMetrics};
 use crate::authn::cache::TokenCache;
-use crate::authn::fetch::{FetchConfig, FetchError, JwksSource, JwksStore, SourceState};
-use crate::authn::rules::KeySource;
+use crate::authn::fetch::{FetchConfig, FetchError, JwksStore, SourceState};
 use crate::authz::path::Normalization;
 use crate::datapath::node::{DatapathMetrics, NodeDatapath};
 use crate::datapath::DatapathConfig;
 use crate::enforcer::{transparent_listener, Enforcer, EnforcerConfig, Limits};
 use crate::kubernetes::{self, Health, Kubernetes, KubernetesConfig, KubernetesMetrics};
 use crate::metrics::Metrics;
+use crate::policy::DEFAULT_ROOT_NAMESPACE;
 use crate::readiness::Readiness;
-use crate::state::standalone::{
-    OnPublish, Standalone, StandaloneConfig, StartError, DEFAULT_ROOT_NAMESPACE,
-    DEFAULT_TRUST_DOMAIN,
-};
-use crate::state::{Snapshot, StateStore};
+use crate::state::standalone::{OnPublish, Standalone, StandaloneConfig, StartError};
+use crate::state::{Snapshot, StateStore, DEFAULT_TRUST_DOMAIN};
 
 /// What the kernel datapath does with traffic to a protected workload while the enforcer
 /// cannot take it (agent stopped or restarting). Carried in the configuration and shown by
@@ -300,21 +297,6 @@ pub fn run(args: &RunArgs) -> u8 {
     }
 }
 
-/// Every remote key source of the snapshot's jwtRules, as the JWKS store takes them.
-#[must_use]
-pub fn jwks_sources(snapshot: &Snapshot) -> Vec<(JwksSource, Option<Duration>, String)> {
-    snapshot
-        .authn
-        .rules()
-        .filter_map(|rule| match &rule.keys {
-            KeySource::Remote { source, .. } => {
-                Some((source.clone(), rule.timeout, rule.issuer.clone()))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 fn agent_config(args: &RunArgs) -> AgentConfig {
     let name = |n: Normalization| {
         n.to_possible_value()
@@ -486,7 +468,7 @@ fn start_state(
         let datapath = datapath.cloned();
         Arc::new(move |snapshot: &Arc<Snapshot>| {
             let _in_runtime = handle.enter();
-            jwks.set_sources(jwks_sources(snapshot));
+            jwks.set_sources(snapshot.authn.remote_sources());
             // The kernel's endpoint map follows every change of what is protected.
             if let Some(datapath) = &datapath {
                 datapath.sync(snapshot);
