@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
-use nodeward::admin::Readiness;
 use nodeward::kubernetes::health::{self, Health};
 use nodeward::kubernetes::pods::{self, NotSteered};
 use nodeward::kubernetes::policies::{self, Policy};
 use nodeward::kubernetes::{Kubernetes, KubernetesConfig};
 use nodeward::metrics::Metrics;
 use nodeward::policy::load_str;
+use nodeward::readiness::Readiness;
 use nodeward::state::publish::OnPublish;
 use nodeward::state::workloads::PortProtocol;
 use nodeward::state::{Snapshot, StateStore};

@@ -9,16 +9,17 @@
 //! | `GET /readyz` | 200 when every [`Readiness`] check passes, else 503; one `[+]`/`[-]` line per check |
 //! | `GET /metrics` | `OpenMetrics` text ([`crate::metrics`], JWKS gauges from [`jwks_metrics`]) |
 //! | `GET /debug/state` | JSON [`state::DebugState`]: workloads, policies, jwtRules, issuers and key ids |
-//! | `POST /check` | a JSON [`CheckRequest`] judged against the live state; the body `nodeward check` prints |
+//! | `POST /debug/datapath/log` | the kernel programs' log level |
+//! | `POST <path>` | an [`Endpoint`] another part of the agent added (`nodeward run` adds `/check`) |
 //!
 //! [`client`] is the other end, used by `nodeward status` and `nodeward check --admin`.
 
 pub mod client;
 pub mod jwks_metrics;
-pub mod readiness;
 pub mod state;
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,14 +38,12 @@ use tokio_util::task::TaskTracker;
 use crate::authn::cache::TokenCache;
 use crate::authn::fetch::JwksStore;
 use crate::authz::path::Normalization;
-use crate::cli::check::{
-    decide, CheckRequest, Inputs, Output, CONFIG_ERRORS_HEADER, DECISION_HEADER,
-};
+use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::state::StateStore;
 pub use jwks_metrics::JwksMetrics;
-pub use readiness::{CheckResult, Readiness};
-pub use state::{AgentConfig, DebugState};
+pub use state::DebugState;
 
 /// Largest `POST /check` body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -65,16 +64,44 @@ pub struct Admin {
     pub cache: TokenCache,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
-    pub config: AgentConfig,
+    pub config: Config,
     /// The enforcer's path normalization, which `POST /check` applies by default.
     pub normalization: Normalization,
     /// The kernel data path, when the agent runs it (`POST /debug/datapath/log`).
     pub datapath: Option<Arc<crate::datapath::node::NodeDatapath>>,
+    /// Endpoints other parts of the agent added.
+    pub endpoints: Vec<Endpoint>,
 }
 
-type Body = Full<Bytes>;
+/// What a `POST` endpoint answers with.
+pub type Handler = Box<dyn Fn(&Admin, &[u8]) -> Response<Body> + Send + Sync>;
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+/// A `POST` endpoint added by another part of the agent: the admin server serves it without
+/// knowing what it does.
+pub struct Endpoint {
+    /// Its path; answered for `POST` only (any other method gets 405).
+    pub path: &'static str,
+    /// Its line on the index page.
+    pub about: &'static str,
+    /// Called with the request body.
+    pub handler: Handler,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("path", &self.path)
+            .field("about", &self.about)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The body of every admin answer.
+pub type Body = Full<Bytes>;
+
+/// A plain-text answer.
+#[must_use]
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -108,15 +135,30 @@ const INDEX: &str = "nodeward admin\n\
     GET  /readyz       readiness, one line per check\n\
     GET  /metrics      OpenMetrics\n\
     GET  /debug/state  workloads, policies, issuers and key ids (JSON)\n\
-    POST /check        judge a described request against the live state (JSON body, as `nodeward check` flags)\n\
     POST /debug/datapath/log  kernel programs' log level (body: 0 off, 1 decisions, 2 every protected packet)\n";
+
+/// The index page: the built-in endpoints, then the added ones.
+fn index(admin: &Admin) -> String {
+    let mut index = INDEX.to_owned();
+    for endpoint in &admin.endpoints {
+        let _ = writeln!(index, "POST {:<13} {}", endpoint.path, endpoint.about);
+    }
+    index
+}
 
 /// Answers one request; `body` is the request body (empty but for `POST`).
 #[must_use]
 pub fn route(admin: &Admin, method: &Method, path: &str, body: &[u8]) -> Response<Body> {
     let get = method == Method::GET || method == Method::HEAD;
+    if let Some(endpoint) = admin.endpoints.iter().find(|e| e.path == path) {
+        return if method == Method::POST {
+            (endpoint.handler)(admin, body)
+        } else {
+            method_not_allowed("POST")
+        };
+    }
     match path {
-        "/" if get => text(StatusCode::OK, INDEX),
+        "/" if get => text(StatusCode::OK, index(admin)),
         "/healthz" if get => text(StatusCode::OK, "ok\n"),
         "/readyz" if get => {
             let (ready, report) = admin.readiness.report();
@@ -139,59 +181,12 @@ pub fn route(admin: &Admin, method: &Method, path: &str, body: &[u8]) -> Respons
             StatusCode::OK,
             serde_json::to_string_pretty(&state::debug_state(admin)).unwrap_or_default() + "\n",
         ),
-        "/check" if method == Method::POST => check(admin, body),
         "/debug/datapath/log" if method == Method::POST => datapath_log(admin, body),
         "/" | "/healthz" | "/readyz" | "/metrics" | "/debug/state" => method_not_allowed("GET"),
-        "/check" => method_not_allowed("POST"),
         _ => text(
             StatusCode::NOT_FOUND,
-            format!("no such endpoint: {path}\n\n{INDEX}"),
+            format!("no such endpoint: {path}\n\n{}", index(admin)),
         ),
-    }
-}
-
-/// `POST /check`: the answer `nodeward check` prints, judged against the live state. 200 with
-/// the decision in [`DECISION_HEADER`]; 400 with `error: ...` for a request `check` would
-/// refuse with exit status 2.
-fn check(admin: &Admin, body: &[u8]) -> Response<Body> {
-    let request: CheckRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CheckRequest::default()
-    } else {
-        match serde_json::from_slice(body) {
-            Ok(request) => request,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("error: not a check request (a JSON object of check's fields): {e}\n"),
-                )
-            }
-        }
-    };
-    let snapshot = admin.store.load();
-    let inputs = Inputs::Live {
-        snapshot: &snapshot,
-        jwks: &admin.jwks,
-        cache: &admin.cache,
-        normalization: admin.normalization,
-    };
-    match decide(&request, &inputs) {
-        Ok(checked) => {
-            let mut response = text(StatusCode::OK, checked.output + "\n");
-            let headers = response.headers_mut();
-            if request.output == Output::Json {
-                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            }
-            headers.insert(
-                DECISION_HEADER,
-                HeaderValue::from_static(if checked.allowed { "allow" } else { "deny" }),
-            );
-            headers.insert(
-                CONFIG_ERRORS_HEADER,
-                HeaderValue::from(snapshot.errors.len()),
-            );
-            response
-        }
-        Err(e) => text(StatusCode::BAD_REQUEST, format!("error: {e}\n")),
     }
 }
 
@@ -352,18 +347,17 @@ impl Drop for AdminServer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
     use std::sync::atomic::Ordering;
 
     use super::*;
     use crate::authz::PolicySet;
-    use crate::cli::run::FailureMode;
     use crate::state::workloads::load_workloads;
     use crate::state::Snapshot;
 
     /// An admin over the examples (`examples/policies`, `examples/workloads.yaml`).
-    fn admin() -> Admin {
+    pub(crate) fn admin() -> Admin {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let loaded = crate::policy::load_paths(&[examples.join("policies")]);
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
@@ -385,28 +379,19 @@ mod tests {
             cache: TokenCache::new(64 * 1024),
             metrics: Arc::new(Metrics::new()),
             readiness: Arc::new(Readiness::new()),
-            config: AgentConfig {
-                failure_mode: FailureMode::Closed,
+            config: Config {
                 listen: "127.0.0.1:15006".parse().expect("addr"),
-                admin: "127.0.0.1:15000".parse().expect("addr"),
-                root_namespace: "istio-system".into(),
-                trust_domain: "cluster.local".into(),
                 policies: vec![examples.join("policies")],
-                workloads: examples.join("workloads.yaml"),
-                path_normalization: "base".into(),
-                drain_timeout: "20s".into(),
-                max_header_bytes: 61_440,
-                max_headers: 100,
-                header_read_timeout: "10s".into(),
-                detect_timeout: "5s".into(),
-                kubernetes: None,
+                workloads: Some(examples.join("workloads.yaml")),
+                ..Config::default()
             },
             normalization: Normalization::Base,
             datapath: None,
+            endpoints: Vec::new(),
         }
     }
 
-    fn body(response: &Response<Body>) -> String {
+    pub(crate) fn body(response: &Response<Body>) -> String {
         let collected = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime")
@@ -416,7 +401,7 @@ mod tests {
         String::from_utf8_lossy(&collected).into_owned()
     }
 
-    fn header<'a>(response: &'a Response<Body>, name: &str) -> &'a str {
+    pub(crate) fn header<'a>(response: &'a Response<Body>, name: &str) -> &'a str {
         response
             .headers()
             .get(name)
@@ -447,15 +432,36 @@ mod tests {
 
         let missing = route(&admin, &Method::GET, "/nope", b"");
         assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-        let wrong = route(&admin, &Method::GET, "/check", b"");
-        assert_eq!(
-            (wrong.status(), header(&wrong, "allow")),
-            (StatusCode::METHOD_NOT_ALLOWED, "POST")
-        );
         let wrong = route(&admin, &Method::POST, "/metrics", b"");
         assert_eq!(
             (wrong.status(), header(&wrong, "allow")),
             (StatusCode::METHOD_NOT_ALLOWED, "GET")
+        );
+    }
+
+    #[test]
+    fn added_endpoints_answer_post_only_and_are_listed() {
+        let mut admin = admin();
+        admin.endpoints.push(Endpoint {
+            path: "/echo",
+            about: "says the body back",
+            handler: Box::new(|_, body| text(StatusCode::OK, body.to_vec())),
+        });
+        let echo = route(&admin, &Method::POST, "/echo", b"hello");
+        assert_eq!(
+            (echo.status(), body(&echo).as_str()),
+            (StatusCode::OK, "hello")
+        );
+        let wrong = route(&admin, &Method::GET, "/echo", b"");
+        assert_eq!(
+            (wrong.status(), header(&wrong, "allow")),
+            (StatusCode::METHOD_NOT_ALLOWED, "POST")
+        );
+        let index = route(&admin, &Method::GET, "/", b"");
+        assert!(
+            body(&index).ends_with("POST /echo         says the body back\n"),
+            "{}",
+            body(&index)
         );
     }
 
@@ -480,63 +486,6 @@ mod tests {
         let text = body(&metrics);
         assert!(text.contains("# TYPE nodeward_requests counter"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
-    }
-
-    #[test]
-    fn check_uses_the_registry_for_addresses() {
-        let admin = admin();
-        let request = br#"{"dest_ip": "10.200.0.13", "source_ip": "10.200.0.20"}"#;
-        let response = route(&admin, &Method::POST, "/check", request);
-        assert_eq!(response.status(), StatusCode::OK, "{}", body(&response));
-        assert_eq!(header(&response, DECISION_HEADER), "allow");
-        assert_eq!(header(&response, CONFIG_ERRORS_HEADER), "0");
-        let json: serde_json::Value = serde_json::from_str(&body(&response)).expect("JSON");
-        assert_eq!(json["policy"], "foo/get-only");
-        assert_eq!(json["source_principal"], "cluster.local/ns/foo/sa/sleep");
-
-        let text = route(
-            &admin,
-            &Method::POST,
-            "/check",
-            br#"{"namespace": "foo", "labels": {"app": "httpbin-get"}, "method": "POST", "output": "text"}"#,
-        );
-        assert_eq!(header(&text, DECISION_HEADER), "deny");
-        assert!(
-            body(&text).starts_with("workload:  foo {app=httpbin-get}\n"),
-            "{}",
-            body(&text)
-        );
-    }
-
-    #[test]
-    fn bad_check_requests_are_400_with_the_reason() {
-        let admin = admin();
-        for (request, reason) in [
-            (&b"{"[..], "not a check request"),
-            (br#"{"namespaec": "foo"}"#, "unknown field `namespaec`"),
-            (b"", "no destination workload"),
-            (br#"{"dest_ip": "10.9.9.9"}"#, "no workload at this address"),
-            (
-                br#"{"namespace": "foo", "claims": [1]}"#,
-                "--claims: not a JSON object",
-            ),
-            (
-                br#"{"namespace": "foo", "headers": ["no colon"]}"#,
-                "-H: header",
-            ),
-            (
-                br#"{"namespace": "foo", "path_normalization": "weird"}"#,
-                "--path-normalization",
-            ),
-        ] {
-            let response = route(&admin, &Method::POST, "/check", request);
-            assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-            let text = body(&response);
-            assert!(
-                text.starts_with("error: ") && text.contains(reason),
-                "{reason}: {text}"
-            );
-        }
     }
 
     #[test]

@@ -3,50 +3,18 @@
 //! token. The same types serialize on the agent and deserialize in `nodeward status`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::readiness::CheckResult;
 use super::Admin;
 use crate::authn::fetch::SourceStatus;
 use crate::authn::rules::{CompiledJwtRule, KeySource};
-use crate::cli::run::FailureMode;
+use crate::config::Config;
+use crate::readiness::CheckResult;
 use crate::state::{Snapshot, WorkloadView};
-
-/// How the agent was started (flags of `nodeward run`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentConfig {
-    pub failure_mode: FailureMode,
-    /// The enforcer's transparent listener.
-    pub listen: SocketAddr,
-    pub admin: SocketAddr,
-    pub root_namespace: String,
-    pub trust_domain: String,
-    pub policies: Vec<PathBuf>,
-    pub workloads: PathBuf,
-    /// `none`, `base`, `merge-slashes` or `decode-and-merge-slashes`.
-    pub path_normalization: String,
-    /// How long in-flight requests may take to finish after SIGTERM (humantime).
-    pub drain_timeout: String,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub header_read_timeout: String,
-    pub detect_timeout: String,
-    /// Kubernetes mode (`--kubernetes`); `None` in standalone mode.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubernetes: Option<KubernetesInfo>,
-}
-
-/// The Kubernetes flags of `nodeward run --kubernetes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KubernetesInfo {
-    pub node_name: String,
-    /// `--kubeconfig`; `None`: inferred (KUBECONFIG, ~/.kube/config, in-cluster).
-    pub kubeconfig: Option<PathBuf>,
-}
 
 /// The whole `/debug/state` document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,7 +29,8 @@ pub struct DebugState {
     pub readiness: Vec<CheckResult>,
     /// Problems with the inputs right now; the last good content of each bad file serves.
     pub errors: Vec<String>,
-    pub config: AgentConfig,
+    /// The configuration the agent runs with.
+    pub config: Config,
     pub workloads: Vec<WorkloadState>,
     pub policies: Vec<PolicyState>,
     pub jwt_rules: Vec<JwtRuleState>,

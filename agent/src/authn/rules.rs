@@ -165,6 +165,25 @@ impl CompiledJwtRule {
 /// A compiled rule and the selector of the object it came from.
 type Selected = (Option<BTreeMap<String, String>>, Arc<CompiledJwtRule>);
 
+/// A key source to fetch, as [`JwksStore::set_sources`](super::fetch::JwksStore::set_sources)
+/// takes it: the source, the rule's fetch timeout, the rule's issuer.
+pub type RemoteSource = (JwksSource, Option<Duration>, String);
+
+/// The remote key sources of `rules` (rules with inline or no keys have none).
+fn remote_sources<'a>(
+    rules: impl IntoIterator<Item = &'a Arc<CompiledJwtRule>>,
+) -> Vec<RemoteSource> {
+    rules
+        .into_iter()
+        .filter_map(|rule| match &rule.keys {
+            KeySource::Remote { source, .. } => {
+                Some((source.clone(), rule.timeout, rule.issuer.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// All RequestAuthentications, compiled, by namespace.
 #[derive(Debug, Clone, Default)]
 pub struct AuthnSet {
@@ -206,6 +225,13 @@ impl AuthnSet {
     /// Every rule, for the JWKS store's list of sources.
     pub fn rules(&self) -> impl Iterator<Item = &Arc<CompiledJwtRule>> {
         self.by_namespace.values().flatten().map(|(_, r)| r)
+    }
+
+    /// Every remote key source of every rule, as the JWKS store takes them: the agent gives
+    /// it these on each published snapshot.
+    #[must_use]
+    pub fn remote_sources(&self) -> Vec<RemoteSource> {
+        remote_sources(self.rules())
     }
 
     /// The merged rules of a workload, sorted by issuer (as Istio does).
@@ -415,6 +441,12 @@ impl JwtRules {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// The remote key sources of these rules, as the JWKS store takes them.
+    #[must_use]
+    pub fn remote_sources(&self) -> Vec<RemoteSource> {
+        remote_sources(&self.rules)
     }
 
     /// Tokens in the locations the rules read, each location once, in rule order, found as

@@ -23,8 +23,8 @@ use serde_json::json;
 
 use crate::admin::client::{self, ClientError};
 use crate::authn::cache::TokenCache;
-use crate::authn::fetch::{FetchConfig, JwksSource, JwksStore, SourceStatus, DEFAULT_TIMEOUT};
-use crate::authn::rules::{KeyLookup, KeySource, Keys, NoRemoteKeys};
+use crate::authn::fetch::{FetchConfig, JwksStore, SourceStatus, DEFAULT_TIMEOUT};
+use crate::authn::rules::{KeyLookup, Keys, NoRemoteKeys};
 use crate::authn::token::unix_now;
 use crate::authn::JwtRules;
 use crate::authn::{AuthnSet, JwtError, Outcome, RequestParts};
@@ -36,7 +36,7 @@ use crate::decision::probe::NodeAddresses;
 use crate::decision::{
     decide_http, decide_tcp, Destination, HttpRequest, HttpVerdict, Judge, Reason, TcpVerdict,
 };
-use crate::policy::load_paths;
+use crate::policy::{load_paths, DEFAULT_ROOT_NAMESPACE};
 use crate::state::workloads::Probe;
 use crate::state::Snapshot;
 
@@ -48,9 +48,6 @@ pub enum Output {
     Text,
     Json,
 }
-
-/// The root namespace `check` assumes when reading files (Istio's default).
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -1083,18 +1080,6 @@ impl Keys for LiveKeys<'_> {
     }
 }
 
-/// The rules' remote sources, as the store wants them.
-fn remote_sources(rules: &JwtRules) -> Vec<(JwksSource, Option<Duration>, String)> {
-    rules
-        .rules
-        .iter()
-        .filter_map(|r| match &r.keys {
-            KeySource::Remote { source, .. } => Some((source.clone(), r.timeout, r.issuer.clone())),
-            _ => None,
-        })
-        .collect()
-}
-
 /// One line per fetched key set: source, state, key ids or the fetch error.
 fn describe_source(s: SourceStatus) -> String {
     match s.last_error {
@@ -1111,7 +1096,8 @@ fn describe_source(s: SourceStatus) -> String {
 /// The agent's key sets for the rules' remote sources, reported as the file-based check
 /// reports its own fetches: only when the request carries a token.
 fn live_jwks_status(store: &JwksStore, rules: &JwtRules, parts: &RequestParts<'_>) -> Vec<String> {
-    let wanted: HashSet<String> = remote_sources(rules)
+    let wanted: HashSet<String> = rules
+        .remote_sources()
         .into_iter()
         .map(|(source, _, _)| source.key())
         .collect();
@@ -1130,7 +1116,7 @@ fn remote_keys(
     rules: &JwtRules,
     parts: &RequestParts<'_>,
 ) -> Result<(Box<dyn Keys>, Vec<String>), CheckError> {
-    let sources = remote_sources(rules);
+    let sources = rules.remote_sources();
     if sources.is_empty() || rules.extract(parts).is_empty() {
         return Ok((Box::new(NoRemoteKeys), Vec::new()));
     }

@@ -2,6 +2,7 @@
 //! up.
 
 pub mod check;
+pub mod check_endpoint;
 pub mod jwt;
 pub mod logbuf;
 pub mod run;

@@ -1,91 +1,32 @@
-//! `nodeward run`: the agent. Policies and the registry of pods come from files that are
-//! watched (standalone mode) or from the Kubernetes API (`--kubernetes`); the enforcer serves
-//! steered connections on a transparent listener; the admin server answers health, readiness,
-//! metrics, state and checks.
+//! `nodeward run`: the agent. Flags (and their `NODEWARD_*` variables) become one
+//! [`Config`]; [`crate::app`] starts the agent from it; SIGTERM or SIGINT stops it.
 //!
-//! Runtimes (ztunnel's rule: admin off the data plane):
-//!
-//! | thread / runtime | runs |
-//! | --- | --- |
-//! | data plane: multi-thread tokio (`nodeward-data`) | transparent listener, one task per connection; file watcher or Kubernetes watchers; JWKS refresh |
-//! | admin: current-thread tokio on its own OS thread (`nodeward-admin`) | `/healthz`, `/readyz`, `/metrics`, `/debug/state`, `POST /check` |
-//!
-//! Startup order: metrics, state store and JWKS store (every published snapshot tells the
-//! JWKS store its sources), the standalone source (a configuration that cannot start exits 2)
-//! or the Kubernetes client (no usable configuration exits 2; its first snapshot is published
-//! once every initial list is complete), its watcher, the enforcer's listener (exit 1 when it cannot bind), the admin server.
+//! Policies and the registry of pods come from files that are watched (standalone mode) or
+//! from the Kubernetes API (`--kubernetes`); the enforcer serves steered connections on a
+//! transparent listener; the admin server answers health, readiness, metrics, state and
+//! checks (`POST /check`, added here).
 //!
 //! Shutdown (SIGTERM or SIGINT): `/readyz` turns 503, the listener stops accepting, HTTP
 //! connections finish their in-flight requests (graceful shutdown) within `--drain-timeout`,
-//! then the process exits 0.
+//! then the process exits 0. The handlers are installed before anything starts, so a signal
+//! during startup is a clean shutdown too.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
-use serde::{Deserialize, Serialize};
-use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::error;
 
 use super::LogFormat;
-use crate::admin::{Admin, AdminServer, AgentConfig, JwksMetrics, Readiness};
-use crate::authn::cache::TokenCache;
-use crate::authn::fetch::{FetchConfig, FetchError, JwksSource, JwksStore, SourceState};
-use crate::authn::rules::KeySource;
+use crate::app::{self, App};
 use crate::authz::path::Normalization;
-use crate::datapath::node::{DatapathMetrics, NodeDatapath};
-use crate::datapath::DatapathConfig;
-use crate::enforcer::{transparent_listener, Enforcer, EnforcerConfig, Limits};
-use crate::kubernetes::{self, Health, Kubernetes, KubernetesConfig, KubernetesMetrics};
-use crate::metrics::Metrics;
-use crate::state::standalone::{
-    OnPublish, Standalone, StandaloneConfig, StartError, DEFAULT_ROOT_NAMESPACE,
+use crate::config::{
+    Config, DatapathMode, FailureMode, FastPathMode, KubernetesInfo, DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
 };
-use crate::state::{Snapshot, StateStore};
-
-/// What the kernel datapath does with traffic to a protected workload while the enforcer
-/// cannot take it (agent stopped or restarting). Carried in the configuration and shown by
-/// `/debug/state` and `nodeward status`; the datapath applies it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailureMode {
-    /// Refuse it: nothing reaches a protected pod unjudged.
-    Closed,
-    /// Let it through unjudged: availability over enforcement.
-    Open,
-}
-
-impl FailureMode {
-    /// `closed` or `open`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Closed => "closed",
-            Self::Open => "open",
-        }
-    }
-}
-
-/// Whether `nodeward run` drives the kernel data path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DatapathMode {
-    On,
-    Off,
-}
-
-/// Whether the data path runs the same-node fast path (`sock_ops` + `sk_msg`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FastPathMode {
-    On,
-    Off,
-}
+use crate::enforcer::Limits;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -217,59 +158,15 @@ pub struct RunArgs {
 /// Why the agent could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A tokio runtime could not be built (thread or file-descriptor limits).
-    #[error("starting the data-plane runtime: {0}")]
-    Runtime(#[source] std::io::Error),
-    /// The JWKS fetcher could not be built (TLS roots).
-    #[error("{0}")]
-    Jwks(#[source] FetchError),
-    /// The kernel data path could not start (the message says what to check).
-    #[error("starting the kernel data path: {0}")]
-    Datapath(#[source] crate::datapath::DatapathError),
-    /// The standalone configuration cannot be used at all.
-    #[error("{0}")]
-    Config(#[source] StartError),
-    /// Standalone mode without its inputs (clap cannot tell `NODEWARD_KUBERNETES=false` from
-    /// `--kubernetes` when it checks required flags).
-    #[error("--policies and --workloads are required without --kubernetes")]
-    MissingInputs,
+    /// A part of the agent could not start.
+    #[error(transparent)]
+    Start(#[from] app::Error),
     /// Kubernetes mode without `--node-name`.
     #[error("--kubernetes needs --node-name (or NODEWARD_NODE_NAME, or NODE_NAME from the Downward API: spec.nodeName)")]
     NodeName,
-    /// Kubernetes mode without a usable client configuration.
-    #[error("{0}")]
-    Kubernetes(#[source] kubernetes::ClientError),
-    /// The enforcer's transparent listener could not be opened.
-    #[error("cannot listen on {addr} (--listen): {source}{}", listen_hint(source))]
-    Listen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The admin server could not bind or start.
-    #[error("cannot serve the admin API on {addr} (--admin): {source}")]
-    Admin {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// `--fast-path on` without the data path it rides on.
-    #[error("--fast-path on needs --datapath on: the fast path only carries connections the kernel data path steered")]
-    FastPathWithoutDatapath,
     /// SIGTERM/SIGINT handlers could not be installed.
     #[error("installing the SIGTERM handler: {0}")]
     Signal(#[source] std::io::Error),
-}
-
-fn listen_hint(error: &std::io::Error) -> &'static str {
-    match error.kind() {
-        std::io::ErrorKind::PermissionDenied => {
-            "; the transparent listener sets IP_TRANSPARENT, which needs CAP_NET_ADMIN (run as root or grant the capability)"
-        }
-        std::io::ErrorKind::AddrInUse => "; another process listens there",
-        std::io::ErrorKind::AddrNotAvailable => "; the address is not one of this host's",
-        _ => "",
-    }
 }
 
 impl RunError {
@@ -277,11 +174,8 @@ impl RunError {
     #[must_use]
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_)
-            | Self::FastPathWithoutDatapath
-            | Self::MissingInputs
-            | Self::NodeName
-            | Self::Kubernetes(_) => 2,
+            Self::NodeName => 2,
+            Self::Start(e) if e.is_configuration() => 2,
             _ => 1,
         }
     }
@@ -299,528 +193,130 @@ pub fn run(args: &RunArgs) -> u8 {
     }
 }
 
-/// Every remote key source of the snapshot's jwtRules, as the JWKS store takes them.
-#[must_use]
-pub fn jwks_sources(snapshot: &Snapshot) -> Vec<(JwksSource, Option<Duration>, String)> {
-    snapshot
-        .authn
-        .rules()
-        .filter_map(|rule| match &rule.keys {
-            KeySource::Remote { source, .. } => {
-                Some((source.clone(), rule.timeout, rule.issuer.clone()))
-            }
-            _ => None,
+/// The configuration the flags describe. Paths are made absolute (as `/debug/state` shows
+/// them); `--fast-path` defaults to the data path's mode.
+pub fn config(args: &RunArgs) -> Result<Config, RunError> {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let kubernetes = if args.kubernetes {
+        Some(KubernetesInfo {
+            node_name: node_name(args).ok_or(RunError::NodeName)?,
+            kubeconfig: args.kubeconfig.clone(),
         })
-        .collect()
-}
-
-fn agent_config(args: &RunArgs) -> AgentConfig {
-    let name = |n: Normalization| {
-        n.to_possible_value()
-            .map(|v| v.get_name().to_owned())
-            .unwrap_or_default()
+    } else {
+        None
     };
-    AgentConfig {
+    Ok(Config {
         failure_mode: args.failure_mode,
         listen: args.listen,
         admin: args.admin,
         root_namespace: args.root_namespace.clone(),
         trust_domain: args.trust_domain.clone(),
-        policies: args
-            .policies
-            .iter()
-            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-            .collect(),
-        workloads: args
-            .workloads
-            .as_ref()
-            .map(|w| std::path::absolute(w).unwrap_or_else(|_| w.clone()))
-            .unwrap_or_default(),
-        kubernetes: node_name(args).map(|node| crate::admin::state::KubernetesInfo {
-            node_name: node,
-            kubeconfig: args.kubeconfig.clone(),
-        }),
-        path_normalization: name(args.path_normalization),
-        drain_timeout: humantime::format_duration(args.drain_timeout).to_string(),
+        policies: args.policies.iter().map(|p| absolute(p)).collect(),
+        workloads: args.workloads.as_deref().map(absolute),
+        kubernetes,
+        path_normalization: args.path_normalization,
+        drain_timeout: args.drain_timeout,
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
-        header_read_timeout: humantime::format_duration(args.header_read_timeout).to_string(),
-        detect_timeout: humantime::format_duration(args.detect_timeout).to_string(),
-    }
+        header_read_timeout: args.header_read_timeout,
+        detect_timeout: args.detect_timeout,
+        datapath: args.datapath,
+        fast_path: args.fast_path.unwrap_or(match args.datapath {
+            DatapathMode::On => FastPathMode::On,
+            DatapathMode::Off => FastPathMode::Off,
+        }),
+        cgroup: args.cgroup.clone(),
+        bpf_pin_dir: args.bpf_pin_dir.clone(),
+    })
 }
 
-/// `--node-name`, else `NODE_NAME`, in Kubernetes mode.
+/// `--node-name`, else `NODE_NAME`.
 fn node_name(args: &RunArgs) -> Option<String> {
-    if !args.kubernetes {
-        return None;
-    }
     args.node_name
         .clone()
         .or_else(|| std::env::var("NODE_NAME").ok())
         .filter(|n| !n.is_empty())
 }
 
-/// The readiness checks of the standalone agent: `config`, `jwks`, `listener`, `running`.
-/// Returns the flags of the last two.
-fn readiness_checks(
-    readiness: &Readiness,
-    store: &Arc<StateStore>,
-    jwks: &JwksStore,
-) -> (Arc<AtomicBool>, Arc<AtomicBool>) {
-    let config = Arc::clone(store);
-    readiness.add_check("config", move || {
-        let snapshot = config.load();
-        if snapshot.generation >= 1 {
-            Ok(format!(
-                "generation {}, {} error(s)",
-                snapshot.generation,
-                snapshot.errors.len()
-            ))
-        } else {
-            Err("no configuration published yet".into())
-        }
-    });
-    let keys = jwks.clone();
-    readiness.add_check("jwks", move || {
-        let status = keys.status();
-        if keys.ready() {
-            let failed = status
-                .iter()
-                .filter(|s| s.state == SourceState::Failed)
-                .count();
-            Ok(format!(
-                "{} source(s) answered, {failed} without keys",
-                status.len()
-            ))
-        } else {
-            let pending: Vec<&str> = status
-                .iter()
-                .filter(|s| s.state == SourceState::Pending)
-                .map(|s| s.key.as_str())
-                .collect();
-            Err(format!(
-                "waiting for the first answer of {}",
-                pending.join(", ")
-            ))
-        }
-    });
-    let listening = readiness.add_flag("listener", "the enforcer is not listening yet");
-    let stopping = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&stopping);
-    readiness.add_check("running", move || {
-        if seen.load(Ordering::Acquire) {
-            Err("shutting down: draining connections".into())
-        } else {
-            Ok("ok".into())
-        }
-    });
-    (listening, stopping)
-}
-
-/// Where the state comes from.
-enum Source {
-    Standalone(Standalone),
-    Kubernetes(Kubernetes, Arc<Health>),
-}
-
-impl Source {
-    /// Follows changes until `shutdown`.
-    async fn watch(self, shutdown: CancellationToken) {
-        match self {
-            Self::Standalone(standalone) => standalone.watch(shutdown).await,
-            Self::Kubernetes(kubernetes, _) => kubernetes.run(shutdown).await,
-        }
-    }
-}
-
-/// The state side of the agent: metrics, the state store fed by the source, and the JWKS
-/// store fed by every published snapshot.
-struct State {
-    metrics: Arc<Metrics>,
-    jwks: JwksStore,
-    jwks_metrics: JwksMetrics,
-    store: Arc<StateStore>,
-    source: Source,
-}
-
-/// Metrics first (every part registers or counts into them), then the stores, then the
-/// standalone source's first snapshot (or the Kubernetes client).
-fn start_state(
-    args: &RunArgs,
-    handle: &tokio::runtime::Handle,
-    datapath: Option<&Arc<NodeDatapath>>,
-) -> Result<State, RunError> {
-    let mut metrics = Metrics::new();
-    if let Some(datapath) = datapath {
-        metrics
-            .registry_mut()
-            .register_collector(Box::new(DatapathMetrics(Arc::clone(datapath))));
-    }
-    let jwks = {
-        let _in_runtime = handle.enter();
-        JwksStore::new(FetchConfig::default()).map_err(RunError::Jwks)?
-    };
-    let jwks_metrics = JwksMetrics::new(jwks.clone());
-    metrics
-        .registry_mut()
-        .register_collector(Box::new(jwks_metrics.clone()));
-    let health = args.kubernetes.then(|| Arc::new(Health::new()));
-    if let Some(health) = &health {
-        metrics
-            .registry_mut()
-            .register_collector(Box::new(KubernetesMetrics(Arc::clone(health))));
-    }
-    let metrics = Arc::new(metrics);
-
-    // Every published snapshot tells the JWKS store its sources. The hook runs on the thread
-    // that reloaded (this one at start, a blocking-pool thread later): enter the data-plane
-    // runtime, where the refresh tasks live.
-    let store = Arc::new(StateStore::new(Snapshot::empty(
-        &args.trust_domain,
-        &args.root_namespace,
-    )));
-    let on_publish: OnPublish = {
-        let jwks = jwks.clone();
-        let handle = handle.clone();
-        let datapath = datapath.cloned();
-        Arc::new(move |snapshot: &Arc<Snapshot>| {
-            let _in_runtime = handle.enter();
-            jwks.set_sources(jwks_sources(snapshot));
-            // The kernel's endpoint map follows every change of what is protected.
-            if let Some(datapath) = &datapath {
-                datapath.sync(snapshot);
-            }
-        })
-    };
-    if let Some(health) = health {
-        let node_name = node_name(args).ok_or(RunError::NodeName)?;
-        let client = handle
-            .block_on(kubernetes::client(args.kubeconfig.as_deref()))
-            .map_err(RunError::Kubernetes)?;
-        info!(node = %node_name, "Kubernetes mode: waiting for the initial lists of pods and policies");
-        let config = KubernetesConfig {
-            node_name,
-            root_namespace: args.root_namespace.clone(),
-            trust_domain: args.trust_domain.clone(),
-            debounce: kubernetes::source::DEFAULT_DEBOUNCE,
-        };
-        let source = Kubernetes::new(
-            client,
-            config,
-            Arc::clone(&store),
-            Arc::clone(&metrics),
-            Arc::clone(&health),
-            on_publish,
-        );
-        return Ok(State {
-            metrics,
-            jwks,
-            jwks_metrics,
-            store,
-            source: Source::Kubernetes(source, health),
-        });
-    }
-    let Some(workloads) = args.workloads.clone().filter(|_| !args.policies.is_empty()) else {
-        return Err(RunError::MissingInputs);
-    };
-    let config = StandaloneConfig {
-        root_namespace: args.root_namespace.clone(),
-        trust_domain: args.trust_domain.clone(),
-        ..StandaloneConfig::new(args.policies.clone(), workloads)
-    };
-    let standalone =
-        Standalone::start(config, Arc::clone(&store), Arc::clone(&metrics), on_publish)
-            .map_err(RunError::Config)?;
-    let first = store.load();
-    info!(
-        generation = first.generation,
-        workloads = first.workloads.len(),
-        authorization_policies = first.authz.len(),
-        errors = first.errors.len(),
-        "configuration loaded"
-    );
-    Ok(State {
-        metrics,
-        jwks,
-        jwks_metrics,
-        store,
-        source: Source::Standalone(standalone),
-    })
-}
-
-/// `--fast-path` as given, else on exactly when the data path is.
-fn fast_path_mode(args: &RunArgs) -> FastPathMode {
-    args.fast_path.unwrap_or(match args.datapath {
-        DatapathMode::On => FastPathMode::On,
-        DatapathMode::Off => FastPathMode::Off,
-    })
-}
-
-fn datapath_config(args: &RunArgs) -> DatapathConfig {
-    DatapathConfig {
-        listener_port: args.listen.port(),
-        pin_dir: args.bpf_pin_dir.clone(),
-        failure_mode: match args.failure_mode {
-            FailureMode::Closed => crate::datapath::FailureMode::Closed,
-            FailureMode::Open => crate::datapath::FailureMode::Open,
-        },
-        fast_path: match fast_path_mode(args) {
-            FastPathMode::On => Some(
-                args.cgroup
-                    .clone()
-                    .unwrap_or_else(crate::datapath::cgroup2_root),
-            ),
-            FastPathMode::Off => None,
-        },
-        ..DatapathConfig::default()
-    }
-}
-
-fn enforcer_config(args: &RunArgs) -> EnforcerConfig {
-    EnforcerConfig {
-        limits: Limits {
-            max_header_bytes: args.max_header_bytes,
-            max_headers: args.max_headers,
-            header_read_timeout: args.header_read_timeout,
-            detect_timeout: args.detect_timeout,
-            ..Limits::default()
-        },
-        path_normalization: args.path_normalization,
-        drain_timeout: args.drain_timeout,
-        // The kernel's guard lets into a protected pod only what carries this mark.
-        upstream_mark: match args.datapath {
-            DatapathMode::On => datapath_config(args).upstream_mark,
-            DatapathMode::Off => 0,
-        },
-        ..EnforcerConfig::default()
-    }
-}
-
-/// What shutdown stops, in order.
-struct Running {
-    shutdown: CancellationToken,
-    accepting: tokio::task::JoinHandle<()>,
-    tracker: TaskTracker,
-    watcher: tokio::task::JoinHandle<()>,
-    stopping: Arc<AtomicBool>,
-}
-
-/// Waits for SIGTERM or SIGINT, then: `/readyz` 503, no more accepting, in-flight requests
-/// finish within `drain`, the watcher stops.
-async fn drain_on_signal(
-    mut terminate: Signal,
-    mut interrupt: Signal,
-    running: Running,
-    drain: Duration,
-) {
-    let name = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    };
-    running.stopping.store(true, Ordering::Release);
-    info!(
-        signal = name,
-        open = running.tracker.len(),
-        drain_timeout = %humantime::format_duration(drain),
-        "shutting down: no longer accepting; letting in-flight requests finish"
-    );
-    running.shutdown.cancel();
-    if let Err(e) = running.accepting.await {
-        warn!(error = %e, "the listener task ended abnormally");
-    }
-    running.tracker.close();
-    if tokio::time::timeout(drain, running.tracker.wait())
-        .await
-        .is_ok()
-    {
-        info!("every connection finished");
-    } else {
-        warn!(
-            cut = running.tracker.len(),
-            "drain timeout reached; closing the connections still open"
-        );
-    }
-    if let Err(e) = running.watcher.await {
-        warn!(error = %e, "the file watcher ended abnormally");
-    }
-}
-
-#[expect(
-    clippy::too_many_lines,
-    reason = "the agent's startup order, step by step"
-)]
 fn run_agent(args: &RunArgs) -> Result<(), RunError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("nodeward-data")
-        .build()
-        .map_err(RunError::Runtime)?;
-    let handle = runtime.handle().clone();
+    let config = config(args)?;
+    let mut app = App::new(config)?;
     // Handlers first, so a SIGTERM during startup is a clean shutdown too.
-    let (terminate, interrupt) = {
-        let _in_runtime = handle.enter();
+    let (mut terminate, mut interrupt) = {
+        let _in_runtime = app.handle().enter();
         (
             signal(SignalKind::terminate()).map_err(RunError::Signal)?,
             signal(SignalKind::interrupt()).map_err(RunError::Signal)?,
         )
     };
-
-    if args.fast_path == Some(FastPathMode::On) && args.datapath == DatapathMode::Off {
-        return Err(RunError::FastPathWithoutDatapath);
-    }
-    let datapath = match args.datapath {
-        DatapathMode::On => {
-            let config = datapath_config(args);
-            let datapath = NodeDatapath::start(config).map_err(RunError::Datapath)?;
-            info!(
-                listener_port = args.listen.port(),
-                failure_mode = args.failure_mode.as_str(),
-                fast_path = ?fast_path_mode(args),
-                "kernel data path attached"
-            );
-            Some(datapath)
+    app.add_admin_endpoint(super::check_endpoint::endpoint());
+    let bound = app.start()?;
+    let name = bound.block_on(async {
+        tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
         }
-        DatapathMode::Off => {
-            info!("kernel data path off: the enforcer runs alone");
-            None
-        }
-    };
-    let state = match start_state(args, &handle, datapath.as_ref()) {
-        Ok(state) => state,
-        Err(e) => {
-            stop_datapath(datapath.as_ref());
-            return Err(e);
-        }
-    };
-    let readiness = Arc::new(Readiness::new());
-    let (listening, stopping) = readiness_checks(&readiness, &state.store, &state.jwks);
-    if let Source::Kubernetes(_, health) = &state.source {
-        health.add_checks(&readiness);
-    }
-    if let Some(datapath) = &datapath {
-        let datapath = Arc::clone(datapath);
-        readiness.add_check("datapath", move || {
-            if datapath.attached() {
-                Ok("programs attached".into())
-            } else {
-                Err("no kernel program attached".into())
-            }
-        });
-    }
-
-    let shutdown = CancellationToken::new();
-    let watcher = runtime.spawn(state.source.watch(shutdown.clone()));
-    if let Some(datapath) = &datapath {
-        runtime.spawn(follow_interfaces(
-            Arc::clone(datapath),
-            Arc::clone(&state.store),
-            shutdown.clone(),
-        ));
-    }
-
-    let listener = {
-        let _in_runtime = handle.enter();
-        transparent_listener(args.listen).map_err(|source| RunError::Listen {
-            addr: args.listen,
-            source,
-        })?
-    };
-    let listen_addr = listener.local_addr().unwrap_or(args.listen);
-    let cache = TokenCache::default();
-    let enforcer = Enforcer::new(
-        Arc::clone(&state.store),
-        Arc::new(state.jwks.clone()),
-        cache.clone(),
-        Arc::clone(&state.metrics),
-        enforcer_config(args),
-    );
-    let tracker = TaskTracker::new();
-    let accepting =
-        runtime.spawn(enforcer.run_listener(listener, shutdown.clone(), tracker.clone()));
-    listening.store(true, Ordering::Release);
-    info!(listen = %listen_addr, failure_mode = args.failure_mode.as_str(), "enforcer listening");
-
-    let admin_error = |source| RunError::Admin {
-        addr: args.admin,
-        source,
-    };
-    let admin_listener = std::net::TcpListener::bind(args.admin).map_err(admin_error)?;
-    let admin = AdminServer::start(
-        admin_listener,
-        Arc::new(Admin {
-            store: state.store,
-            jwks: state.jwks,
-            jwks_metrics: state.jwks_metrics,
-            cache,
-            metrics: state.metrics,
-            readiness,
-            config: agent_config(args),
-            normalization: args.path_normalization,
-            datapath: datapath.clone(),
-        }),
-    )
-    .map_err(admin_error)?;
-    info!(admin = %admin.local_addr(), "admin server listening");
-
-    runtime.block_on(drain_on_signal(
-        terminate,
-        interrupt,
-        Running {
-            shutdown,
-            accepting,
-            tracker,
-            watcher,
-            stopping,
-        },
-        args.drain_timeout,
-    ));
-    admin.stop();
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    stop_datapath(datapath.as_ref());
-    info!("nodeward stopped");
+    });
+    bound.stop(name);
     Ok(())
 }
 
-/// A clean stop removes every program, pin, rule and route the agent made.
-fn stop_datapath(datapath: Option<&Arc<NodeDatapath>>) {
-    if let Some(datapath) = datapath {
-        match datapath.shutdown() {
-            Ok(()) => info!("kernel data path removed"),
-            Err(e) => warn!(error = %e, "removing the kernel data path"),
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn parse(args: &[&str]) -> RunArgs {
+        match Cli::try_parse_from([&["nodeward", "run"], args].concat()) {
+            Ok(Cli {
+                command: Command::Run(args),
+            }) => *args,
+            other => panic!("{args:?}: {other:?}"),
         }
     }
-}
 
-/// Interfaces come and go with pods: on every netlink link event, attach `steer` to new
-/// interfaces and re-sync the endpoints and guards.
-async fn follow_interfaces(
-    datapath: Arc<NodeDatapath>,
-    store: Arc<StateStore>,
-    shutdown: CancellationToken,
-) {
-    let events = {
-        let guard = datapath.link_events();
-        match guard {
-            Ok(events) => events,
-            Err(e) => {
-                warn!(error = %e, "no link events; interfaces are picked up on the next reload only");
-                return;
+    #[test]
+    fn flag_defaults_are_the_config_defaults() {
+        let config =
+            config(&parse(&["--policies", "/p", "--workloads", "/w.yaml"])).expect("config");
+        assert_eq!(
+            config,
+            Config {
+                policies: vec![PathBuf::from("/p")],
+                workloads: Some(PathBuf::from("/w.yaml")),
+                ..Config::default()
             }
-        }
-    };
-    let mut events = events;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            changed = events.changed() => {
-                if let Err(e) = changed {
-                    warn!(error = %e, "link events ended");
-                    return;
-                }
-                let snapshot = store.load();
-                let datapath = Arc::clone(&datapath);
-                let _ = tokio::task::spawn_blocking(move || datapath.rescan(&snapshot)).await;
-            }
-        }
+        );
+    }
+
+    #[test]
+    fn the_fast_path_follows_the_data_path_unless_given() {
+        let off = config(&parse(&[
+            "--policies",
+            "/p",
+            "--workloads",
+            "/w",
+            "--datapath",
+            "off",
+        ]))
+        .expect("config");
+        assert_eq!(off.fast_path, FastPathMode::Off);
+        let given = config(&parse(&[
+            "--policies",
+            "/p",
+            "--workloads",
+            "/w",
+            "--datapath",
+            "off",
+            "--fast-path",
+            "on",
+        ]))
+        .expect("config");
+        assert!(matches!(
+            App::new(given),
+            Err(app::Error::FastPathWithoutDatapath)
+        ));
     }
 }

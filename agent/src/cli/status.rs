@@ -8,9 +8,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::path::Path;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum as _};
 use serde::Serialize;
 
 use super::check::Output;
@@ -275,6 +276,9 @@ pub fn render(status: &Status) -> String {
         c.root_namespace,
         c.trust_domain,
         c.path_normalization
+            .to_possible_value()
+            .as_ref()
+            .map_or("", clap::builder::PossibleValue::get_name)
     );
     if let Some(k) = &c.kubernetes {
         let _ = writeln!(out, "           Kubernetes mode, node {}", k.node_name);
@@ -284,7 +288,7 @@ pub fn render(status: &Status) -> String {
             out,
             "           policies {}; workloads {}",
             policies.join(", "),
-            c.workloads.display()
+            c.workloads.as_deref().unwrap_or(Path::new("")).display()
         );
     }
     if s.errors.is_empty() {

@@ -10,7 +10,20 @@ use nodeward_common::{
 use super::{netlink::MarkRule, DatapathError};
 
 /// What steered traffic gets while the enforcer's listener is missing (the agent is down).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// `nodeward run --failure-mode`, shown by `/debug/state` and `nodeward status` as
+/// `closed`/`open`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum FailureMode {
     /// Dropped: a protected pod is never reached unjudged.
     #[default]

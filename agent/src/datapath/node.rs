@@ -10,9 +10,11 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
+use tokio_util::sync::CancellationToken;
 
 use super::{Counters, Datapath, DatapathConfig, DatapathError};
-use crate::state::Snapshot;
+use crate::readiness::Readiness;
+use crate::state::{Snapshot, StateStore};
 use nodeward_common::endpoint::PORT_ANY;
 
 /// A started datapath, shareable; `shutdown` takes it out once.
@@ -111,6 +113,18 @@ impl NodeDatapath {
             .is_some_and(|d| !d.attached().is_empty())
     }
 
+    /// Adds the `datapath` readiness check: ready while the programs are attached.
+    pub fn add_readiness(self: &Arc<Self>, readiness: &Readiness) {
+        let datapath = Arc::clone(self);
+        readiness.add_check("datapath", move || {
+            if datapath.attached() {
+                Ok("programs attached".into())
+            } else {
+                Err("no kernel program attached".into())
+            }
+        });
+    }
+
     /// Netlink link notifications (interfaces appearing or leaving); inside a tokio runtime.
     pub fn link_events(&self) -> Result<super::LinkEvents, DatapathError> {
         match self.lock().as_ref() {
@@ -140,6 +154,37 @@ impl NodeDatapath {
             .as_ref()
             .and_then(|d| d.protected_endpoints().ok())
             .unwrap_or_default()
+    }
+
+    /// Follows interfaces as they come and go with pods, until `shutdown`: on every netlink
+    /// link event, attaches `steer` to new interfaces and re-syncs the endpoints and guards
+    /// with the snapshot in force.
+    pub async fn follow_interfaces(
+        self: Arc<Self>,
+        store: Arc<StateStore>,
+        shutdown: CancellationToken,
+    ) {
+        let mut events = match self.link_events() {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(error = %e, "no link events; interfaces are picked up on the next reload only");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = events.changed() => {
+                    if let Err(e) = changed {
+                        tracing::warn!(error = %e, "link events ended");
+                        return;
+                    }
+                    let snapshot = store.load();
+                    let datapath = Arc::clone(&self);
+                    let _ = tokio::task::spawn_blocking(move || datapath.rescan(&snapshot)).await;
+                }
+            }
+        }
     }
 
     /// Removes every program, pin, rule and route (a clean stop).

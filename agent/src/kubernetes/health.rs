@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use crate::admin::Readiness;
+use crate::readiness::Readiness;
 
 /// The watchers, by the name readiness and metrics use.
 pub const LOCAL_PODS: &str = "pods-on-node";

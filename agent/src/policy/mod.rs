@@ -16,6 +16,7 @@ pub use load::{
     load_object, load_paths, load_str, AuthorizationPolicy, LoadError, Loaded, Object, Origin,
     RequestAuthentication,
 };
+pub use scope::DEFAULT_ROOT_NAMESPACE;
 pub use validate::Action;
 
 #[cfg(test)]

@@ -5,6 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 
+/// Istio's default root namespace: policies there apply to every namespace.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
 /// The objects of the root namespace, then those of `namespace` (once when they are the same).
 pub fn in_scope<'a, T, S: BuildHasher>(
     by_namespace: &'a HashMap<String, Vec<T>, S>,

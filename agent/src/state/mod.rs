@@ -18,6 +18,9 @@ use crate::authn::{AuthnSet, JwtRules};
 use crate::authz::{PolicySet, WorkloadPolicies};
 pub use workloads::Workload;
 
+/// Istio's default trust domain: source principals are `cluster.local/ns/<ns>/sa/<sa>`.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 /// What the enforcer needs about one destination workload, computed once per snapshot.
 #[derive(Debug)]
 pub struct WorkloadView {

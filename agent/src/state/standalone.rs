@@ -52,18 +52,17 @@ use super::workloads::{
     load_workloads, Workload, WorkloadError, WorkloadsFileError, WorkloadsLoad,
 };
 use super::StateStore;
+use super::DEFAULT_TRUST_DOMAIN;
 use crate::metrics::Metrics;
-use crate::policy::{load_str, AuthorizationPolicy, LoadError, RequestAuthentication};
+use crate::policy::{
+    load_str, AuthorizationPolicy, LoadError, RequestAuthentication, DEFAULT_ROOT_NAMESPACE,
+};
 
 /// Quiet time after the last file event before a reload (editors write a temp file and
 /// rename it, or write in several steps).
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(150);
 /// Period of the full rescan that catches changes whose events were missed.
 pub const DEFAULT_RESCAN: Duration = Duration::from_secs(30);
-/// Istio's default trust domain.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-/// Istio's default root namespace (policies there apply to every namespace).
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// A stream of events holds a reload back at most this many debounce periods.
 const MAX_DEBOUNCE_PERIODS: u32 = 10;
 

@@ -1,8 +1,11 @@
-//! Readiness as a list of named checks, each owned by the part of the agent it describes:
+//! Readiness as a list of named checks, each added by the part of the agent it describes:
 //! `config` (a snapshot is published), `jwks` (every key source answered), `listener`,
-//! `running` (not shutting down), and whatever later parts add (the datapath's "programs
-//! attached"). `/readyz` answers 200 only when every check passes, and names the ones that do
-//! not.
+//! `running` (not shutting down), the data path's `datapath` (programs attached), and one
+//! `kubernetes-<watcher>` per Kubernetes watcher. The admin server's `/readyz` answers 200 only
+//! when every check passes, and names the ones that do not.
+//!
+//! Shared vocabulary: it depends on nothing else in the crate, so every part can add checks
+//! without knowing the admin server.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
