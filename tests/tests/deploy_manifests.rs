@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 
-/// What the agent's Kubernetes mode reads and writes, from the contract of issue 6 (API group,
+/// What the agent's Kubernetes mode reads and writes (API group,
 /// resource, verbs). RBAC must grant exactly this, nothing more.
 ///
 /// The agent also discovers the `security.istio.io` group (GET /apis/security.istio.io): the
