@@ -50,22 +50,56 @@ pub fn of(
     }
 }
 
-/// `uri-host [ ":" port ]` (RFC 9110 7.2; empty allowed).
+/// `uri-host [ ":" port ]` (RFC 9110 7.2, RFC 3986 3.2.2; empty allowed): a reg-name or IPv4
+/// address (unreserved, sub-delims, `%` escapes) or an IP literal in brackets, then digits
+/// after a colon. User info (`@`), paths, whitespace and control characters are refused.
 fn valid(value: &[u8]) -> Result<String, AuthorityError> {
-    if value.is_empty() {
-        return Ok(String::new());
-    }
-    let text = std::str::from_utf8(value).map_err(|_| AuthorityError::Invalid)?;
-    let parsed: http::uri::Authority = text.parse().map_err(|_| AuthorityError::Invalid)?;
-    if text.contains('@') || parsed.as_str() != text {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let end = value
+            .iter()
+            .position(|b| *b == b']')
+            .ok_or(AuthorityError::Invalid)?;
+        let literal = &value[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || b":.vV".contains(b))
+        {
+            return Err(AuthorityError::Invalid);
+        }
+        (&value[..=end], &value[end + 1..])
+    } else {
+        let colon = value.iter().position(|b| *b == b':').unwrap_or(value.len());
+        let host = &value[..colon];
+        let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
+        if !host.iter().all(reg_name) {
+            return Err(AuthorityError::Invalid);
+        }
+        (host, &value[colon..])
+    };
+    let port_ok = match port {
+        [] => true,
+        [b':', digits @ ..] => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    if !port_ok || (host.is_empty() && !port.is_empty()) {
         return Err(AuthorityError::Invalid);
     }
-    Ok(text.to_owned())
+    // Only ASCII passed the checks above.
+    String::from_utf8(value.to_vec()).map_err(|_| AuthorityError::Invalid)
 }
 
 /// Makes `headers` carry exactly `authority`: HTTP/1 one `Host` line (none for an HTTP/1.0
 /// request without one); HTTP/2 no `host` field (the authority goes in `:authority`).
 pub fn set(headers: &mut HeaderMap, h2: bool, authority: Option<&str>) {
+    if !h2 {
+        let mut hosts = headers.get_all(header::HOST).iter();
+        if let (Some(only), None, Some(want)) = (hosts.next(), hosts.next(), authority) {
+            if only.as_bytes() == want.as_bytes() {
+                return; // already exactly what was judged (the common case)
+            }
+        }
+    }
     headers.remove(header::HOST);
     if h2 {
         return;
@@ -97,6 +131,12 @@ mod tests {
     #[test_case(None, &["a.test/x"], Version::HTTP_11, false, Err(AuthorityError::Invalid) ; "a path")]
     #[test_case(None, &["[::1]:8080"], Version::HTTP_11, false, Ok(Some("[::1]:8080")) ; "IPv6 literal with port")]
     #[test_case(None, &[""], Version::HTTP_11, false, Ok(Some("")) ; "RFC 9112 3.2: empty Host for an empty authority")]
+    #[test_case(None, &["a.test:"], Version::HTTP_11, false, Ok(Some("a.test:")) ; "RFC 3986 3.2.3: an empty port is allowed")]
+    #[test_case(None, &["a.test:80x"], Version::HTTP_11, false, Err(AuthorityError::Invalid) ; "a port that is not digits")]
+    #[test_case(None, &["a test"], Version::HTTP_11, false, Err(AuthorityError::Invalid) ; "whitespace")]
+    #[test_case(None, &["[::1"], Version::HTTP_11, false, Err(AuthorityError::Invalid) ; "an unclosed IP literal")]
+    #[test_case(None, &[":80"], Version::HTTP_11, false, Err(AuthorityError::Invalid) ; "a port without a host")]
+    #[test_case(None, &["xn--bcher-kva.example:8080"], Version::HTTP_11, false, Ok(Some("xn--bcher-kva.example:8080")) ; "IDNA A-label with port")]
     #[test_case(Some("a.test"), &["b.test"], Version::HTTP_2, true, Ok(Some("a.test")) ; "h2: :authority wins, host discarded (Envoy)")]
     #[test_case(None, &["b.test"], Version::HTTP_2, true, Ok(Some("b.test")) ; "RFC 9113 8.3.1: host stands in for :authority")]
     #[test_case(None, &[], Version::HTTP_2, true, Err(AuthorityError::MissingHttp2) ; "h2 with neither")]

@@ -318,7 +318,8 @@ pub fn decide_http(req: &HttpRequest<'_>, judge: &Judge<'_>) -> HttpVerdict {
             return verdict;
         }
     }
-    let host = verdict.authority.clone().unwrap_or_default();
+    let authority = verdict.authority.take();
+    let host = authority.as_deref().unwrap_or_default();
 
     // Authentication (Envoy's jwt_authn runs before RBAC).
     let parts = RequestParts {
@@ -343,6 +344,7 @@ pub fn decide_http(req: &HttpRequest<'_>, judge: &Judge<'_>) -> HttpVerdict {
         });
         verdict.path = Some(path);
         verdict.authn = Some(outcome);
+        verdict.authority = authority;
         return verdict;
     }
 
@@ -360,7 +362,7 @@ pub fn decide_http(req: &HttpRequest<'_>, judge: &Judge<'_>) -> HttpVerdict {
             http: Some(Http {
                 method: req.method.as_str(),
                 path: &path.path,
-                host: &host,
+                host,
                 headers: req.headers,
                 auth,
             }),
@@ -384,6 +386,7 @@ pub fn decide_http(req: &HttpRequest<'_>, judge: &Judge<'_>) -> HttpVerdict {
     }
     verdict.path = Some(path);
     verdict.authn = Some(outcome);
+    verdict.authority = authority;
     verdict
 }
 

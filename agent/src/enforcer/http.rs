@@ -172,7 +172,7 @@ impl Enforcer {
         let workload_id = view
             .as_ref()
             .map_or_else(super::no_workload, |w| w.id.clone());
-        let verdict = {
+        let mut verdict = {
             let request = HttpRequest {
                 method: &method,
                 version: req.version(),
@@ -200,8 +200,8 @@ impl Enforcer {
             decision: if verdict.allowed() { "allow" } else { "deny" },
             status: verdict.answer.as_ref().map_or(0, |a| a.status.as_u16()),
             reason: verdict.reason.label(),
-            policy: verdict.policy.clone(),
-            principal: verdict.principal.clone(),
+            policy: verdict.policy.take(),
+            principal: verdict.principal.take(),
         };
         let response = match (&verdict.answer, view.as_deref()) {
             (Some(refused), _) => answer(refused),
