@@ -406,13 +406,17 @@ pub fn node_traffic_answers(env: &Env) {
         "a pod's plain TCP to the probe port is judged and closed"
     );
 
+    // The agent's log writer flushes every 100 ms: wait for the lines, bounded.
+    let probe_lines = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("reason=probe") && l.contains(&format!("source={NODE_ADDR}:")))
+            .count()
+    };
+    let flushed = crate::eventually(Duration::from_secs(3), || probe_lines(&env.log()) >= 3);
     let log = env.log();
-    let probe_lines = log
-        .lines()
-        .filter(|l| l.contains("reason=probe") && l.contains(&format!("source={NODE_ADDR}:")))
-        .count();
     assert!(
-        probe_lines >= 3,
-        "access log lines with reason=probe from the node: {probe_lines}\n{log}"
+        flushed,
+        "access log lines with reason=probe from the node: {}\n{log}",
+        probe_lines(&log)
     );
 }
