@@ -22,6 +22,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,6 +129,7 @@ impl App {
     /// builds the data-plane runtime.
     pub fn new(config: Config) -> Result<Self, Error> {
         if config.fast_path == FastPathMode::On && config.datapath == DatapathMode::Off {
+            // `auto` without a data path is simply off.
             return Err(Error::FastPathWithoutDatapath);
         }
         if config.kubernetes.is_none() && (config.policies.is_empty() || config.workloads.is_none())
@@ -533,14 +535,41 @@ fn datapath_config(config: &Config) -> Option<DatapathConfig> {
         listener_port: config.listen.port(),
         pin_dir: config.bpf_pin_dir.clone(),
         failure_mode: config.failure_mode,
-        fast_path: (config.fast_path == FastPathMode::On).then(|| {
-            config
-                .cgroup
-                .clone()
-                .unwrap_or_else(crate::datapath::cgroup2_root)
+        fast_path: fast_path_cgroup(config, crate::datapath::cgroup2_root, |p| {
+            crate::datapath::check_cgroup(p).is_ok()
         }),
         ..DatapathConfig::default()
     })
+}
+
+/// The cgroup v2 the fast path attaches to, `None` for no fast path. `on`, or an explicit
+/// `--cgroup`, is taken as given (the data path refuses what is not a cgroup v2, with the
+/// fix); `auto` without `--cgroup` uses the cgroup v2 root when there is one and otherwise
+/// runs without the fast path, saying so.
+fn fast_path_cgroup(
+    config: &Config,
+    root: impl FnOnce() -> PathBuf,
+    is_cgroup2: impl FnOnce(&Path) -> bool,
+) -> Option<PathBuf> {
+    match (config.fast_path, &config.cgroup) {
+        (FastPathMode::Off, _) => None,
+        (FastPathMode::On | FastPathMode::Auto, Some(cgroup)) => Some(cgroup.clone()),
+        (FastPathMode::On, None) => Some(root()),
+        (FastPathMode::Auto, None) => {
+            let root = root();
+            if is_cgroup2(&root) {
+                Some(root)
+            } else {
+                warn!(
+                    cgroup = %root.display(),
+                    "no cgroup v2 found (is /sys/fs/cgroup hidden, as under `ip netns exec`?): the \
+                     same-node fast path is off; requests are judged as always. Pass --cgroup DIR \
+                     to use one, or --fast-path off to silence this"
+                );
+                None
+            }
+        }
+    }
 }
 
 fn enforcer_config(config: &Config) -> EnforcerConfig {
@@ -608,5 +637,48 @@ fn stop_datapath(datapath: Option<&Arc<NodeDatapath>>) {
             Ok(()) => info!("kernel data path removed"),
             Err(e) => warn!(error = %e, "removing the kernel data path"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(fast_path: FastPathMode, cgroup: Option<&str>) -> Config {
+        Config {
+            fast_path,
+            cgroup: cgroup.map(PathBuf::from),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn the_fast_path_degrades_only_when_not_asked_for() {
+        let root = || PathBuf::from("/sys/fs/cgroup");
+        let found = |_: &Path| true;
+        let none = |_: &Path| false;
+        // auto: on where there is a cgroup v2, else off (the agent still starts).
+        assert_eq!(
+            fast_path_cgroup(&with(FastPathMode::Auto, None), root, found),
+            Some(root())
+        );
+        assert_eq!(
+            fast_path_cgroup(&with(FastPathMode::Auto, None), root, none),
+            None
+        );
+        // on: taken as given; the data path refuses a directory that is not a cgroup v2.
+        assert_eq!(
+            fast_path_cgroup(&with(FastPathMode::On, None), root, none),
+            Some(root())
+        );
+        // An explicit --cgroup is a request: never silently dropped.
+        assert_eq!(
+            fast_path_cgroup(&with(FastPathMode::Auto, Some("/x")), root, none),
+            Some(PathBuf::from("/x"))
+        );
+        assert_eq!(
+            fast_path_cgroup(&with(FastPathMode::Off, Some("/x")), root, found),
+            None
+        );
     }
 }

@@ -33,7 +33,11 @@ pub enum DatapathMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FastPathMode {
+    /// On where a cgroup v2 is found (or `--cgroup` names one), else off, said in the log,
+    /// `status` and `nodeward_datapath_fast_path`: the default with the data path.
     #[default]
+    Auto,
+    /// On, or the agent refuses to start (no cgroup v2, or no data path).
     On,
     Off,
 }
@@ -90,7 +94,8 @@ pub struct Config {
     pub detect_timeout: Duration,
     /// The kernel data path.
     pub datapath: DatapathMode,
-    /// The same-node fast path; `on` needs the data path.
+    /// The same-node fast path; `on` needs the data path and a cgroup v2, `auto` uses it when
+    /// both are there.
     pub fast_path: FastPathMode,
     /// The cgroup v2 directory of the fast path's `sock_ops` program; `None`: the cgroup v2
     /// root.
@@ -120,7 +125,7 @@ impl Default for Config {
             header_read_timeout: Duration::from_secs(10),
             detect_timeout: Duration::from_secs(5),
             datapath: DatapathMode::On,
-            fast_path: FastPathMode::On,
+            fast_path: FastPathMode::Auto,
             cgroup: None,
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/nodeward"),
         }

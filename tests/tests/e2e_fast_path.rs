@@ -304,3 +304,71 @@ fn fast_path_off_attaches_nothing_even_after_a_crashed_on() {
     assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
     assert!(!env.pin_dir().exists());
 }
+
+/// Under `ip netns exec` (which mounts a fresh /sys, hiding /sys/fs/cgroup) there is no cgroup
+/// v2: by default (`auto`) the agent starts with the fast path off and says so; `--fast-path
+/// on` given explicitly still refuses to start.
+#[test]
+fn without_a_cgroup_v2_the_fast_path_degrades_unless_asked_for() {
+    let mut node = TestNode::new("nocgroup");
+    let bpffs = node.mount_bpffs();
+    let dir = nodeward_tests::TempDir::new("nocgroup");
+    std::fs::create_dir_all(dir.join("policies")).expect("dir");
+    std::fs::write(
+        dir.join("policies/allow.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow, namespace: foo}\nspec:\n  rules: [{from: [{source: {principals: ['*']}}]}]\n",
+    )
+    .expect("policy");
+    std::fs::write(
+        dir.join("workloads.yaml"),
+        "workloads:\n- {name: web, namespace: foo, ip: 10.200.0.12}\n",
+    )
+    .expect("workloads");
+    let run = |extra: &[&str], log: &str| {
+        let mut command = std::process::Command::new("ip");
+        command
+            .args(["netns", "exec", &node.netns])
+            .arg(nodeward_bin())
+            .args(["run", "--policies"])
+            .arg(dir.join("policies"))
+            .arg("--workloads")
+            .arg(dir.join("workloads.yaml"))
+            .arg("--bpf-pin-dir")
+            .arg(bpffs.join("nodeward"))
+            .args(extra);
+        nodeward_tests::agent::Agent::spawn(
+            command,
+            "127.0.0.1:15000".parse().expect("addr"),
+            Some(&node.netns),
+            &dir.join(log),
+        )
+    };
+
+    let mut agent = run(&[], "auto.log");
+    agent.wait_ready(Duration::from_secs(20));
+    assert!(
+        agent
+            .state()
+            .get("fastPath")
+            .is_none_or(|f| f["cgroup"].is_null()),
+        "{}",
+        agent.state()
+    );
+    assert_eq!(agent.metric("nodeward_datapath_fast_path"), 0);
+    assert!(
+        agent.log().contains("no cgroup v2 found"),
+        "the agent says why: {}",
+        agent.log()
+    );
+    assert_eq!(agent.terminate(Duration::from_secs(25)), Some(0));
+
+    let mut strict = run(&["--fast-path", "on"], "on.log");
+    let code = strict.exit_code_within(Duration::from_secs(20));
+    assert_ne!(
+        code,
+        Some(0),
+        "--fast-path on without a cgroup v2 must refuse: {}",
+        strict.log()
+    );
+    assert!(strict.log().contains("cgroup"), "{}", strict.log());
+}

@@ -100,11 +100,18 @@ pub struct RunArgs {
     pub datapath: DatapathMode,
     /// The same-node fast path: bytes between the enforcer and pods of this node go from socket
     /// to socket (`sock_ops` + `sk_msg`), skipping the TCP/IP stack; connections still open
-    /// through the steering, and every request is still judged. Default: `on` with
-    /// `--datapath on` (`cargo xtask bench` measured it: see BENCHMARKS.md), off without a
-    /// data path; `on` with `--datapath off` is refused. `off` leaves none of it attached, also
-    /// when a previous run left it.
-    #[arg(long, env = "NODEWARD_FAST_PATH", value_enum, value_name = "on|off")]
+    /// through the steering, and every request is still judged. Default: `auto` with
+    /// `--datapath on` (`cargo xtask bench` measured it: see BENCHMARKS.md): on where a cgroup
+    /// v2 is found, else off with a warning (e.g. under `ip netns exec`, which hides
+    /// /sys/fs/cgroup); off without a data path. `on` refuses to start without a cgroup v2 or
+    /// with `--datapath off`. `off` leaves none of it attached, also when a previous run left
+    /// it.
+    #[arg(
+        long,
+        env = "NODEWARD_FAST_PATH",
+        value_enum,
+        value_name = "auto|on|off"
+    )]
     pub fast_path: Option<FastPathMode>,
     /// The cgroup v2 directory the fast path's `sock_ops` program is attached to (sockets of
     /// processes in it and below are considered; only those of protected endpoints join).
@@ -222,7 +229,7 @@ pub fn config(args: &RunArgs) -> Result<Config, RunError> {
         detect_timeout: args.detect_timeout,
         datapath: args.datapath,
         fast_path: args.fast_path.unwrap_or(match args.datapath {
-            DatapathMode::On => FastPathMode::On,
+            DatapathMode::On => FastPathMode::Auto,
             DatapathMode::Off => FastPathMode::Off,
         }),
         cgroup: args.cgroup.clone(),
@@ -303,6 +310,12 @@ mod tests {
         ]))
         .expect("config");
         assert_eq!(off.fast_path, FastPathMode::Off);
+        let on = config(&parse(&["--policies", "/p", "--workloads", "/w"])).expect("config");
+        assert_eq!(
+            on.fast_path,
+            FastPathMode::Auto,
+            "on where it can be, by default"
+        );
         let given = config(&parse(&[
             "--policies",
             "/p",
