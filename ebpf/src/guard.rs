@@ -6,8 +6,13 @@
 //! probes: such packets enter no interface), or from an interface nobody hooked yet (a veth
 //! created since the last rescan, an unregistered pod). On the way into the pod every such path
 //! meets `guard`. For an IPv4/TCP packet to a protected endpoint:
-//! - `skb->mark` carries every bit of `upstream_mark`: the enforcer's own upstream connection
-//!   (`SO_MARK` on its sockets), passed ([`reason::GUARD_PASS_ENFORCER`]);
+//! - `skb->mark` carries every bit of `upstream_mark` AND the packet's sending socket (`skb->sk`,
+//!   a full socket of the node) has them as its own mark: the enforcer's own upstream connection
+//!   (`SO_MARK` on its sockets), passed ([`reason::GUARD_PASS_ENFORCER`]). The packet's mark alone
+//!   proves nothing: iptables rules set mark bits on packets they did not send (the CNI portmap
+//!   plugin marks hairpinned and `127.0.0.1` hostPort traffic 0x2000 and never clears it), while
+//!   a socket's mark is set only by its owner (`SO_MARK`, `CAP_NET_ADMIN` in the node) and a
+//!   forwarded packet has no sending socket at all;
 //! - a packet the node itself sent (`skb->sk` set: a local socket's) of a flow the enforcer holds
 //!   (its socket for the 4-tuple, not listening, not in TIME-WAIT: its accepted socket has the
 //!   pod's address as local address): redirected to the node's loopback ingress
@@ -36,7 +41,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_REDIRECT},
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_redirect, bpf_sk_fullsock},
     macros::classifier,
     programs::TcContext,
 };
@@ -85,12 +90,34 @@ fn try_guard(ctx: &TcContext) -> Result<i32, Malformed> {
     Ok(verdict)
 }
 
+/// `SO_MARK` of the node's socket that sent the packet; 0 for a forwarded packet (no sending
+/// socket) or a socket that is not a full one (a request or TIME-WAIT socket).
+#[inline]
+fn sender_mark(ctx: &TcContext) -> u32 {
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program; `sk` is
+    // checked for null before use, as the verifier demands.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: a non-null socket pointer from the context, as `bpf_sk_fullsock` takes it.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return 0;
+    }
+    // SAFETY: `bpf_sk_fullsock` returned a full socket, whose `mark` the verifier lets us read.
+    unsafe { (*full).mark }
+}
+
 /// The reason code for a packet on its way into a protected pod.
 #[inline]
 fn decide(ctx: &TcContext, flow: &Flow, config: &KernelConfig) -> u32 {
     // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    if config.upstream_mark != 0 && mark & config.upstream_mark == config.upstream_mark {
+    if config.upstream_mark != 0
+        && mark & config.upstream_mark == config.upstream_mark
+        && sender_mark(ctx) & config.upstream_mark == config.upstream_mark
+    {
         if is_new_flow(flow.flags) {
             record_opened(flow.daddr, flow.dport, flow.saddr, flow.sport);
         }

@@ -106,3 +106,81 @@ fn node_traffic_without_agent(mode: &str, while_down: WhileDown, counter: &str) 
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
     assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
 }
+
+/// The CNI portmap plugin marks hostPort traffic 0x2000 (`CNI-HOSTPORT-SETMARK`) and never
+/// clears it, the bit of the enforcer's default upstream mark: `guard` must not take a packet's
+/// mark as proof that the enforcer sent it. Here a hostPort-style DNAT on the node (not a
+/// protected endpoint, so `steer` passes it) with portmap's mark leads into a protected pod:
+/// the flow is refused, never delivered unjudged.
+#[test]
+fn a_hostport_flow_with_portmaps_mark_does_not_pass_guard() {
+    let env = start_node_traffic("mark-forgery", &[]);
+    let node = env.node.netns.clone();
+    let pod = env.pod("web").ip.to_string();
+    let node_addr = NODE_ADDR.to_string();
+    let iptables = |args: &[&str]| {
+        let mut all = vec!["iptables"];
+        all.extend_from_slice(args);
+        let out = env.node.exec(&node, &all);
+        assert!(
+            out.status.success(),
+            "iptables {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // What portmap writes for `hostPort: 18000` (DNAT to the pod, mark 0x2000).
+    iptables(&[
+        "-t",
+        "mangle",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-d",
+        &node_addr,
+        "--dport",
+        "18000",
+        "-j",
+        "MARK",
+        "--set-xmark",
+        "0x2000/0x2000",
+    ]);
+    iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-d",
+        &node_addr,
+        "--dport",
+        "18000",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("{pod}:8000"),
+    ]);
+    let dropped = env.counter("guard_dropped_bypass");
+    let limit = SHORT.to_string();
+    let out = env.node.exec(
+        &env.pod("stranger").netns,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            &limit,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{node_addr}:18000/"),
+        ],
+    );
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(status, "000", "the pod answered a flow nothing judged");
+    assert!(
+        env.counter("guard_dropped_bypass") > dropped,
+        "guard refused it as a bypass"
+    );
+}

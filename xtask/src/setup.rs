@@ -20,7 +20,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::system::{self, output, run as run_cmd};
 
 /// Debian packages, with what needs them.
-const DEBIAN_PACKAGES: [(&str, &str); 4] = [
+const DEBIAN_PACKAGES: [(&str, &str); 5] = [
     (
         "iproute2",
         "`ip`: the datapath tests build network namespaces and veths",
@@ -36,6 +36,10 @@ const DEBIAN_PACKAGES: [(&str, &str); 4] = [
     (
         "util-linux",
         "`nsenter`: runs the agent and pods inside test namespaces",
+    ),
+    (
+        "iptables",
+        "the end-to-end tests install CNI (portmap) and kube-proxy rules on the test node",
     ),
 ];
 
