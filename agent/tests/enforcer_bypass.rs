@@ -90,6 +90,15 @@ fn statuses(answer: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Sends `bytes` from the known workload and checks the enforcer's one answer and that the pod
+/// saw no connection at all.
+async fn refused_before_the_pod(bytes: &[u8], status: &str) {
+    let (node, pod) = raw_node(Limits::default(), Vec::new()).await;
+    let answer = exchange(&node, KNOWN_CLIENT, bytes, SHORT).await;
+    assert_eq!(statuses(&answer), [status], "{answer}");
+    assert_eq!(pod.connections(), 0, "{}", pod.received());
+}
+
 const SHORT: Duration = Duration::from_secs(2);
 
 // --- 1. Upgrade smuggling -------------------------------------------------------------------
@@ -207,10 +216,7 @@ async fn h2_connect_is_refused() {
 #[test_case::test_case(b"GET\t/admin\tHTTP/1.1\r\nHost: httpbin.foo\r\n\r\n", "400" ; "tabs between the parts")]
 #[tokio::test]
 async fn request_lines_that_lenient_servers_read_are_judged_as_http(bytes: &[u8], status: &str) {
-    let (node, pod) = raw_node(Limits::default(), Vec::new()).await;
-    let answer = exchange(&node, KNOWN_CLIENT, bytes, SHORT).await;
-    assert_eq!(statuses(&answer), [status], "{answer}");
-    assert_eq!(pod.connections(), 0, "{}", pod.received());
+    refused_before_the_pod(bytes, status).await;
 }
 
 #[tokio::test]
@@ -422,10 +428,7 @@ async fn a_port_declared_tcp_gets_tcp_semantics_from_the_first_byte() {
 #[test_case::test_case(b"GET /ok HTTP/1.1\r\nHost: httpbin.foo/admin\r\n\r\n" ; "a path in Host")]
 #[tokio::test]
 async fn bad_host_headers_get_400(bytes: &[u8]) {
-    let (node, pod) = raw_node(Limits::default(), Vec::new()).await;
-    let answer = exchange(&node, KNOWN_CLIENT, bytes, SHORT).await;
-    assert_eq!(statuses(&answer), ["400"], "{answer}");
-    assert_eq!(pod.connections(), 0, "{}", pod.received());
+    refused_before_the_pod(bytes, "400").await;
 }
 
 #[tokio::test]
@@ -546,16 +549,11 @@ async fn an_http_pod_timing_out_a_silent_client_is_not_a_server_first_protocol()
 #[tokio::test]
 async fn http10_chunked_request_is_refused() {
     // RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means the framing is faulty.
-    let (node, pod) = raw_node(Limits::default(), Vec::new()).await;
-    let answer = exchange(
-        &node,
-        KNOWN_CLIENT,
+    refused_before_the_pod(
         b"POST /ok HTTP/1.0\r\nHost: httpbin.foo\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-        SHORT,
+        "400",
     )
     .await;
-    assert_eq!(statuses(&answer), ["400"], "{answer}");
-    assert_eq!(pod.connections(), 0, "{}", pod.received());
 }
 
 // --- 3. Tokens that do not decode are still tokens --------------------------------------------
