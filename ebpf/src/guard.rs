@@ -29,6 +29,11 @@
 //! - a new flow while the listener is missing: `failure_mode` decides
 //!   ([`reason::GUARD_DROP_NO_LISTENER`] or [`reason::GUARD_PASS_NO_LISTENER`]).
 //!
+//! IPv6 is not steered or judged yet, so an IPv6 packet that may open a TCP connection into the
+//! pod (a SYN, or a packet behind extension headers) is dropped unless the enforcer's own socket
+//! sent it ([`reason::GUARD_DROP_BYPASS`]): a dual-stack pod refuses new IPv6 connections instead
+//! of receiving them unjudged. Replies, `ICMPv6` and UDP pass.
+//!
 //! Redirected packets (`bpf_redirect(lo, BPF_F_INGRESS)`) meet `steer`, which the agent attaches
 //! to `lo` ingress too: it marks them and `bpf_sk_assign`s them to the enforcer exactly as it does
 //! for a pod's packets, and the `fwmark` rule makes them local deliveries. The enforcer's answers
@@ -50,7 +55,7 @@ use nodeward_ebpf::net::{is_flow_socket, is_new_flow, LOOPBACK_IFINDEX};
 
 use crate::{
     maps::{config, count, record_opened},
-    packet::{classify, Flow, Malformed, Target},
+    packet::{classify, ipv6_may_open_tcp, Flow, Malformed, Target},
     sock::Socket,
     verdict::{finish, Program},
 };
@@ -73,6 +78,16 @@ pub fn guard(ctx: TcContext) -> i32 {
 fn try_guard(ctx: &TcContext) -> Result<i32, Malformed> {
     count(counter::GUARD_SEEN);
     let verdict = match classify(ctx)? {
+        Target::NotIpv4Tcp if ipv6_may_open_tcp(ctx)? => {
+            let config = config();
+            if config.upstream_mark != 0
+                && sender_mark(ctx) & config.upstream_mark == config.upstream_mark
+            {
+                finish(ctx, reason::GUARD_PASS_ENFORCER, None, Program::Guard)
+            } else {
+                finish(ctx, reason::GUARD_DROP_BYPASS, None, Program::Guard)
+            }
+        }
         Target::NotIpv4Tcp => finish(ctx, reason::GUARD_PASS_NOT_IPV4_TCP, None, Program::Guard),
         Target::NotProtected => finish(ctx, reason::GUARD_PASS_NOT_PROTECTED, None, Program::Guard),
         Target::MalformedProtected => finish(

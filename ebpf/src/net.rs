@@ -10,6 +10,12 @@
 
 /// `EtherType` of IPv4 (host order), as found in `skb->protocol` (network order there).
 pub const ETH_P_IP: u16 = 0x0800;
+/// `EtherType` of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// Offset of the Next Header field in the IPv6 header.
+pub const IPV6_NEXT_HEADER_OFFSET: usize = 6;
+/// Length of the fixed IPv6 header.
+pub const IPV6_HEADER_LEN: usize = 40;
 
 /// Offset of the version/IHL byte in the IPv4 header.
 pub const IPV4_VERSION_IHL_OFFSET: usize = 0;

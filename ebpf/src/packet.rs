@@ -15,9 +15,10 @@ use aya_ebpf::{
     helpers::generated::bpf_skb_load_bytes_relative, programs::TcContext,
 };
 use nodeward_ebpf::net::{
-    ipv4_header_len, is_first_fragment, ETH_P_IP, IPPROTO_TCP, IPV4_DADDR_OFFSET,
-    IPV4_FLAGS_FRAG_OFFSET, IPV4_PROTOCOL_OFFSET, IPV4_SADDR_OFFSET, IPV4_VERSION_IHL_OFFSET,
-    TCP_FLAGS_OFFSET, TCP_PORTS_OFFSET,
+    ipv4_header_len, is_first_fragment, is_new_flow, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP,
+    IPV4_DADDR_OFFSET, IPV4_FLAGS_FRAG_OFFSET, IPV4_PROTOCOL_OFFSET, IPV4_SADDR_OFFSET,
+    IPV4_VERSION_IHL_OFFSET, IPV6_HEADER_LEN, IPV6_NEXT_HEADER_OFFSET, TCP_FLAGS_OFFSET,
+    TCP_PORTS_OFFSET,
 };
 
 use crate::maps::{is_protected, is_protected_on_every_port};
@@ -52,6 +53,26 @@ pub enum Target {
     /// To a protected endpoint (known from the address and, when readable, the port), but the
     /// TCP header is cut short: its flags, or its ports, are not in this packet.
     MalformedProtected,
+}
+
+/// Whether an IPv6 packet may open a TCP connection: a TCP segment that is a new flow (SYN
+/// without ACK), or a packet whose first header after the fixed one is an extension header
+/// (hop-by-hop, routing, fragment, destination options, AH, ESP, mobility, HIP, shim6) that
+/// would have to be walked to find what it carries: IPv6 is not judged yet, so what might open
+/// a connection into a protected pod is refused rather than delivered unjudged. `ICMPv6`
+/// (neighbour discovery), UDP and replies pass.
+#[inline]
+pub fn ipv6_may_open_tcp(ctx: &TcContext) -> Result<bool, Malformed> {
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
+    let protocol = unsafe { (*ctx.skb.skb).protocol };
+    if u16::from_be(protocol as u16) != ETH_P_IPV6 {
+        return Ok(false);
+    }
+    Ok(match load::<u8>(ctx, IPV6_NEXT_HEADER_OFFSET)? {
+        IPPROTO_TCP => is_new_flow(load::<u8>(ctx, IPV6_HEADER_LEN + TCP_FLAGS_OFFSET)?),
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 => true,
+        _ => false,
+    })
 }
 
 /// Reads the headers and looks the destination up in `PROTECTED_ENDPOINTS`.

@@ -184,3 +184,104 @@ fn a_hostport_flow_with_portmaps_mark_does_not_pass_guard() {
         "guard refused it as a bypass"
     );
 }
+
+/// IPv6 is not steered or judged yet: a dual-stack protected pod must refuse new IPv6
+/// connections rather than receive them unjudged. The pod `web` gets an IPv6 address and a
+/// server on it; the node connects to it directly.
+#[test]
+fn ipv6_into_a_protected_pod_is_refused_not_delivered_unjudged() {
+    let mut env = start_node_traffic("ipv6", &[]);
+    let node = env.node.netns.clone();
+    let web = env.pod("web").clone();
+    let (pod_v6, node_v6) = ("fd00:200::12", "fd00:200::1");
+    let ip = |netns: &str, args: &[&str]| {
+        let mut all = vec!["-n", netns, "-6"];
+        all.extend_from_slice(args);
+        nodeward_tests::netns::ip(&all);
+    };
+    ip(
+        &web.netns,
+        &[
+            "addr",
+            "add",
+            &format!("{pod_v6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    ip(
+        &node,
+        &[
+            "addr",
+            "add",
+            &format!("{node_v6}/128"),
+            "dev",
+            &web.host_if,
+            "nodad",
+        ],
+    );
+    ip(
+        &node,
+        &[
+            "route",
+            "add",
+            &format!("{pod_v6}/128"),
+            "dev",
+            &web.host_if,
+        ],
+    );
+    ip(
+        &web.netns,
+        &["route", "add", &format!("{node_v6}/128"), "dev", "eth0"],
+    );
+    let server = nodeward_tests::pod_server_bin();
+    env.node
+        .spawn(&web.netns, &server, &[&format!("[{pod_v6}]:8000")]);
+    // The server listens (a connection from inside the pod works): the refusal below is guard's.
+    let inside = env.node.exec(
+        &web.netns,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://[{pod_v6}]:8000/"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&inside.stdout),
+        "200",
+        "the pod's own IPv6 server"
+    );
+
+    let dropped = env.counter("guard_dropped_bypass");
+    let limit = SHORT.to_string();
+    let out = env.node.exec(
+        &node,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            &limit,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://[{pod_v6}]:8000/"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "000",
+        "an IPv6 connection reached the protected pod unjudged"
+    );
+    assert!(
+        env.counter("guard_dropped_bypass") > dropped,
+        "guard refused it"
+    );
+}
