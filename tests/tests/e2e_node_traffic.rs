@@ -115,70 +115,31 @@ fn node_traffic_without_agent(mode: &str, while_down: WhileDown, counter: &str) 
 #[test]
 fn a_hostport_flow_with_portmaps_mark_does_not_pass_guard() {
     let env = start_node_traffic("mark-forgery", &[]);
-    let node = env.node.netns.clone();
-    let pod = env.pod("web").ip.to_string();
-    let node_addr = NODE_ADDR.to_string();
-    let iptables = |args: &[&str]| {
-        let mut all = vec!["iptables"];
-        all.extend_from_slice(args);
-        let out = env.node.exec(&node, &all);
+    let pod = env.pod("web").ip;
+    let iptables = |rule: String| {
+        let mut args = vec!["iptables"];
+        args.extend(rule.split_whitespace());
+        let out = env.node.exec(&env.node.netns, &args);
         assert!(
             out.status.success(),
-            "iptables {args:?}: {}",
+            "{rule}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     };
     // What portmap writes for `hostPort: 18000` (DNAT to the pod, mark 0x2000).
-    iptables(&[
-        "-t",
-        "mangle",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "-d",
-        &node_addr,
-        "--dport",
-        "18000",
-        "-j",
-        "MARK",
-        "--set-xmark",
-        "0x2000/0x2000",
-    ]);
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "-d",
-        &node_addr,
-        "--dport",
-        "18000",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &format!("{pod}:8000"),
-    ]);
+    let hostport = format!("-p tcp -d {NODE_ADDR} --dport 18000");
+    iptables(format!(
+        "-t mangle -A PREROUTING {hostport} -j MARK --set-xmark 0x2000/0x2000"
+    ));
+    iptables(format!(
+        "-t nat -A PREROUTING {hostport} -j DNAT --to-destination {pod}:8000"
+    ));
     let dropped = env.counter("guard_dropped_bypass");
-    let limit = SHORT.to_string();
-    let out = env.node.exec(
-        &env.pod("stranger").netns,
-        &[
-            "curl",
-            "-s",
-            "-m",
-            &limit,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{node_addr}:18000/"),
-        ],
-    );
-    let status = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(status, "000", "the pod answered a flow nothing judged");
+    let url = format!("http://{NODE_ADDR}:18000/");
+    let (status, _) = env
+        .node
+        .curl_within(SHORT, &env.pod("stranger").netns, "GET", &url, &[]);
+    assert_eq!(status, 0, "the pod answered a flow nothing judged");
     assert!(
         env.counter("guard_dropped_bypass") > dropped,
         "guard refused it as a bypass"
@@ -239,45 +200,14 @@ fn ipv6_into_a_protected_pod_is_refused_not_delivered_unjudged() {
     env.node
         .spawn(&web.netns, &server, &[&format!("[{pod_v6}]:8000")]);
     // The server listens (a connection from inside the pod works): the refusal below is guard's.
-    let inside = env.node.exec(
-        &web.netns,
-        &[
-            "curl",
-            "-s",
-            "-m",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://[{pod_v6}]:8000/"),
-        ],
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&inside.stdout),
-        "200",
-        "the pod's own IPv6 server"
-    );
+    let url = format!("http://[{pod_v6}]:8000/");
+    let (inside, _) = env.node.curl_within(5, &web.netns, "GET", &url, &[]);
+    assert_eq!(inside, 200, "the pod's own IPv6 server");
 
     let dropped = env.counter("guard_dropped_bypass");
-    let limit = SHORT.to_string();
-    let out = env.node.exec(
-        &node,
-        &[
-            "curl",
-            "-s",
-            "-m",
-            &limit,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://[{pod_v6}]:8000/"),
-        ],
-    );
+    let (status, _) = env.node.curl_within(SHORT, &node, "GET", &url, &[]);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "000",
+        status, 0,
         "an IPv6 connection reached the protected pod unjudged"
     );
     assert!(
