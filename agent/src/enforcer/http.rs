@@ -218,7 +218,16 @@ impl Enforcer {
                 judged = forwarded;
                 response
             }
-            (None, None) => unreachable!("a verdict without a destination is an answer"),
+            // The decision answers 503 for an unknown destination; should that ever change, the
+            // request still fails closed here rather than reaching a pod nothing judged.
+            (None, None) => {
+                judged.decision = "deny";
+                judged.status = 503;
+                full(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no workload at {}\n", info.original_dst),
+                )
+            }
         };
         drop(snapshot);
         let elapsed = started.elapsed();
