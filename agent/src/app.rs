@@ -35,10 +35,11 @@ use tracing::{info, warn};
 use crate::admin::{Admin, AdminServer, Endpoint, JwksMetrics};
 use crate::authn::cache::TokenCache;
 use crate::authn::fetch::{FetchConfig, FetchError, JwksStore, SourceState};
-use crate::config::{Config, DatapathMode, FastPathMode};
+use crate::config::{Config, DatapathMode, FastPathMode, Steering};
 use crate::datapath::node::{DatapathMetrics, NodeDatapath};
-use crate::datapath::{DatapathConfig, DatapathError};
+use crate::datapath::{DatapathConfig, DatapathError, DEFAULT_INPOD_MARK};
 use crate::enforcer::{transparent_listener, Enforcer, EnforcerConfig, Limits};
+use crate::inpod::PodListeners;
 use crate::kubernetes::{self, Health, Kubernetes, KubernetesConfig, KubernetesMetrics};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
@@ -166,7 +167,18 @@ impl App {
             runtime,
             endpoints,
         } = self;
-        let datapath = start_datapath(&config)?;
+        let (pods, opened) = match (config.datapath, config.steering) {
+            (DatapathMode::On, Steering::InPod) => {
+                let (pods, opened) = PodListeners::new(
+                    config.netns_dir.clone(),
+                    config.listen.port(),
+                    DEFAULT_INPOD_MARK,
+                );
+                (Some(pods), Some(opened))
+            }
+            _ => (None, None),
+        };
+        let datapath = start_datapath(&config, pods.clone())?;
         let state = match start_state(&config, runtime.handle(), datapath.as_ref()) {
             Ok(state) => state,
             Err(e) => {
@@ -205,9 +217,20 @@ impl App {
             Arc::new(state.jwks.clone()),
             cache.clone(),
             Arc::clone(&state.metrics),
-            enforcer_config(&config),
+            EnforcerConfig {
+                pod_namespaces: pods.as_ref().map(|p| p.namespaces()),
+                ..enforcer_config(&config)
+            },
         );
         let tracker = TaskTracker::new();
+        if let Some(opened) = opened {
+            runtime.spawn(crate::inpod::serve(
+                Arc::clone(&enforcer),
+                opened,
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
         let accepting =
             runtime.spawn(enforcer.run_listener(listener, shutdown.clone(), tracker.clone()));
         listening.store(true, Ordering::Release);
@@ -514,14 +537,18 @@ fn start_state(
 }
 
 /// The kernel data path, attached, when the configuration has it on.
-fn start_datapath(config: &Config) -> Result<Option<Arc<NodeDatapath>>, Error> {
+fn start_datapath(
+    config: &Config,
+    pods: Option<Arc<PodListeners>>,
+) -> Result<Option<Arc<NodeDatapath>>, Error> {
     let Some(datapath_config) = datapath_config(config) else {
         info!("kernel data path off: the enforcer runs alone");
         return Ok(None);
     };
-    let datapath = NodeDatapath::start(datapath_config).map_err(Error::Datapath)?;
+    let datapath = NodeDatapath::start(datapath_config, pods).map_err(Error::Datapath)?;
     info!(
         listener_port = config.listen.port(),
+        steering = config.steering.as_str(),
         failure_mode = config.failure_mode.as_str(),
         fast_path = ?config.fast_path,
         "kernel data path attached"
@@ -535,9 +562,15 @@ fn datapath_config(config: &Config) -> Option<DatapathConfig> {
         listener_port: config.listen.port(),
         pin_dir: config.bpf_pin_dir.clone(),
         failure_mode: config.failure_mode,
-        fast_path: fast_path_cgroup(config, crate::datapath::cgroup2_root, |p| {
-            crate::datapath::check_cgroup(p).is_ok()
-        }),
+        // The fast path pairs sockets of the node's listener with pods'; in-pod listeners have
+        // none of its keys.
+        fast_path: match config.steering {
+            Steering::Host => fast_path_cgroup(config, crate::datapath::cgroup2_root, |p| {
+                crate::datapath::check_cgroup(p).is_ok()
+            }),
+            Steering::InPod => None,
+        },
+        steering: config.steering,
         ..DatapathConfig::default()
     })
 }
@@ -630,11 +663,13 @@ async fn drain(running: Running, cause: &str, drain: Duration) {
     }
 }
 
-/// A clean stop removes every program, pin, rule and route the agent made.
+/// A clean stop removes every program, pin, rule and route the agent made (host steering), or
+/// leaves the in-pod programs enforcing `--failure-mode` for the next agent.
 fn stop_datapath(datapath: Option<&Arc<NodeDatapath>>) {
     if let Some(datapath) = datapath {
         match datapath.shutdown() {
-            Ok(()) => info!("kernel data path removed"),
+            Ok(true) => info!("kernel data path removed"),
+            Ok(false) => info!("kernel data path left attached in the pods: new connections get --failure-mode until the next agent takes over; `nodeward uninstall` removes it"),
             Err(e) => warn!(error = %e, "removing the kernel data path"),
         }
     }

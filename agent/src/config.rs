@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use crate::authz::path::Normalization;
-pub use crate::datapath::FailureMode;
+pub use crate::datapath::{FailureMode, Steering};
 use crate::enforcer::Limits;
 pub use crate::policy::DEFAULT_ROOT_NAMESPACE;
 pub use crate::state::DEFAULT_TRUST_DOMAIN;
@@ -103,6 +103,10 @@ pub struct Config {
     pub cgroup: Option<PathBuf>,
     /// Where the data path pins its programs and maps.
     pub bpf_pin_dir: PathBuf,
+    /// Where new flows into protected pods are steered: `host` or `in-pod`.
+    pub steering: Steering,
+    /// In-pod steering: the directory of pods' network namespace files.
+    pub netns_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -128,6 +132,8 @@ impl Default for Config {
             fast_path: FastPathMode::Auto,
             cgroup: None,
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/nodeward"),
+            steering: Steering::Host,
+            netns_dir: PathBuf::from("/run/netns"),
         }
     }
 }

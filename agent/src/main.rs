@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Status(args) => nodeward::cli::status::run(&args),
         Command::Check(args) => nodeward::cli::check::run(&args),
         Command::Jwt(command) => nodeward::cli::jwt::run(&command),
+        Command::Uninstall(args) => nodeward::cli::uninstall::run(&args),
     };
     ExitCode::from(code)
 }

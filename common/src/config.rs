@@ -23,8 +23,8 @@ pub const LOG_DECISIONS: u32 = 2;
 
 /// Settings of the kernel programs, the single element of the `CONFIG` array map.
 ///
-/// Layout (20 bytes, align 4): `listener_port` at 0, `_pad` at 2, `steer_mark` at 4,
-/// `upstream_mark` at 8, `failure_mode` at 12, `log_level` at 16.
+/// Layout (24 bytes, align 4): `listener_port` at 0, `_pad` at 2, `steer_mark` at 4,
+/// `upstream_mark` at 8, `failure_mode` at 12, `log_level` at 16, `inpod_mark` at 20.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelConfig {
@@ -45,9 +45,15 @@ pub struct KernelConfig {
     /// [`LOG_OFF`], [`LOG_DROPS`] or [`LOG_DECISIONS`]; higher values log as much as
     /// `LOG_DECISIONS`.
     pub log_level: u32,
+    /// `SO_MARK` of the enforcer's listeners inside pods' network namespaces (in-pod steering):
+    /// `inpod` assigns a new flow only to a listener carrying exactly this mark, so an
+    /// application that binds the listener port first never receives steered flows, and it tells
+    /// the enforcer's accepted sockets (which inherit the mark) from the application's. 0: no
+    /// in-pod steering.
+    pub inpod_mark: u32,
 }
 
-const _: () = assert!(mem::size_of::<KernelConfig>() == 20);
+const _: () = assert!(mem::size_of::<KernelConfig>() == 24);
 const _: () = assert!(mem::align_of::<KernelConfig>() == 4);
 
 impl KernelConfig {
@@ -67,7 +73,15 @@ impl KernelConfig {
             upstream_mark,
             failure_mode,
             log_level,
+            inpod_mark: 0,
         }
+    }
+
+    /// The same configuration with in-pod steering's listener mark.
+    #[must_use]
+    pub const fn with_inpod_mark(mut self, inpod_mark: u32) -> Self {
+        self.inpod_mark = inpod_mark;
+        self
     }
 
     /// Whether a missing listener lets traffic through ([`FAILURE_MODE_OPEN`]). Every other value
@@ -79,7 +93,7 @@ impl KernelConfig {
 }
 
 // SAFETY: `KernelConfig` is `#[repr(C)]`, `Copy`, has no implicit padding (asserted above: 2 + 2 +
-// 4 * 4 bytes, align 4) and every bit pattern is a valid value.
+// 5 * 4 bytes, align 4) and every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelConfig {}
 
@@ -99,14 +113,16 @@ mod tests {
 
     #[test]
     fn field_offsets_are_the_documented_ones() {
-        let config = KernelConfig::new(0x0102, 0x0304_0506, 0x0708_090a, 1, 2);
-        // SAFETY: `KernelConfig` has no implicit padding, so all 20 bytes are initialized.
-        let bytes: [u8; 20] = unsafe { mem::transmute(config) };
+        let config =
+            KernelConfig::new(0x0102, 0x0304_0506, 0x0708_090a, 1, 2).with_inpod_mark(0x0b0c_0d0e);
+        // SAFETY: `KernelConfig` has no implicit padding, so all 24 bytes are initialized.
+        let bytes: [u8; 24] = unsafe { mem::transmute(config) };
         assert_eq!(&bytes[0..2], &0x0102_u16.to_ne_bytes());
         assert_eq!(&bytes[2..4], &[0, 0]);
         assert_eq!(&bytes[4..8], &0x0304_0506_u32.to_ne_bytes());
         assert_eq!(&bytes[8..12], &0x0708_090a_u32.to_ne_bytes());
         assert_eq!(&bytes[12..16], &1_u32.to_ne_bytes());
         assert_eq!(&bytes[16..20], &2_u32.to_ne_bytes());
+        assert_eq!(&bytes[20..24], &0x0b0c_0d0e_u32.to_ne_bytes());
     }
 }

@@ -83,11 +83,29 @@ pub const GUARD_REDIRECTED_LISTENER: u32 = 29;
 /// `guard`: packets with [`reason::GUARD_REDIRECT_ESTABLISHED`].
 pub const GUARD_REDIRECTED_ESTABLISHED: u32 = 30;
 
+/// `inpod`: packets it ran on (an event).
+pub const INPOD_SEEN: u32 = 31;
+/// `inpod`: packets with [`reason::INPOD_PASS_NOT_TCP`].
+pub const INPOD_NOT_TCP: u32 = 32;
+/// `inpod`: packets with [`reason::INPOD_STEER_LISTENER`].
+pub const INPOD_ASSIGNED_LISTENER: u32 = 33;
+/// `inpod`: packets with [`reason::INPOD_DROP_NO_LISTENER`].
+pub const INPOD_DROPPED_FAILURE_CLOSED: u32 = 34;
+/// `inpod`: packets with [`reason::INPOD_PASS_NO_LISTENER`].
+pub const INPOD_PASSED_FAILURE_OPEN: u32 = 35;
+/// `inpod`: packets with [`reason::INPOD_PASS_FLOW`].
+pub const INPOD_PASSED_FLOW: u32 = 36;
+/// `inpod`: packets with [`reason::INPOD_DROP_UNJUDGED`].
+pub const INPOD_DROPPED_UNJUDGED: u32 = 37;
+/// `inpod`: packets with [`reason::INPOD_DROP_MALFORMED`].
+pub const INPOD_DROPPED_MALFORMED: u32 = 38;
+
 /// Number of slots: the `max_entries` of `COUNTERS`.
-pub const LEN: u32 = 31;
+pub const LEN: u32 = 39;
 
 /// Slots that count events rather than one reason's verdicts.
-pub const EVENTS: [u32; 11] = [
+pub const EVENTS: [u32; 12] = [
+    INPOD_SEEN,
     SEEN,
     PROTECTED,
     STEERED,
@@ -125,6 +143,13 @@ pub const fn for_reason(reason: u32) -> Option<u32> {
         reason::GUARD_DROP_MALFORMED_PROTECTED => Some(GUARD_DROPPED_MALFORMED),
         reason::GUARD_REDIRECT_LISTENER => Some(GUARD_REDIRECTED_LISTENER),
         reason::GUARD_REDIRECT_ESTABLISHED => Some(GUARD_REDIRECTED_ESTABLISHED),
+        reason::INPOD_PASS_NOT_TCP => Some(INPOD_NOT_TCP),
+        reason::INPOD_STEER_LISTENER => Some(INPOD_ASSIGNED_LISTENER),
+        reason::INPOD_DROP_NO_LISTENER => Some(INPOD_DROPPED_FAILURE_CLOSED),
+        reason::INPOD_PASS_NO_LISTENER => Some(INPOD_PASSED_FAILURE_OPEN),
+        reason::INPOD_PASS_FLOW => Some(INPOD_PASSED_FLOW),
+        reason::INPOD_DROP_UNJUDGED => Some(INPOD_DROPPED_UNJUDGED),
+        reason::INPOD_DROP_MALFORMED => Some(INPOD_DROPPED_MALFORMED),
         _ => None,
     }
 }

@@ -104,8 +104,40 @@ pub const GUARD_REDIRECT_LISTENER: u32 = 19;
 /// [`GUARD_REDIRECT_LISTENER`] sent to the enforcer. `steer` on `lo` assigns it to that socket.
 pub const GUARD_REDIRECT_ESTABLISHED: u32 = 20;
 
+/// `inpod` (TC ingress on a protected pod's own interfaces, inside the pod's namespace), no
+/// opinion: not TCP (ARP, ICMP, neighbour discovery, UDP), or a later IPv4 fragment.
+pub const INPOD_PASS_NOT_TCP: u32 = 21;
+
+/// `inpod`, steered: a new flow (SYN without ACK) into the pod, assigned to the enforcer's
+/// listener in the pod's namespace (a socket carrying `inpod_mark`). Ends the chain.
+pub const INPOD_STEER_LISTENER: u32 = 22;
+
+/// `inpod`, dropped: a new flow into the pod while the enforcer's listener in the pod is missing
+/// (the agent is down) or could not be assigned, with `failure_mode` closed.
+pub const INPOD_DROP_NO_LISTENER: u32 = 23;
+
+/// `inpod`, no opinion: as [`INPOD_DROP_NO_LISTENER`] with `failure_mode` open: the pod's own
+/// socket gets it.
+pub const INPOD_PASS_NO_LISTENER: u32 = 24;
+
+/// `inpod`, no opinion: a segment that is not a new flow, of a flow the enforcer holds (its
+/// socket carries `inpod_mark`), of the pod's own outgoing connection (a reply), or of no
+/// connection at all (the pod's stack answers RST).
+pub const INPOD_PASS_FLOW: u32 = 25;
+
+/// `inpod`, dropped: a segment of an inbound connection the pod's own application holds and the
+/// enforcer never judged: it was opened before the pod was protected (before the agent started,
+/// while it was down with `failure_mode` open, or before a policy selected the pod). Never
+/// delivered; the connection stalls and the client opens a new one, which is judged. With
+/// `failure_mode` open such segments pass ([`INPOD_PASS_FLOW`]).
+pub const INPOD_DROP_UNJUDGED: u32 = 26;
+
+/// `inpod`, dropped: TCP into the pod that cannot be judged: the TCP header is cut short, or an
+/// IPv6 packet carries extension headers before its payload (it may hide a SYN).
+pub const INPOD_DROP_MALFORMED: u32 = 27;
+
 /// One past the highest code in use.
-pub const COUNT: u32 = 21;
+pub const COUNT: u32 = 28;
 
 /// The verdict a code comes with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,13 +167,19 @@ pub const fn verdict(reason: u32) -> Option<Verdict> {
         | GUARD_PASS_NOT_NEW
         | GUARD_PASS_NOT_PROTECTED
         | GUARD_PASS_NOT_IPV4_TCP
-        | GUARD_PASS_MALFORMED => Some(Verdict::NoOpinion),
-        STEER_LISTENER | STEER_ESTABLISHED => Some(Verdict::Steered),
+        | GUARD_PASS_MALFORMED
+        | INPOD_PASS_NOT_TCP
+        | INPOD_PASS_NO_LISTENER
+        | INPOD_PASS_FLOW => Some(Verdict::NoOpinion),
+        STEER_LISTENER | STEER_ESTABLISHED | INPOD_STEER_LISTENER => Some(Verdict::Steered),
         DROP_NO_LISTENER
         | DROP_MALFORMED_PROTECTED
         | GUARD_DROP_BYPASS
         | GUARD_DROP_NO_LISTENER
-        | GUARD_DROP_MALFORMED_PROTECTED => Some(Verdict::Dropped),
+        | GUARD_DROP_MALFORMED_PROTECTED
+        | INPOD_DROP_NO_LISTENER
+        | INPOD_DROP_UNJUDGED
+        | INPOD_DROP_MALFORMED => Some(Verdict::Dropped),
         GUARD_REDIRECT_LISTENER | GUARD_REDIRECT_ESTABLISHED => Some(Verdict::RedirectedToNode),
         _ => None,
     }

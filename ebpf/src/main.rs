@@ -5,6 +5,9 @@
 //!   to the enforcer's transparent listener (`bpf_sk_assign`).
 //! - [`guard`]: TC egress on each protected pod's host-side interface: drops what reaches the pod
 //!   without having been steered (no bypass).
+//! - [`inpod`]: TC ingress on a protected pod's interfaces inside its network namespace
+//!   (`--steering in-pod`): steers every new TCP flow into the pod, after every NAT, to the
+//!   enforcer's listener in the pod.
 //! - [`fastpath`]: `sock_ops` on the agent's cgroup and `sk_msg` on the `FAST_PATH_SOCKETS` sock
 //!   hash: bytes between the enforcer and local pods skip the TCP/IP stack (`--fast-path on`).
 //!
@@ -23,6 +26,7 @@
 
 mod fastpath;
 mod guard;
+mod inpod;
 mod maps;
 mod packet;
 mod sock;

@@ -10,7 +10,7 @@ use aya_ebpf::{
         bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
-    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::generated::{bpf_sk_assign, bpf_sk_fullsock, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
 use nodeward_ebpf::net::TCP_LISTEN;
@@ -56,6 +56,38 @@ impl Socket {
             )
         };
         NonNull::new(sk).map(Self)
+    }
+
+    /// As [`Self::lookup`], for a tuple of either family: `size` is the size of the tuple's
+    /// `ipv4` or `ipv6` member, which tells the helper the family.
+    #[inline]
+    pub fn lookup_tuple(ctx: &TcContext, tuple: &mut bpf_sock_tuple, size: u32) -> Option<Self> {
+        // SAFETY: `tuple` is a valid tuple of at least `size` bytes (the caller built it for its
+        // family); the context pointer is the program's own. `Drop` releases the reference.
+        let sk = unsafe {
+            bpf_skc_lookup_tcp(
+                ctx.skb.skb.cast::<c_void>(),
+                core::ptr::from_mut(tuple),
+                size,
+                CURRENT_NETNS,
+                0,
+            )
+        };
+        NonNull::new(sk).map(Self)
+    }
+
+    /// The socket's own mark (`SO_MARK`), when it is a full socket (not a request or TIME-WAIT
+    /// socket, which have none).
+    #[inline]
+    pub fn mark(&self) -> Option<u32> {
+        // SAFETY: a referenced socket from a lookup, as `bpf_sk_fullsock` takes it.
+        let full = unsafe { bpf_sk_fullsock(self.0.as_ptr()) };
+        if full.is_null() {
+            return None;
+        }
+        // SAFETY: `bpf_sk_fullsock` returned a full socket, whose `mark` the verifier lets us
+        // read.
+        Some(unsafe { (*full).mark })
     }
 
     /// The socket of the flow `flow` belongs to, whatever its state (see [`Self::lookup`]).

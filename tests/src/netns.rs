@@ -70,6 +70,9 @@ pub struct TestNode {
     /// `<pid>-<seq>-<tag>`.
     id: String,
     bpffs: PathBuf,
+    /// A directory with one symlink per pod to its namespace file: what `/run/netns` is on a
+    /// real node, holding this node's pods only (the agent's `--netns-dir`).
+    netns_dir: PathBuf,
     pods: Vec<Pod>,
     /// Every namespace made, the node's first.
     namespaces: Vec<String>,
@@ -93,6 +96,7 @@ impl TestNode {
         let mut node = Self {
             netns: netns.clone(),
             bpffs: std::env::temp_dir().join(format!("{stem}bpffs")),
+            netns_dir: std::env::temp_dir().join(format!("{stem}netns")),
             stem,
             id,
             pods: Vec::new(),
@@ -136,6 +140,9 @@ impl TestNode {
         self.pods.push(pod.clone());
         let (node, netns, host_if) = (&self.netns, &pod.netns, &pod.host_if);
         ip(&["netns", "add", netns]);
+        std::fs::create_dir_all(&self.netns_dir).expect("the node's netns directory");
+        std::os::unix::fs::symlink(netns_path(netns), self.netns_dir.join(netns))
+            .expect("a pod's netns link");
         ip(&[
             "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
             netns,
@@ -175,6 +182,13 @@ impl TestNode {
     #[must_use]
     pub fn pods(&self) -> &[Pod] {
         &self.pods
+    }
+
+    /// This node's pods' network namespaces, one symlink each (the agent's `--netns-dir`);
+    /// removed with the node.
+    #[must_use]
+    pub fn netns_dir(&self) -> &Path {
+        &self.netns_dir
     }
 
     /// The node's BPF filesystem mount point (not mounted until [`TestNode::mount_bpffs`] or the
@@ -403,6 +417,11 @@ impl Drop for TestNode {
         // its shutdown, an agent that was killed).
         if let Err(e) = remove_bpffs(&self.bpffs) {
             failures.push(e);
+        }
+        match std::fs::remove_dir_all(&self.netns_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => failures.push(format!("removing {}: {e}", self.netns_dir.display())),
         }
         if !failures.is_empty() {
             let message = format!("cleanup failed: {}", failures.join("; "));
@@ -716,6 +735,9 @@ fn remove_leftovers() {
             let name = name.to_string_lossy();
             if name.ends_with("-bpffs") && owner_is_gone(&name, PREFIX) {
                 let _ = remove_bpffs(&entry.path());
+            }
+            if name.ends_with("-netns") && owner_is_gone(&name, PREFIX) {
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }

@@ -7,6 +7,7 @@ pub mod jwt;
 pub mod logbuf;
 pub mod run;
 pub mod status;
+pub mod uninstall;
 
 use std::io::IsTerminal as _;
 
@@ -46,6 +47,11 @@ pub enum Command {
     /// Look inside a JWT, or verify one against a JWKS.
     #[command(subcommand)]
     Jwt(jwt::JwtCommand),
+    /// Remove the kernel data path a stopped agent left on this node (programs, pins, routing).
+    ///
+    /// Run it in the node's network namespace with no agent running. Exit status: 0 removed
+    /// (or nothing there), 1 something could not be removed.
+    Uninstall(uninstall::UninstallArgs),
 }
 
 /// Log line formats.

@@ -23,8 +23,8 @@ use super::LogFormat;
 use crate::app::{self, App};
 use crate::authz::path::Normalization;
 use crate::config::{
-    Config, DatapathMode, FailureMode, FastPathMode, KubernetesInfo, DEFAULT_ROOT_NAMESPACE,
-    DEFAULT_TRUST_DOMAIN,
+    Config, DatapathMode, FailureMode, FastPathMode, KubernetesInfo, Steering,
+    DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN,
 };
 use crate::enforcer::Limits;
 
@@ -119,6 +119,24 @@ pub struct RunArgs {
     /// where the `cgroup2` file system is mounted (often /sys/fs/cgroup/unified).
     #[arg(long, env = "NODEWARD_CGROUP", value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
+    /// Where new flows into protected pods are steered to the enforcer. `host`: on the node's
+    /// interfaces, to the listener of `--listen` (IPv4 to a pod's own address only; Services,
+    /// NodePorts and hostPorts into protected pods are refused). `in-pod`: inside each protected
+    /// pod's network namespace (found in `--netns-dir`), to a listener of the enforcer's opened
+    /// there on the `--listen` port: every path after every NAT (ClusterIP, NodePort, hostPort,
+    /// the node itself, other nodes), IPv4 and IPv6, on any CNI. In-pod steering has no
+    /// same-node fast path.
+    #[arg(long, env = "NODEWARD_STEERING", value_enum, default_value_t = Steering::Host, value_name = "host|in-pod")]
+    pub steering: Steering,
+    /// In-pod steering: the directory of pods' network namespace files (`ip netns` and
+    /// containerd keep them in /run/netns; the DaemonSet mounts the host's).
+    #[arg(
+        long,
+        env = "NODEWARD_NETNS_DIR",
+        default_value = "/run/netns",
+        value_name = "DIR"
+    )]
+    pub netns_dir: PathBuf,
     /// Where the data path pins its programs and maps on the BPF filesystem (a restarted agent
     /// takes them over from there).
     #[arg(
@@ -234,6 +252,8 @@ pub fn config(args: &RunArgs) -> Result<Config, RunError> {
         }),
         cgroup: args.cgroup.clone(),
         bpf_pin_dir: args.bpf_pin_dir.clone(),
+        steering: args.steering,
+        netns_dir: args.netns_dir.clone(),
     })
 }
 

@@ -8,6 +8,7 @@
 //!   links/steer-<ifindex>         one TCX link per attachment (keeps the program attached and
 //!   links/guard-<ifindex>         loaded while the agent is down)
 //!   fastpath/sockops              the fast path's cgroup link (`--fast-path on`)
+//!   inpod/<netns inode>-<ifindex> `inpod` in a protected pod's namespace (`--steering in-pod`)
 //! ```
 //!
 //! An attachment pin is named by the interface's index, which stays the same while the interface
@@ -33,6 +34,8 @@ pub enum Hook {
     Steer,
     /// `guard` on TC egress.
     Guard,
+    /// `inpod` on TC ingress inside a pod's namespace (pinned under `inpod/`, never `links/`).
+    InPod,
 }
 
 impl Hook {
@@ -41,13 +44,14 @@ impl Hook {
         match self {
             Self::Steer => "steer",
             Self::Guard => "guard",
+            Self::InPod => "inpod",
         }
     }
 
     /// `"ingress"` or `"egress"`.
     pub const fn direction(self) -> &'static str {
         match self {
-            Self::Steer => "ingress",
+            Self::Steer | Self::InPod => "ingress",
             Self::Guard => "egress",
         }
     }
@@ -112,6 +116,7 @@ impl PinLayout {
             self.maps(),
             self.links(),
             self.fast_path(),
+            self.inpod(),
         ] {
             fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
                 operation: "creating",

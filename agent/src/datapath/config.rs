@@ -73,6 +73,45 @@ impl FromStr for FailureMode {
     }
 }
 
+/// Where new flows into protected pods are steered to the enforcer (`nodeward run --steering`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Steering {
+    /// On the node: `steer` on every interface's ingress, `guard` on protected pods' host-side
+    /// interfaces, a transparent listener in the node's namespace. Sees only traffic to a pod's
+    /// own IPv4 address that no NAT rewrote.
+    #[default]
+    Host,
+    /// Inside each protected pod's network namespace: `inpod` on the pod's interfaces, a
+    /// listener of the enforcer's in the pod. Sees every path after every NAT, IPv4 and IPv6.
+    #[value(name = "in-pod")]
+    InPod,
+}
+
+impl Steering {
+    /// `host` or `in-pod`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::InPod => "in-pod",
+        }
+    }
+}
+
+/// Default [`DatapathConfig::inpod_mark`].
+pub const DEFAULT_INPOD_MARK: u32 = 0x4e57_0000;
+
 /// How the datapath runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatapathConfig {
@@ -106,6 +145,12 @@ pub struct DatapathConfig {
     /// The same-node fast path (`sock_ops` + `sk_msg`): `Some(cgroup v2 directory)` attaches it
     /// there, `None` (default) leaves nothing of it attached.
     pub fast_path: Option<PathBuf>,
+    /// Where new flows are steered. Default [`Steering::Host`].
+    pub steering: Steering,
+    /// `SO_MARK` of the enforcer's listeners in pods (in-pod steering), by which `inpod` knows
+    /// them. Only sockets inside pods carry it, and only routing rules inside a pod could see
+    /// it. Default 0x4e57_0000.
+    pub inpod_mark: u32,
     /// Initial `CONFIG.log_level` ([`nodeward_common::config`]): 0 off (default), 1 drops, 2
     /// every decision on a protected endpoint.
     pub log_level: u32,
@@ -118,6 +163,8 @@ impl Default for DatapathConfig {
             failure_mode: FailureMode::Closed,
             steer_mark: 0x1000,
             upstream_mark: 0x2000,
+            steering: Steering::Host,
+            inpod_mark: DEFAULT_INPOD_MARK,
             route_table: 2700,
             rule_priority: 50,
             bpffs: PathBuf::from("/sys/fs/bpf"),
@@ -150,6 +197,12 @@ impl DatapathConfig {
                 "shares bits with steer_mark: the enforcer's upstream packets would be routed back to the node",
             );
         }
+        if self.steering == Steering::InPod && self.inpod_mark == 0 {
+            return invalid(
+                "inpod_mark",
+                "0 is every socket's mark: an application's listener could receive steered flows",
+            );
+        }
         if matches!(self.route_table, 0 | 253..=255) {
             return invalid(
                 "route_table",
@@ -173,6 +226,10 @@ impl DatapathConfig {
             self.failure_mode.kernel(),
             log_level,
         )
+        .with_inpod_mark(match self.steering {
+            Steering::InPod => self.inpod_mark,
+            Steering::Host => 0,
+        })
     }
 
     pub(super) fn rule(&self) -> MarkRule {

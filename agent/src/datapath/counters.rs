@@ -70,6 +70,22 @@ pub struct Counters {
     pub fastpath_msgs_redirected: u64,
     /// `fastpath_msg`: messages without a peer in the map, sent through TCP.
     pub fastpath_msgs_passed: u64,
+    /// `inpod`: packets it ran on (inside protected pods).
+    pub inpod_seen: u64,
+    /// `inpod`: not TCP (no opinion).
+    pub inpod_not_tcp: u64,
+    /// `inpod`: new flows assigned to the enforcer's listener in the pod.
+    pub inpod_assigned_listener: u64,
+    /// `inpod`: new flows dropped for want of a listener (failure mode closed).
+    pub inpod_dropped_failure_closed: u64,
+    /// `inpod`: new flows passed for want of a listener (failure mode open).
+    pub inpod_passed_failure_open: u64,
+    /// `inpod`: segments of existing flows passed (the enforcer's, replies, strays).
+    pub inpod_passed_flow: u64,
+    /// `inpod`: segments of inbound connections the enforcer never judged, dropped.
+    pub inpod_dropped_unjudged: u64,
+    /// `inpod`: unjudgeable TCP (cut-short header, IPv6 extension headers), dropped.
+    pub inpod_dropped_malformed: u64,
 }
 
 impl Counters {
@@ -107,6 +123,14 @@ impl Counters {
             fastpath_msgs_redirected: at(counter::FASTPATH_MSGS_REDIRECTED),
             fastpath_msgs_passed: at(counter::FASTPATH_MSGS_PASSED),
             fastpath_sockets_unsteered: at(counter::FASTPATH_SOCKETS_UNSTEERED),
+            inpod_seen: at(counter::INPOD_SEEN),
+            inpod_not_tcp: at(counter::INPOD_NOT_TCP),
+            inpod_assigned_listener: at(counter::INPOD_ASSIGNED_LISTENER),
+            inpod_dropped_failure_closed: at(counter::INPOD_DROPPED_FAILURE_CLOSED),
+            inpod_passed_failure_open: at(counter::INPOD_PASSED_FAILURE_OPEN),
+            inpod_passed_flow: at(counter::INPOD_PASSED_FLOW),
+            inpod_dropped_unjudged: at(counter::INPOD_DROPPED_UNJUDGED),
+            inpod_dropped_malformed: at(counter::INPOD_DROPPED_MALFORMED),
         }
     }
 
@@ -118,6 +142,9 @@ impl Counters {
             + self.guard_dropped_bypass
             + self.guard_dropped_failure_closed
             + self.guard_dropped_malformed
+            + self.inpod_dropped_failure_closed
+            + self.inpod_dropped_unjudged
+            + self.inpod_dropped_malformed
     }
 
     /// Packets to protected endpoints passed to the pod without the enforcer (not new flows,
@@ -128,6 +155,7 @@ impl Counters {
             + self.passed_failure_open
             + self.guard_passed_not_new
             + self.guard_passed_failure_open
+            + self.inpod_passed_failure_open
     }
 
     /// `(metric suffix, value)` of every counter, for `/metrics` (e.g.
@@ -175,6 +203,17 @@ impl Counters {
                 "guard_redirected_established",
                 self.guard_redirected_established,
             ),
+            ("inpod_seen", self.inpod_seen),
+            ("inpod_not_tcp", self.inpod_not_tcp),
+            ("inpod_assigned_listener", self.inpod_assigned_listener),
+            (
+                "inpod_dropped_failure_closed",
+                self.inpod_dropped_failure_closed,
+            ),
+            ("inpod_passed_failure_open", self.inpod_passed_failure_open),
+            ("inpod_passed_flow", self.inpod_passed_flow),
+            ("inpod_dropped_unjudged", self.inpod_dropped_unjudged),
+            ("inpod_dropped_malformed", self.inpod_dropped_malformed),
         ]
     }
 }

@@ -168,7 +168,7 @@ pub fn unpin(pin: &Path) -> Result<(), DatapathError> {
 }
 
 /// Swaps `hook`'s freshly loaded program into the link pinned at `pin` (`BPF_LINK_UPDATE`).
-fn adopt(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<FdLink, DatapathError> {
+pub(super) fn adopt(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<FdLink, DatapathError> {
     let open_error = |source| DatapathError::OpenLink {
         path: pin.to_owned(),
         source: Box::new(source),
@@ -188,9 +188,13 @@ fn adopt(ebpf: &mut Ebpf, hook: Hook, pin: &Path) -> Result<FdLink, DatapathErro
 }
 
 /// Attaches `hook`'s program to `iface` as a new TCX link, first in the chain.
-fn attach_new(ebpf: &mut Ebpf, hook: Hook, iface: &str) -> Result<FdLink, DatapathError> {
+pub(super) fn attach_new(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    iface: &str,
+) -> Result<FdLink, DatapathError> {
     let attach_type = match hook {
-        Hook::Steer => TcAttachType::Ingress,
+        Hook::Steer | Hook::InPod => TcAttachType::Ingress,
         Hook::Guard => TcAttachType::Egress,
     };
     let program = classifier(ebpf, hook)?;

@@ -44,6 +44,7 @@ mod config;
 mod counters;
 mod error;
 mod fastpath;
+mod inpod;
 mod kernel_log;
 mod links;
 mod netlink;
@@ -61,13 +62,16 @@ use aya::{util::KernelVersion, Ebpf};
 use nodeward_common::KernelConfig;
 
 pub use self::bpffs::on_bpffs;
-pub use self::config::{DatapathConfig, FailureMode, UnknownFailureMode};
+pub use self::config::{
+    DatapathConfig, FailureMode, Steering, UnknownFailureMode, DEFAULT_INPOD_MARK,
+};
 pub use self::counters::Counters;
 pub use self::error::DatapathError;
 pub use self::fastpath::{
     cgroup2_root, check_cgroup, FAST_PATH_SOCKETS_MAP, MSG_PROGRAM as FAST_PATH_MSG_PROGRAM,
     NODE_NETNS_MAP, SOCKOPS_PROGRAM as FAST_PATH_SOCKOPS_PROGRAM,
 };
+pub use self::inpod::PodSyncReport;
 pub use self::object::{CONFIG_MAP, COUNTERS_MAP, PROTECTED_ENDPOINTS_MAP};
 use self::{
     bpffs::{Hook, PinLayout},
@@ -138,6 +142,8 @@ struct Inner {
     ebpf: Ebpf,
     netlink: Netlink,
     attachments: Attachments,
+    /// In-pod steering's attachments, by (netns inode, ifindex).
+    pod_links: std::collections::BTreeMap<(u64, u32), inpod::PodLink>,
     kernel_config: KernelConfig,
     fast_path: Option<fastpath::FastPath>,
 }
@@ -202,8 +208,10 @@ impl Datapath {
         };
 
         // Routing before programs: a packet marked by a new program is delivered locally.
-        install_routing(&mut netlink, &config, table_default)?;
-        accept_local_on_loopback();
+        if config.steering == Steering::Host {
+            install_routing(&mut netlink, &config, table_default)?;
+            accept_local_on_loopback();
+        }
 
         let fast_path = if let Some(cgroup) = &config.fast_path {
             Some(fastpath::start(&mut ebpf, &layout, cgroup)?)
@@ -224,17 +232,28 @@ impl Datapath {
                 ebpf,
                 netlink,
                 attachments: Attachments::default(),
+                pod_links: std::collections::BTreeMap::new(),
                 kernel_config,
                 fast_path,
             }),
             kernel_log,
             config,
         };
-        datapath.adopt_pinned_links()?;
-        let report = datapath.rescan(Strict::Yes)?;
+        let report = if datapath.config.steering == Steering::Host {
+            datapath.adopt_pinned_links()?;
+            datapath.rescan(Strict::Yes)?
+        } else {
+            // Host-side attachments of an earlier run in host mode would steer to a listener
+            // that is not there; in-pod attachments are adopted by the first `sync_pods`.
+            for (_, pin) in datapath.layout.link_pins()? {
+                links::unpin(&pin)?;
+            }
+            RescanReport::default()
+        };
         tracing::info!(
             pin_dir = %datapath.config.pin_dir.display(),
             listener_port = datapath.config.listener_port,
+            steering = datapath.config.steering.as_str(),
             failure_mode = %datapath.config.failure_mode,
             interfaces = report.attached.len(),
             fast_path = ?datapath.config.fast_path,
@@ -454,11 +473,16 @@ impl Datapath {
     /// then interface index.
     #[must_use]
     pub fn attached(&self) -> Vec<(String, &'static str)> {
-        self.lock()
+        let inner = self.lock();
+        let host = inner
             .attachments
             .list()
-            .map(|(hook, _, name)| (name.to_owned(), hook.program()))
-            .collect()
+            .map(|(hook, _, name)| (name.to_owned(), hook.program()));
+        let pods = inner
+            .pod_links
+            .values()
+            .map(|link| (link.name.clone(), Hook::InPod.program()));
+        host.chain(pods).collect()
     }
 
     /// Clean exit: detaches every program, removes every pin (and the pin directory), the rule
@@ -476,6 +500,7 @@ impl Datapath {
             mut netlink,
             mut attachments,
             fast_path,
+            pod_links,
             ..
         } = inner
             .into_inner()
@@ -485,6 +510,7 @@ impl Datapath {
             .unwrap_or_default();
         // Programs first: from here on no packet is marked, so the routing can go.
         failures.extend(attachments.detach_all());
+        drop(pod_links);
         drop(kernel_log);
         drop(ebpf);
         let report = remove_leftovers(&config, &layout, &mut netlink, &mut failures);
@@ -737,6 +763,15 @@ fn remove_leftovers(
         Ok(removed) => report.links += usize::from(removed),
         Err(e) => record(Err(e)),
     }
+    match inpod::list_pins(layout) {
+        Ok(pins) => {
+            for path in pins {
+                record(links::unpin(&path));
+                report.links += 1;
+            }
+        }
+        Err(e) => record(Err(e)),
+    }
     match layout.map_pins() {
         Ok(pins) => {
             for path in pins {
@@ -750,6 +785,7 @@ fn remove_leftovers(
         layout.links(),
         layout.maps(),
         layout.fast_path(),
+        layout.inpod(),
         layout.root.clone(),
     ] {
         match fs::remove_dir(&dir) {

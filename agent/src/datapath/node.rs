@@ -17,9 +17,14 @@ use crate::readiness::Readiness;
 use crate::state::{Snapshot, StateStore};
 use nodeward_common::endpoint::PORT_ANY;
 
+/// How often in-pod steering looks for protected pods' namespaces besides link events.
+const POD_RESCAN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A started datapath, shareable; `shutdown` takes it out once.
 pub struct NodeDatapath {
     inner: Mutex<Option<Datapath>>,
+    /// In-pod steering's pods and listeners; `None` with host steering.
+    pods: Option<Arc<crate::inpod::PodListeners>>,
 }
 
 impl std::fmt::Debug for NodeDatapath {
@@ -31,11 +36,47 @@ impl std::fmt::Debug for NodeDatapath {
 }
 
 impl NodeDatapath {
-    /// Starts the kernel side (see [`Datapath::start`]).
-    pub fn start(config: DatapathConfig) -> Result<Arc<Self>, DatapathError> {
+    /// Starts the kernel side (see [`Datapath::start`]). `pods`: in-pod steering's listeners
+    /// (required with [`super::Steering::InPod`]).
+    pub fn start(
+        config: DatapathConfig,
+        pods: Option<Arc<crate::inpod::PodListeners>>,
+    ) -> Result<Arc<Self>, DatapathError> {
         Ok(Arc::new(Self {
             inner: Mutex::new(Some(Datapath::start(config)?)),
+            pods,
         }))
+    }
+
+    /// In-pod steering: listeners first, then `inpod` in every protected pod found, then the
+    /// listeners of pods no longer protected are closed.
+    fn sync_pods(
+        &self,
+        datapath: &Datapath,
+        pods: &crate::inpod::PodListeners,
+        snapshot: &Snapshot,
+    ) {
+        let matched = pods.sync(snapshot);
+        match datapath.sync_pods(&matched.namespaces) {
+            Ok(report) => {
+                for (netns, error) in &report.failed {
+                    tracing::error!(%netns, %error, "inpod not attached: this pod's new flows are not steered");
+                }
+                if report == crate::datapath::PodSyncReport::default() {
+                    tracing::debug!(
+                        generation = snapshot.generation,
+                        pods = matched.namespaces.len(),
+                        "in-pod steering in step"
+                    );
+                } else {
+                    tracing::info!(generation = snapshot.generation, pods = matched.namespaces.len(), elsewhere = matched.elsewhere, report = ?report, "in-pod steering in step");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "in-pod steering sync failed; the previous attachments stay in force");
+            }
+        }
+        pods.retire(&matched.namespaces);
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Datapath>> {
@@ -52,6 +93,10 @@ impl NodeDatapath {
         let Some(datapath) = guard.as_ref() else {
             return;
         };
+        if let Some(pods) = &self.pods {
+            self.sync_pods(datapath, pods, snapshot);
+            return;
+        }
         let mut endpoints = Vec::new();
         let mut guarded = Vec::new();
         for view in snapshot.by_ip.values() {
@@ -91,6 +136,10 @@ impl NodeDatapath {
 
     /// Attaches `steer` to new interfaces and forgets gone ones, then re-syncs.
     pub fn rescan(&self, snapshot: &Snapshot) {
+        if self.pods.is_some() {
+            self.sync(snapshot);
+            return;
+        }
         if let Some(datapath) = self.lock().as_ref() {
             if let Err(e) = datapath.rescan_interfaces() {
                 tracing::warn!(error = %e, "interface rescan failed");
@@ -117,7 +166,9 @@ impl NodeDatapath {
     pub fn add_readiness(self: &Arc<Self>, readiness: &Readiness) {
         let datapath = Arc::clone(self);
         readiness.add_check("datapath", move || {
-            if datapath.attached() {
+            if datapath.pods.is_some() && datapath.lock().is_some() {
+                Ok("programs loaded (in-pod steering)".into())
+            } else if datapath.attached() {
                 Ok("programs attached".into())
             } else {
                 Err("no kernel program attached".into())
@@ -171,9 +222,18 @@ impl NodeDatapath {
                 return;
             }
         };
+        // In-pod steering also looks for pods' namespaces periodically: an address is added to
+        // a pod after its interface appears.
+        let mut tick = tokio::time::interval(POD_RESCAN);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                _ = tick.tick(), if self.pods.is_some() => {
+                    let snapshot = store.load();
+                    let datapath = Arc::clone(&self);
+                    let _ = tokio::task::spawn_blocking(move || datapath.sync(&snapshot)).await;
+                }
                 changed = events.changed() => {
                     if let Err(e) = changed {
                         tracing::warn!(error = %e, "link events ended");
@@ -187,11 +247,18 @@ impl NodeDatapath {
         }
     }
 
-    /// Removes every program, pin, rule and route (a clean stop).
-    pub fn shutdown(&self) -> Result<(), DatapathError> {
+    /// A clean stop. Host steering removes every program, pin, rule and route. In-pod steering
+    /// leaves its pinned programs in the pods, so that `failure_mode` holds until the next agent
+    /// takes them over (a DaemonSet rollout); `nodeward uninstall` removes them. Returns whether
+    /// the data path was removed.
+    pub fn shutdown(&self) -> Result<bool, DatapathError> {
         match self.lock().take() {
-            Some(datapath) => datapath.shutdown(),
-            None => Ok(()),
+            Some(datapath) if self.pods.is_some() => {
+                drop(datapath);
+                Ok(false)
+            }
+            Some(datapath) => datapath.shutdown().map(|()| true),
+            None => Ok(false),
         }
     }
 }

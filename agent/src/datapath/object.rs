@@ -160,7 +160,7 @@ pub fn load(maps_dir: &Path) -> Result<Ebpf, DatapathError> {
             });
         }
     }
-    for hook in [Hook::Steer, Hook::Guard] {
+    for hook in [Hook::Steer, Hook::Guard, Hook::InPod] {
         classifier(&mut ebpf, hook)?
             .load()
             .map_err(|source| DatapathError::Verify {

@@ -168,7 +168,7 @@ impl Enforcer {
         // For the access log; a Uri clone shares its bytes.
         let uri = req.uri().clone();
         let snapshot = self.store.load();
-        let view = snapshot.destination(info.original_dst.ip()).cloned();
+        let view = snapshot.destination(info.workload_ip()).cloned();
         let workload_id = view
             .as_ref()
             .map_or_else(super::no_workload, |w| w.id.clone());

@@ -71,6 +71,8 @@ pub struct EnforcerConfig {
     pub drain_timeout: Duration,
     /// `SO_MARK` on every connection to a pod, so the kernel's guard lets it in (0: none).
     pub upstream_mark: u32,
+    /// Pods steered in their own namespace: the enforcer dials them from there.
+    pub pod_namespaces: Option<Arc<crate::inpod::PodNamespaces>>,
 }
 
 impl Default for EnforcerConfig {
@@ -81,6 +83,7 @@ impl Default for EnforcerConfig {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(20),
             upstream_mark: 0,
+            pod_namespaces: None,
         }
     }
 }
@@ -104,6 +107,18 @@ pub struct ConnectionInfo {
     pub peer: SocketAddr,
     /// Where the client was going: the pod's address and port.
     pub original_dst: SocketAddr,
+    /// The registered address of the pod the connection was steered into, when the listener
+    /// serves one pod (in-pod steering): a dual-stack pod is registered by one address and
+    /// reached by either.
+    pub pod: Option<std::net::IpAddr>,
+}
+
+impl ConnectionInfo {
+    /// The address the destination workload is looked up by.
+    #[must_use]
+    pub fn workload_ip(&self) -> std::net::IpAddr {
+        self.pod.unwrap_or_else(|| self.original_dst.ip())
+    }
 }
 
 /// The workload label of a connection to an address no workload has: `-`, shared so a
@@ -123,9 +138,12 @@ impl Enforcer {
         config: EnforcerConfig,
     ) -> Arc<Self> {
         let upstream = Upstream::new(
-            config.connect_timeout,
+            upstream::Dial {
+                mark: config.upstream_mark,
+                timeout: config.connect_timeout,
+                namespaces: config.pod_namespaces.clone(),
+            },
             config.limits.idle_timeout,
-            config.upstream_mark,
         );
         Arc::new(Self {
             store,
@@ -152,7 +170,7 @@ impl Enforcer {
         let declared = self
             .store
             .load()
-            .destination(info.original_dst.ip())
+            .destination(info.workload_ip())
             .and_then(|view| view.workload.port_protocol(info.original_dst.port()));
         let expect = sniff::Expect::of(declared);
         let limits = self.config.limits;
@@ -235,9 +253,24 @@ impl Enforcer {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
+        self.accept(listener, None, shutdown.clone(), shutdown, tracker)
+            .await;
+    }
+
+    /// Accepts steered connections from `listener` until `stop_accepting`; each is served
+    /// until done or `shutdown`. `pod`: the registered address of the one pod the listener
+    /// serves (in-pod steering), `None` for the node's listener.
+    pub async fn accept(
+        self: Arc<Self>,
+        listener: TcpListener,
+        pod: Option<std::net::IpAddr>,
+        stop_accepting: CancellationToken,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
         loop {
             let accepted = tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = stop_accepting.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {
@@ -255,7 +288,7 @@ impl Enforcer {
                     continue;
                 }
             };
-            // Transparent steering: the local address is where the client was going.
+            // Steered (bpf_sk_assign): the local address is where the client was going.
             let original_dst = match stream.local_addr() {
                 Ok(addr) => addr,
                 Err(e) => {
@@ -263,12 +296,30 @@ impl Enforcer {
                     continue;
                 }
             };
-            let info = ConnectionInfo { peer, original_dst };
+            let info = ConnectionInfo {
+                peer: unmapped(peer),
+                original_dst: unmapped(original_dst),
+                pod,
+            };
+            if let (Some(pod), Some(namespaces)) = (pod, &self.config.pod_namespaces) {
+                namespaces.learn(info.original_dst.ip(), pod);
+            }
             tracker.spawn(
                 self.clone()
                     .serve_connection(stream, info, shutdown.clone()),
             );
         }
+    }
+}
+
+/// An IPv4-mapped IPv6 socket address as the IPv4 one it stands for.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
     }
 }
 

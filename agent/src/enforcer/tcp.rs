@@ -32,7 +32,7 @@ fn authorize(
 ) -> bool {
     let started = Instant::now();
     let snapshot = enforcer.store.load();
-    let view = snapshot.destination(info.original_dst.ip()).cloned();
+    let view = snapshot.destination(info.workload_ip()).cloned();
     let workload_id = view
         .as_ref()
         .map_or_else(super::no_workload, |w| w.id.clone());
@@ -94,12 +94,7 @@ pub(super) async fn serve(
     if !authorize(&enforcer, info, sni.as_deref(), false) {
         return; // dropping the stream closes it
     }
-    let connect = super::upstream::connect(
-        info.original_dst,
-        enforcer.config.upstream_mark,
-        enforcer.config.connect_timeout,
-    )
-    .await;
+    let connect = super::upstream::connect(info.original_dst, enforcer.upstream.dial()).await;
     let upstream = match connect {
         Ok(s) => s,
         Err(e) => {
@@ -127,12 +122,7 @@ pub(super) async fn first_speaker(
     info: ConnectionInfo,
     shutdown: &CancellationToken,
 ) -> FirstSpeaker {
-    let upstream = match super::upstream::connect(
-        info.original_dst,
-        enforcer.config.upstream_mark,
-        enforcer.config.connect_timeout,
-    )
-    .await
+    let upstream = match super::upstream::connect(info.original_dst, enforcer.upstream.dial()).await
     {
         Ok(s) => s,
         Err(e) => {

@@ -102,38 +102,62 @@ impl hyper::body::Body for Watched {
     }
 }
 
-/// Opens a TCP connection to a pod: `SO_MARK` set (when `mark` is not 0), `TCP_NODELAY`,
-/// bounded by `timeout`.
-pub async fn connect(
-    addr: SocketAddr,
-    mark: u32,
-    timeout: Duration,
-) -> Result<TcpStream, UpstreamError> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(|source| UpstreamError::Connect { addr, source })?;
-    if mark != 0 {
+/// How the enforcer dials pods.
+#[derive(Debug, Clone, Default)]
+pub struct Dial {
+    /// `SO_MARK` of every upstream socket (0: none).
+    pub mark: u32,
+    /// Bound on each connection attempt.
+    pub timeout: Duration,
+    /// Pods whose enforcer runs in their own namespace (in-pod steering): a connection to one
+    /// of their addresses is made from inside that namespace, over the pod's loopback.
+    pub namespaces: Option<Arc<crate::inpod::PodNamespaces>>,
+}
+
+/// Opens a TCP connection to a pod as `dial` says: `SO_MARK` set (when not 0), `TCP_NODELAY`,
+/// created in the pod's own namespace under in-pod steering, bounded by the timeout.
+pub async fn connect(addr: SocketAddr, dial: &Dial) -> Result<TcpStream, UpstreamError> {
+    let connect_error = |source| UpstreamError::Connect { addr, source };
+    let netns = dial
+        .namespaces
+        .as_ref()
+        .and_then(|namespaces| namespaces.netns_of(addr.ip()));
+    let socket = match netns {
+        Some(netns) => {
+            let domain = socket2::Domain::for_address(addr);
+            let created = netns
+                .within(|| {
+                    socket2::Socket::new(
+                        domain,
+                        socket2::Type::STREAM,
+                        Some(socket2::Protocol::TCP),
+                    )
+                })
+                .and_then(|socket| socket)
+                .map_err(connect_error)?;
+            created.set_nonblocking(true).map_err(connect_error)?;
+            tokio::net::TcpSocket::from_std_stream(created.into())
+        }
+        None if addr.is_ipv4() => tokio::net::TcpSocket::new_v4().map_err(connect_error)?,
+        None => tokio::net::TcpSocket::new_v6().map_err(connect_error)?,
+    };
+    if dial.mark != 0 {
         socket2::SockRef::from(&socket)
-            .set_mark(mark)
-            .map_err(|source| UpstreamError::Connect { addr, source })?;
+            .set_mark(dial.mark)
+            .map_err(connect_error)?;
     }
-    socket
-        .set_nodelay(true)
-        .map_err(|source| UpstreamError::Connect { addr, source })?;
+    socket.set_nodelay(true).map_err(connect_error)?;
+    let timeout = dial.timeout;
     tokio::time::timeout(timeout, socket.connect(addr))
         .await
         .map_err(|_| UpstreamError::ConnectTimeout { addr, timeout })?
-        .map_err(|source| UpstreamError::Connect { addr, source })
+        .map_err(connect_error)
 }
 
 /// hyper-util's connector for the HTTP/1.1 pool: the URI's authority is the pod's address.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct MarkedConnector {
-    mark: u32,
-    timeout: Duration,
+    dial: Dial,
 }
 
 impl tower_service::Service<hyper::Uri> for MarkedConnector {
@@ -151,7 +175,7 @@ impl tower_service::Service<hyper::Uri> for MarkedConnector {
     }
 
     fn call(&mut self, uri: hyper::Uri) -> Self::Future {
-        let Self { mark, timeout } = *self;
+        let dial = self.dial.clone();
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
@@ -160,7 +184,7 @@ impl tower_service::Service<hyper::Uri> for MarkedConnector {
                     addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                     source: std::io::ErrorKind::InvalidInput.into(),
                 })?;
-            connect(addr, mark, timeout).await.map(TokioIo::new)
+            connect(addr, &dial).await.map(TokioIo::new)
         })
     }
 }
@@ -169,18 +193,14 @@ impl tower_service::Service<hyper::Uri> for MarkedConnector {
 pub struct Upstream {
     http1: Client<MarkedConnector, Watched>,
     http2: Mutex<HashMap<SocketAddr, SendRequest<Watched>>>,
-    connect_timeout: Duration,
-    mark: u32,
+    dial: Dial,
 }
 
 impl Upstream {
-    /// `mark`: `SO_MARK` of every upstream socket (0: none).
+    /// Connections made as `dial` says; idle HTTP/1.1 connections closed after `idle_timeout`.
     #[must_use]
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration, mark: u32) -> Self {
-        let connector = MarkedConnector {
-            mark,
-            timeout: connect_timeout,
-        };
+    pub fn new(dial: Dial, idle_timeout: Duration) -> Self {
+        let connector = MarkedConnector { dial: dial.clone() };
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle_timeout)
             .pool_max_idle_per_host(MAX_IDLE_PER_POD)
@@ -191,9 +211,14 @@ impl Upstream {
         Self {
             http1,
             http2: Mutex::new(HashMap::new()),
-            connect_timeout,
-            mark,
+            dial,
         }
+    }
+
+    /// How it dials pods (for connections outside the HTTP pool: TCP splicing).
+    #[must_use]
+    pub fn dial(&self) -> &Dial {
+        &self.dial
     }
 
     /// Sends an HTTP/1.1 request to `dst`; `req`'s URI is absolute with `dst` as its
@@ -242,7 +267,7 @@ impl Upstream {
         if let Some(sender) = self.lock().get(&dst).filter(|s| !s.is_closed()).cloned() {
             return Ok(sender);
         }
-        let stream = connect(dst, self.mark, self.connect_timeout).await?;
+        let stream = connect(dst, &self.dial).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))

@@ -258,6 +258,7 @@ pub async fn steer(
             let info = ConnectionInfo {
                 peer,
                 original_dst: dst,
+                pod: None,
             };
             track.spawn(
                 enforcer
