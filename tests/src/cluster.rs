@@ -978,3 +978,105 @@ pub fn get_until_ok(node: &TestNode, netns: &str, url: &str, limit: Duration) ->
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        family_services, kube_proxy_iptables, kube_proxy_nftables, service_ip, service_ip6, Family,
+        Service,
+    };
+    use crate::netns::{pod_ip, pod_ip6, Pod};
+
+    fn pod(name: &str, index: u8) -> Pod {
+        Pod {
+            name: name.to_owned(),
+            netns: format!("ns-{name}"),
+            ip: pod_ip(index),
+            ip6: Some(pod_ip6(pod_ip(index))),
+            host_if: format!("nwp{index}"),
+        }
+    }
+
+    fn two_endpoints() -> Vec<Service> {
+        let (a, b) = (pod("a", 10), pod("b", 11));
+        vec![
+            Service::new("default/web:http", service_ip(10), 80, 8000, &[&a, &b])
+                .with_node_port(30080)
+                .with_cluster_ip6(service_ip6(10)),
+        ]
+    }
+
+    /// The rules kube-proxy's iptables mode writes for a NodePort Service with two endpoints.
+    #[test]
+    fn iptables_mode_has_kube_proxys_chains_marks_and_dnat() {
+        let services = two_endpoints();
+        let rules = kube_proxy_iptables(Family::V4, &family_services(&services, Family::V4));
+        for expected in [
+            "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+            "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+            "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+            "-j MASQUERADE --random-fully",
+            "-d 10.96.0.10/32 --dport 80 -j KUBE-SVC-",
+            "--dport 80 ! -s 10.200.0.0/17 -j KUBE-MARK-MASQ",
+            "-m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-",
+            "-s 10.200.0.10/32 -j KUBE-MARK-MASQ",
+            "-j DNAT --to-destination 10.200.0.10:8000",
+            "-j DNAT --to-destination 10.200.0.11:8000",
+            "--dport 30080 -j KUBE-EXT-",
+            "-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+        ] {
+            assert!(rules.contains(expected), "{expected} missing in\n{rules}");
+        }
+        assert!(
+            rules.trim_end().ends_with("KUBE-NODEPORTS\nCOMMIT"),
+            "the NodePort jump is the last rule of KUBE-SERVICES:\n{rules}"
+        );
+        let v6 = kube_proxy_iptables(Family::V6, &family_services(&services, Family::V6));
+        for expected in [
+            "-d fd00:10:96::a/128 --dport 80 -j KUBE-SVC-",
+            "! -s fd00:200::/48 -j KUBE-MARK-MASQ",
+            "-j DNAT --to-destination [fd00:200::b]:8000",
+            "! -d ::1/128 -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+        ] {
+            assert!(v6.contains(expected), "{expected} missing in\n{v6}");
+        }
+    }
+
+    /// The table kube-proxy's nftables mode writes for the same Service.
+    #[test]
+    fn nftables_mode_has_kube_proxys_maps_and_chains() {
+        let services = two_endpoints();
+        let ips = ["10.200.255.1".parse().expect("an address")];
+        let ruleset =
+            kube_proxy_nftables(Family::V4, &ips, &family_services(&services, Family::V4));
+        for expected in [
+            "add rule ip kube-proxy mark-for-masquerade mark set mark or 0x4000",
+            "add rule ip kube-proxy masquerading mark and 0x4000 == 0 return",
+            "add rule ip kube-proxy masquerading mark set mark xor 0x4000",
+            "add rule ip kube-proxy masquerading masquerade fully-random",
+            "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips",
+            "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+            "add element ip kube-proxy nodeport-ips { 10.200.255.1 }",
+            "ip daddr 10.96.0.10 ip saddr != 10.200.0.0/17 jump mark-for-masquerade",
+            "numgen random mod 2 vmap { 0 : goto endpoint-",
+            "-default/web/tcp/http__10.200.0.11/8000 meta l4proto tcp dnat to 10.200.0.11:8000",
+            "ip saddr 10.200.0.10 jump mark-for-masquerade",
+            "add element ip kube-proxy service-ips { 10.96.0.10 . tcp . 80 : goto service-",
+            "add element ip kube-proxy service-nodeports { tcp . 30080 : goto external-",
+        ] {
+            assert!(
+                ruleset.contains(expected),
+                "{expected} missing in\n{ruleset}"
+            );
+        }
+        let v6 = kube_proxy_nftables(Family::V6, &[], &family_services(&services, Family::V6));
+        for expected in [
+            "add table ip6 kube-proxy",
+            "ip6 daddr fd00:10:96::a ip6 saddr != fd00:200::/48 jump mark-for-masquerade",
+            "meta l4proto tcp dnat to [fd00:200::a]:8000",
+            "type ipv6_addr . inet_proto . inet_service : verdict",
+        ] {
+            assert!(v6.contains(expected), "{expected} missing in\n{v6}");
+        }
+    }
+}

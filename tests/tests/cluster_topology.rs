@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use nodeward_tests::cluster::{
-    get_until_ok, install_hostport, serve, service_ip, service_ip6, uplink_addr, Cluster,
-    ProxyMode, Service, OUTSIDE_ADDR,
+    get_until_ok, install_hostport, serve, service_ip, service_ip6, uplink_addr, uplink_addr6,
+    Cluster, ProxyMode, Service, OUTSIDE_ADDR, OUTSIDE_ADDR6,
 };
 use nodeward_tests::netns::{pod_ip, Cni, NodeOptions, Pod, TestNode, NODE_ADDR, PREFIX};
 
@@ -110,6 +110,9 @@ fn service_paths(tag: &str, cni: Cni, mode: ProxyMode) {
         &url,
         "pod -> NodePort on the node's address",
     );
+    let url = format!("http://[{}]:30080/", uplink_addr6(0));
+    let seen = reaches(node, &cluster.outside, &url, "outside -> IPv6 NodePort");
+    assert_ne!(peer(&seen), OUTSIDE_ADDR6.to_string(), "masqueraded");
 
     // A pod reaching itself through its Service: masqueraded (hairpin), or its own reply would
     // never be un-DNATed. Retried until the random choice picks itself.
@@ -201,6 +204,9 @@ fn hostport_paths(tag: &str, cni: Cni) {
     assert_eq!(peer(&seen), OUTSIDE_ADDR.to_string(), "not masqueraded");
     let url = format!("http://[{}]:18080/", node.addr6().expect("dual-stack"));
     reaches(node, &client.netns, &url, "IPv6 pod -> hostPort");
+    let url = format!("http://[{}]:18080/", uplink_addr6(0));
+    let seen = reaches(node, &cluster.outside, &url, "outside -> IPv6 hostPort");
+    assert_eq!(peer(&seen), OUTSIDE_ADDR6.to_string(), "not masqueraded");
     drop_and_check(cluster);
 }
 
@@ -278,6 +284,13 @@ fn cross_node(tag: &str, cni: Cni, mode: ProxyMode) {
         "remote pod -> ClusterIP",
     );
     assert_eq!(peer(&seen), remote.ip.to_string());
+    let seen = reaches(
+        node1,
+        &remote.netns,
+        "http://[fd00:10:96::a]/",
+        "remote IPv6 pod -> IPv6 ClusterIP",
+    );
+    assert_eq!(peer(&seen), remote.ip6.expect("dual-stack").to_string());
     let url = format!("http://{}:30080/", uplink_addr(1));
     reaches(
         node1,
