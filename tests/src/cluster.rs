@@ -243,8 +243,9 @@ fn chain_hash(input: &str, len: usize) -> String {
 /// IPv6; routes the Service ranges to the node's `lo` (see [`SERVICE_CIDR`]).
 ///
 /// # Panics
-/// When `iptables-restore`, `iptables`, `nft` or `ip` fail (the message has their stderr), or a
-/// Service has an IPv6 ClusterIP on a node that is not dual-stack.
+/// When `iptables-restore`, `iptables`, `nft` or `ip` fail (the message has their stderr), a
+/// Service has no endpoint in a family it has a ClusterIP of, or an IPv6 ClusterIP on a node
+/// that is not dual-stack.
 pub fn install_services(node: &TestNode, mode: ProxyMode, services: &[Service]) {
     let dual = services.iter().any(|s| s.cluster_ip6.is_some());
     assert!(
@@ -258,6 +259,14 @@ pub fn install_services(node: &TestNode, mode: ProxyMode, services: &[Service]) 
     };
     for &family in families {
         let services = family_services(services, family);
+        for fs in &services {
+            assert!(
+                !fs.endpoints.is_empty(),
+                "{}: no {family:?} endpoint (the kit writes no rules for Services without \
+                 endpoints, which kube-proxy rejects)",
+                fs.service.name
+            );
+        }
         match mode {
             ProxyMode::Iptables => {
                 let rules = kube_proxy_iptables(family, &services);
