@@ -1,9 +1,11 @@
 //! nodeward's test kit, shared by the agent's integration tests (`agent/tests`) and the
 //! end-to-end tests of this crate (`tests/tests`):
 //!
-//! - [`netns`]: a node made of network namespaces ([`netns::TestNode`]): pods on routed veths,
-//!   the node's address on `lo`, a BPF filesystem and a cgroup v2 of its own, cleanup on drop and
-//!   of what killed runs left;
+//! - [`netns`]: a node made of network namespaces ([`netns::TestNode`]): pods on routed or
+//!   bridged veths, IPv4 or dual-stack, the node's address on `lo`, a BPF filesystem and a
+//!   cgroup v2 of its own, cleanup on drop and of what killed runs left;
+//! - [`cluster`]: what a kind node has around its pods: kube-proxy's Service rules (iptables and
+//!   nftables modes), portmap's hostPort rules, nodes on a LAN with an outside host;
 //! - [`privilege`]: the one check that a privileged test has what it needs, failing (never
 //!   skipping) with the missing capability named;
 //! - [`agent`]: the real `nodeward` binary as a process ([`agent::Agent`]): readiness, admin
@@ -15,6 +17,7 @@
 //! knows the agent only as a binary and by its flags.
 
 pub mod agent;
+pub mod cluster;
 pub mod e2e;
 pub mod netns;
 pub mod privilege;

@@ -1,10 +1,24 @@
 //! A node made of network namespaces, for privileged tests: a node namespace (where the agent
 //! or the data path under test runs, never in the machine's own namespace) and pod namespaces
-//! joined to it by veth pairs, routed like a routed CNI (Calico style): each pod has a /32
-//! address on its `eth0` and a default route out of it; the node has a /32 route to each pod,
-//! proxy ARP (answering at once) on the host-side veths, forwards between them, has reverse-path
-//! filtering off, and owns [`NODE_ADDR`] on `lo`, the source of its own connections. Addresses
-//! are in 10.200.0.0/16 and exist only inside these namespaces.
+//! joined to it by veth pairs, in one of two CNI styles ([`Cni`]):
+//!
+//! - [`Cni::Routed`] (the default; Calico, kindnet, ptp style): each pod has a /32 address on its
+//!   `eth0` and a default route out of it; the node has a /32 route to each pod and proxy ARP
+//!   (answering at once) on the host-side veths;
+//! - [`Cni::Bridge`] (flannel, the bridge plugin): the host-side veths are ports of a Linux bridge
+//!   [`BRIDGE`] that holds the gateway address `10.200.<n>.1/24`; pods have a /24 address on one
+//!   subnet and a default route via the gateway; hairpin mode is on on every port and bridged
+//!   IPv4/IPv6 go through netfilter (`bridge-nf-call-ip{,6}tables`), as kubeadm requires, so
+//!   kube-proxy's and portmap's NAT sees pod-to-pod traffic on the bridge.
+//!
+//! Either way the node forwards, has reverse-path filtering off, and owns its address
+//! ([`TestNode::addr`], [`NODE_ADDR`] for the first node) on `lo`. Pods of node `n`
+//! ([`NodeOptions::index`]) are in `10.200.<n>.0/24`; addresses exist only inside these
+//! namespaces. A dual-stack node ([`NodeOptions::dual_stack`]) also gives every pod the IPv6
+//! address [`pod_ip6`] of its IPv4 one (`fd00:200:0:<n>::<host>`) and itself
+//! `fd00:200:ff::<n+1>` on `lo`; routed pods reach the node through the link-local gateway
+//! `fe80::1` on their host-side veth, bridged ones through `fd00:200:0:<n>::1` on the bridge.
+//! IPv4 only, routed, is the default, and what [`TestNode::new`] builds.
 //!
 //! Each node also has a BPF filesystem mount point of its own ([`TestNode::bpffs`]; mounted by
 //! [`TestNode::mount_bpffs`] or by the data path itself), so pins never meet another test's or a
@@ -15,14 +29,15 @@
 //! Names carry the test process's id, a per-process sequence number and the test's tag
 //! (`nwt-<pid>-<seq>-<tag>-node`), so tests of one binary run in parallel and several developers'
 //! runs share a machine. A [`TestNode`] removes everything it made when dropped, also on panic:
-//! its processes, its namespaces (and with them veths, rules, routes and TC links), its bpffs
-//! mount (and with it every pin) and its cgroup. What a killed test process left (its pid no
-//! longer exists) is removed when the next node starts; nothing of a live process is touched.
+//! its processes, its namespaces (and with them veths, bridges, iptables and nftables rules,
+//! routes and TC links), its bpffs mount (and with it every pin) and its cgroup. What a killed
+//! test process left (its pid no longer exists) is removed when the next node starts; nothing of
+//! a live process is touched.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -36,27 +51,65 @@ use std::time::{Duration, Instant};
 pub const PREFIX: &str = "nwt-";
 /// Prefix of every cgroup a node makes: `nodeward-test-<pid>-<seq>-<tag>`.
 pub const CGROUP_PREFIX: &str = "nodeward-test-";
-/// The node's own address (on its `lo`): the source of the node's, and the enforcer's upstream,
-/// connections to pods.
+/// The first node's own address (on its `lo`): the source of the node's, and the enforcer's
+/// upstream, connections to routed pods. Node `n` has `10.200.255.<n+1>` ([`TestNode::addr`]).
 pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 255, 1);
+/// The first dual-stack node's own IPv6 address (on its `lo`); node `n` has `fd00:200:ff::<n+1>`.
+pub const NODE_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0xff, 0, 0, 0, 0, 1);
+/// The bridge of a [`Cni::Bridge`] node, in its namespace (flannel's and the bridge plugin's name).
+pub const BRIDGE: &str = "cni0";
+/// The link-local gateway of routed IPv6 pods: every routed pod's host-side veth holds it.
+pub const ROUTED_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// `BPF_FS_MAGIC` of statfs(2).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Nodes made by this process so far.
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
-/// The address `10.200.0.<index>`: where the end-to-end tests put their pods.
+/// The address `10.200.0.<index>`: where the end-to-end tests put their pods (on the first
+/// node; `.1` is the gateway of a bridged node, so pods start at `.2`).
 #[must_use]
 pub const fn pod_ip(index: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, 0, index)
 }
 
-/// A pod (or a client): its namespace, address and the node-side end of its veth.
+/// The IPv6 address a dual-stack node gives the pod `10.200.<n>.<host>`:
+/// `fd00:200:0:<n>::<host>` (so `pod_ip6(pod_ip(10))` is `fd00:200::a`).
+#[must_use]
+pub const fn pod_ip6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [_, _, subnet, host] = ip.octets();
+    Ipv6Addr::new(0xfd00, 0x200, 0, subnet as u16, 0, 0, 0, host as u16)
+}
+
+/// How pods are wired to the node: see the module documentation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Cni {
+    /// /32 pods, a route per pod on the node, proxy ARP on the host-side veths.
+    #[default]
+    Routed,
+    /// Host-side veths enslaved to the bridge [`BRIDGE`], which holds the pods' gateway.
+    Bridge,
+}
+
+/// What [`TestNode::with_options`] builds; the default is [`TestNode::new`]'s node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeOptions {
+    pub cni: Cni,
+    /// Pods also get IPv6 ([`pod_ip6`]), the node `fd00:200:ff::<index+1>` and IPv6 forwarding.
+    pub dual_stack: bool,
+    /// The node's number in a cluster (below 128): its pods are in `10.200.<index>.0/24`, its
+    /// own address is `10.200.255.<index+1>`.
+    pub index: u8,
+}
+
+/// A pod (or a client): its namespace, addresses and the node-side end of its veth.
 #[derive(Debug, Clone)]
 pub struct Pod {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack node ([`pod_ip6`] of `ip`).
+    pub ip6: Option<Ipv6Addr>,
     /// The host-side interface, in the node namespace.
     pub host_if: String,
 }
@@ -69,6 +122,7 @@ pub struct TestNode {
     stem: String,
     /// `<pid>-<seq>-<tag>`.
     id: String,
+    options: NodeOptions,
     bpffs: PathBuf,
     /// A directory with one symlink per pod to its namespace file: what `/run/netns` is on a
     /// real node, holding this node's pods only (the agent's `--netns-dir`).
@@ -83,10 +137,21 @@ pub struct TestNode {
 
 impl TestNode {
     /// Checks the privileges ([`crate::privilege::require_privileges`]), removes leftovers of
-    /// killed runs and creates the node namespace; `tag` (short, `[a-z0-9-]`) says which test it
-    /// belongs to.
+    /// killed runs and creates the node namespace: routed, IPv4 only, the first node of its
+    /// cluster. `tag` (short, `[a-z0-9-]`) says which test it belongs to.
     #[must_use]
     pub fn new(tag: &str) -> Self {
+        Self::with_options(tag, NodeOptions::default())
+    }
+
+    /// Like [`TestNode::new`], with the CNI style, the address families and the node's number
+    /// in its cluster of `options`.
+    ///
+    /// # Panics
+    /// When `options.index` is 128 or more, or a namespace, address or sysctl cannot be set.
+    #[must_use]
+    pub fn with_options(tag: &str, options: NodeOptions) -> Self {
+        assert!(options.index < 128, "node index {} >= 128", options.index);
         crate::privilege::require_privileges();
         remove_leftovers();
         let seq = SEQUENCE.fetch_add(1, Ordering::SeqCst);
@@ -99,6 +164,7 @@ impl TestNode {
             netns_dir: std::env::temp_dir().join(format!("{stem}netns")),
             stem,
             id,
+            options,
             pods: Vec::new(),
             namespaces: Vec::new(),
             children: Vec::new(),
@@ -108,12 +174,13 @@ impl TestNode {
         node.namespaces.push(netns.clone());
         ip(&["netns", "add", &netns]);
         ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        let addr = node.addr();
         ip(&[
             "-n",
             &netns,
             "addr",
             "add",
-            &format!("{NODE_ADDR}/32"),
+            &format!("{addr}/32"),
             "dev",
             "lo",
         ]);
@@ -124,15 +191,158 @@ impl TestNode {
         ] {
             sysctl(&netns, key, value);
         }
+        if let Some(addr6) = node.addr6() {
+            for (key, value) in [
+                ("net.ipv6.conf.all.forwarding", "1"),
+                // Addresses usable at once: no duplicate address detection on new interfaces.
+                ("net.ipv6.conf.all.accept_dad", "0"),
+                ("net.ipv6.conf.default.accept_dad", "0"),
+            ] {
+                sysctl(&netns, key, value);
+            }
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{addr6}/128"),
+                "dev",
+                "lo",
+            ]);
+        }
+        if options.cni == Cni::Bridge {
+            node.add_bridge();
+        }
         node
     }
 
-    /// Adds a pod `name` with address `ip_addr`.
+    /// The bridge and its gateway addresses; bridged IP through netfilter, as kubeadm requires.
+    fn add_bridge(&self) {
+        let node = self.netns.as_str();
+        ip(&["-n", node, "link", "add", BRIDGE, "type", "bridge"]);
+        let gateway = self.gateway();
+        ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{gateway}/24"),
+            "dev",
+            BRIDGE,
+        ]);
+        if let Some(gateway6) = self.gateway6() {
+            ip(&[
+                "-n",
+                node,
+                "addr",
+                "add",
+                &format!("{gateway6}/64"),
+                "dev",
+                BRIDGE,
+                "nodad",
+            ]);
+        }
+        ip(&["-n", node, "link", "set", BRIDGE, "up"]);
+        assert!(
+            Path::new("/proc/sys/net/bridge").exists(),
+            "a bridged test node needs br_netfilter (kernel CONFIG_BRIDGE_NETFILTER, or \
+             `modprobe br_netfilter`): without it pods on one bridge bypass kube-proxy's NAT"
+        );
+        sysctl(node, "net.bridge.bridge-nf-call-iptables", "1");
+        sysctl(node, "net.bridge.bridge-nf-call-ip6tables", "1");
+    }
+
+    /// What the node was built with.
+    #[must_use]
+    pub fn options(&self) -> NodeOptions {
+        self.options
+    }
+
+    /// The node's own address, on its `lo`: `10.200.255.<index+1>` ([`NODE_ADDR`] on the first
+    /// node).
+    #[must_use]
+    pub fn addr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, 255, self.options.index + 1)
+    }
+
+    /// The node's own IPv6 address on a dual-stack node, on its `lo`: `fd00:200:ff::<index+1>`.
+    #[must_use]
+    pub fn addr6(&self) -> Option<Ipv6Addr> {
+        self.options.dual_stack.then(|| {
+            Ipv6Addr::new(
+                0xfd00,
+                0x200,
+                0xff,
+                0,
+                0,
+                0,
+                0,
+                u16::from(self.options.index) + 1,
+            )
+        })
+    }
+
+    /// The address the node's connections to its pods come from, and what it masquerades
+    /// pod-bound traffic to: its own address ([`TestNode::addr`]) on a routed node, the
+    /// bridge's (`10.200.<index>.1`) on a bridged one.
+    #[must_use]
+    pub fn addr_to_pods(&self) -> Ipv4Addr {
+        match self.options.cni {
+            Cni::Routed => self.addr(),
+            Cni::Bridge => self.gateway(),
+        }
+    }
+
+    /// The node's pod subnet, `10.200.<index>.0/24`, as (network, prefix length).
+    #[must_use]
+    pub fn pod_subnet(&self) -> (Ipv4Addr, u8) {
+        (Ipv4Addr::new(10, 200, self.options.index, 0), 24)
+    }
+
+    /// The node's IPv6 pod subnet on a dual-stack node, `fd00:200:0:<index>::/64`.
+    #[must_use]
+    pub fn pod_subnet6(&self) -> Option<(Ipv6Addr, u8)> {
+        self.options.dual_stack.then(|| {
+            (
+                Ipv6Addr::new(0xfd00, 0x200, 0, u16::from(self.options.index), 0, 0, 0, 0),
+                64,
+            )
+        })
+    }
+
+    /// The pods' IPv4 gateway on a bridged node (the bridge's address, `10.200.<index>.1`).
+    fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, self.options.index, 1)
+    }
+
+    /// The pods' IPv6 gateway on a dual-stack bridged node (`fd00:200:0:<index>::1`).
+    fn gateway6(&self) -> Option<Ipv6Addr> {
+        self.pod_subnet6().map(|(net, _)| {
+            let mut segments = net.segments();
+            segments[7] = 1;
+            Ipv6Addr::from(segments)
+        })
+    }
+
+    /// Creates a namespace `nwt-<pid>-<seq>-<tag>-<name>` (its `lo` up) that belongs to this
+    /// node: removed with it. For hosts that are not pods (an outside client, a switch).
+    pub fn add_namespace(&mut self, name: &str) -> String {
+        let netns = format!("{}{name}", self.stem);
+        self.namespaces.push(netns.clone());
+        ip(&["netns", "add", &netns]);
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// Adds a pod `name` with address `ip_addr` (on a bridged node, in
+    /// [`TestNode::pod_subnet`] and not its `.1`), wired in the node's CNI style; on a
+    /// dual-stack node it also gets [`pod_ip6`] of `ip_addr`.
     pub fn add_pod(&mut self, name: &str, ip_addr: Ipv4Addr) -> Pod {
         let pod = Pod {
             name: name.to_owned(),
             netns: format!("{}{name}", self.stem),
             ip: ip_addr,
+            ip6: self.options.dual_stack.then(|| pod_ip6(ip_addr)),
             // Unique inside the node's namespace, at most 15 bytes.
             host_if: format!("nwp{}", self.pods.len()),
         };
@@ -147,12 +357,53 @@ impl TestNode {
             "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
             netns,
         ]);
-        ip(&["-n", node, "link", "set", host_if, "up"]);
+        if pod.ip6.is_some() {
+            sysctl(netns, "net.ipv6.conf.eth0.accept_dad", "0");
+        }
+        ip(&["-n", netns, "link", "set", "lo", "up"]);
+        match self.options.cni {
+            Cni::Routed => self.wire_routed(&pod),
+            Cni::Bridge => self.wire_bridged(&pod),
+        }
+        pod
+    }
+
+    /// Routed: a /32 (/128) route per pod on the node, proxy ARP and a link-local IPv6 gateway
+    /// on the host-side veth; the pod's default routes leave `eth0`.
+    fn wire_routed(&self, pod: &Pod) {
+        let (node, netns, host_if) = (&self.netns, &pod.netns, &pod.host_if);
         sysctl(node, &format!("net.ipv4.conf.{host_if}.proxy_arp"), "1");
         sysctl(node, &format!("net.ipv4.conf.{host_if}.rp_filter"), "0");
         // Proxy ARP answers after a random delay of up to 0.8 s by default; a test that expects
         // a drop within a fraction of that would pass without a packet ever being sent.
         sysctl(node, &format!("net.ipv4.neigh.{host_if}.proxy_delay"), "0");
+        if let Some(ip6) = pod.ip6 {
+            sysctl(node, &format!("net.ipv6.conf.{host_if}.accept_dad"), "0");
+            ip(&[
+                "-n",
+                node,
+                "addr",
+                "add",
+                &format!("{ROUTED_GATEWAY6}/64"),
+                "dev",
+                host_if,
+                "nodad",
+            ]);
+            ip(&["-n", node, "link", "set", host_if, "up"]);
+            ip(&[
+                "-n",
+                node,
+                "-6",
+                "route",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                host_if,
+            ]);
+        } else {
+            ip(&["-n", node, "link", "set", host_if, "up"]);
+        }
+        let ip_addr = pod.ip;
         ip(&[
             "-n",
             node,
@@ -162,7 +413,6 @@ impl TestNode {
             "dev",
             host_if,
         ]);
-        ip(&["-n", netns, "link", "set", "lo", "up"]);
         ip(&[
             "-n",
             netns,
@@ -172,11 +422,103 @@ impl TestNode {
             "dev",
             "eth0",
         ]);
+        if let Some(ip6) = pod.ip6 {
+            ip(&[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+        }
         ip(&["-n", netns, "link", "set", "eth0", "up"]);
         ip(&[
             "-n", netns, "route", "add", "default", "dev", "eth0", "scope", "link",
         ]);
-        pod
+        if pod.ip6.is_some() {
+            ip(&[
+                "-n",
+                netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &ROUTED_GATEWAY6.to_string(),
+                "dev",
+                "eth0",
+            ]);
+        }
+    }
+
+    /// Bridged: the host-side veth is a port (hairpin on) of [`BRIDGE`]; the pod has an address
+    /// on the node's subnet and its default routes via the bridge's addresses.
+    fn wire_bridged(&self, pod: &Pod) {
+        let (node, netns, host_if) = (&self.netns, &pod.netns, &pod.host_if);
+        let (net, prefix) = self.pod_subnet();
+        assert!(
+            pod.ip.octets()[..3] == net.octets()[..3] && pod.ip != self.gateway(),
+            "a bridged pod's address must be in {net}/{prefix} and not the gateway: {}",
+            pod.ip
+        );
+        ip(&["-n", node, "link", "set", host_if, "master", BRIDGE]);
+        ip(&["-n", node, "link", "set", host_if, "up"]);
+        let out = Command::new("bridge")
+            .args(["-n", node, "link", "set", "dev", host_if, "hairpin", "on"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running `bridge` (iproute2): {e}"));
+        assert!(
+            out.status.success(),
+            "`bridge link set dev {host_if} hairpin on` in {node} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{}/{prefix}", pod.ip),
+            "dev",
+            "eth0",
+        ]);
+        if let (Some(ip6), Some((_, prefix6))) = (pod.ip6, self.pod_subnet6()) {
+            ip(&[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                &format!("{ip6}/{prefix6}"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+        }
+        ip(&["-n", netns, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway().to_string(),
+        ]);
+        if let Some(gateway6) = self.gateway6() {
+            ip(&[
+                "-n",
+                netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway6.to_string(),
+            ]);
+        }
     }
 
     #[must_use]
@@ -189,6 +531,12 @@ impl TestNode {
     #[must_use]
     pub fn netns_dir(&self) -> &Path {
         &self.netns_dir
+    }
+
+    /// Every namespace the node made (its own first); all are removed when it is dropped.
+    #[must_use]
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
     }
 
     /// The node's BPF filesystem mount point (not mounted until [`TestNode::mount_bpffs`] or the

@@ -3,6 +3,7 @@
 //! only from the node; a pod cannot pose as the node; without the agent it follows
 //! `--failure-mode` like a pod's.
 
+use nodeward_tests::cluster::install_hostport;
 use nodeward_tests::e2e::{
     add_probes, bypass_refused, node_traffic_answers, protected_policies, seen, start, Env,
     PROTECTED_PODS, SHORT,
@@ -109,31 +110,14 @@ fn node_traffic_without_agent(mode: &str, while_down: WhileDown, counter: &str) 
 
 /// The CNI portmap plugin marks hostPort traffic 0x2000 (`CNI-HOSTPORT-SETMARK`) and never
 /// clears it, the bit of the enforcer's default upstream mark: `guard` must not take a packet's
-/// mark as proof that the enforcer sent it. Here a hostPort-style DNAT on the node (not a
-/// protected endpoint, so `steer` passes it) with portmap's mark leads into a protected pod:
-/// the flow is refused, never delivered unjudged.
+/// mark as proof that the enforcer sent it. Here portmap's rules for `hostPort: 18000` on the node
+/// (not a protected endpoint, so `steer` passes it) lead into a protected pod; the client is a
+/// pod of the node's subnet, so its SYN is marked (and masqueraded): the flow is refused, never
+/// delivered unjudged.
 #[test]
 fn a_hostport_flow_with_portmaps_mark_does_not_pass_guard() {
     let env = start_node_traffic("mark-forgery", &[]);
-    let pod = env.pod("web").ip;
-    let iptables = |rule: String| {
-        let mut args = vec!["iptables"];
-        args.extend(rule.split_whitespace());
-        let out = env.node.exec(&env.node.netns, &args);
-        assert!(
-            out.status.success(),
-            "{rule}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    // What portmap writes for `hostPort: 18000` (DNAT to the pod, mark 0x2000).
-    let hostport = format!("-p tcp -d {NODE_ADDR} --dport 18000");
-    iptables(format!(
-        "-t mangle -A PREROUTING {hostport} -j MARK --set-xmark 0x2000/0x2000"
-    ));
-    iptables(format!(
-        "-t nat -A PREROUTING {hostport} -j DNAT --to-destination {pod}:8000"
-    ));
+    install_hostport(&env.node, env.pod("web"), 18000, 8000);
     let dropped = env.counter("guard_dropped_bypass");
     let url = format!("http://{NODE_ADDR}:18000/");
     let (status, _) = env

@@ -20,7 +20,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::system::{self, output, run as run_cmd};
 
 /// Debian packages, with what needs them.
-const DEBIAN_PACKAGES: [(&str, &str); 5] = [
+const DEBIAN_PACKAGES: [(&str, &str); 6] = [
     (
         "iproute2",
         "`ip`: the datapath tests build network namespaces and veths",
@@ -39,7 +39,11 @@ const DEBIAN_PACKAGES: [(&str, &str); 5] = [
     ),
     (
         "iptables",
-        "the end-to-end tests install CNI (portmap) and kube-proxy rules on the test node",
+        "the test kit installs portmap's and kube-proxy's (iptables mode) rules on test nodes",
+    ),
+    (
+        "nftables",
+        "`nft`: the test kit installs kube-proxy's nftables-mode rules on test nodes",
     ),
 ];
 
