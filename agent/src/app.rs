@@ -167,17 +167,7 @@ impl App {
             runtime,
             endpoints,
         } = self;
-        let (pods, opened) = match (config.datapath, config.steering) {
-            (DatapathMode::On, Steering::InPod) => {
-                let (pods, opened) = PodListeners::new(
-                    config.netns_dir.clone(),
-                    config.listen.port(),
-                    DEFAULT_INPOD_MARK,
-                );
-                (Some(pods), Some(opened))
-            }
-            _ => (None, None),
-        };
+        let (pods, opened) = pod_listeners(&config);
         let datapath = start_datapath(&config, pods.clone())?;
         let state = match start_state(&config, runtime.handle(), datapath.as_ref()) {
             Ok(state) => state,
@@ -198,9 +188,9 @@ impl App {
         let shutdown = CancellationToken::new();
         let watcher = runtime.spawn(state.source.watch(shutdown.clone()));
         if let Some(datapath) = &datapath {
-            runtime.spawn(
-                Arc::clone(datapath).follow_interfaces(Arc::clone(&state.store), shutdown.clone()),
-            );
+            let follow =
+                Arc::clone(datapath).follow_interfaces(Arc::clone(&state.store), shutdown.clone());
+            runtime.spawn(follow);
         }
 
         let listener = {
@@ -212,24 +202,17 @@ impl App {
         };
         let listen = listener.local_addr().unwrap_or(config.listen);
         let cache = TokenCache::default();
-        let enforcer = Enforcer::new(
-            Arc::clone(&state.store),
-            Arc::new(state.jwks.clone()),
-            cache.clone(),
-            Arc::clone(&state.metrics),
-            EnforcerConfig {
-                pod_namespaces: pods.as_ref().map(|p| p.namespaces()),
-                ..enforcer_config(&config)
-            },
-        );
+        let stores = (&state.store, &state.jwks, &state.metrics);
+        let enforcer = new_enforcer(&config, stores, &cache, pods.as_deref());
         let tracker = TaskTracker::new();
         if let Some(opened) = opened {
-            runtime.spawn(crate::inpod::serve(
+            let pods = crate::inpod::serve(
                 Arc::clone(&enforcer),
                 opened,
                 shutdown.clone(),
                 tracker.clone(),
-            ));
+            );
+            runtime.spawn(pods);
         }
         let accepting =
             runtime.spawn(enforcer.run_listener(listener, shutdown.clone(), tracker.clone()));
@@ -534,6 +517,46 @@ fn start_state(
         store,
         source: Source::Standalone(standalone),
     })
+}
+
+/// The enforcer over the state's stores; under in-pod steering it dials pods from their own
+/// namespaces.
+fn new_enforcer(
+    config: &Config,
+    (store, jwks, metrics): (&Arc<StateStore>, &JwksStore, &Arc<Metrics>),
+    cache: &TokenCache,
+    pods: Option<&PodListeners>,
+) -> Arc<Enforcer> {
+    Enforcer::new(
+        Arc::clone(store),
+        Arc::new(jwks.clone()),
+        cache.clone(),
+        Arc::clone(metrics),
+        EnforcerConfig {
+            pod_namespaces: pods.map(PodListeners::namespaces),
+            ..enforcer_config(config)
+        },
+    )
+}
+
+/// In-pod steering's listeners and the receiver of each pod's, when the configuration has it.
+fn pod_listeners(
+    config: &Config,
+) -> (
+    Option<Arc<PodListeners>>,
+    Option<tokio::sync::mpsc::UnboundedReceiver<crate::inpod::Opened>>,
+) {
+    match (config.datapath, config.steering) {
+        (DatapathMode::On, Steering::InPod) => {
+            let (pods, opened) = PodListeners::new(
+                config.netns_dir.clone(),
+                config.listen.port(),
+                DEFAULT_INPOD_MARK,
+            );
+            (Some(pods), Some(opened))
+        }
+        _ => (None, None),
+    }
 }
 
 /// The kernel data path, attached, when the configuration has it on.

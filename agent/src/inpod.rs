@@ -167,11 +167,11 @@ impl PodListeners {
     /// after the data path is in step.
     pub fn sync(&self, snapshot: &Snapshot) -> Matched {
         let mut matched = Matched::default();
-        let protected: HashMap<IpAddr, ()> = snapshot
+        let protected: std::collections::HashSet<IpAddr> = snapshot
             .by_ip
             .values()
             .filter(|view| view.is_protected())
-            .map(|view| (view.workload.ip, ()))
+            .map(|view| view.workload.ip)
             .collect();
         let found = match netns::scan(&self.netns_dir) {
             Ok(found) => found,
@@ -186,11 +186,7 @@ impl PodListeners {
         let mut pods = self.lock();
         let mut seen = 0;
         for (ns, addresses) in found {
-            let Some(registered) = addresses
-                .iter()
-                .copied()
-                .find(|a| protected.contains_key(a))
-            else {
+            let Some(registered) = addresses.iter().copied().find(|a| protected.contains(a)) else {
                 continue;
             };
             seen += 1;

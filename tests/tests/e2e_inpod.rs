@@ -13,11 +13,15 @@ use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use nodeward_tests::cluster::{
+    install_hostport, install_services, service_ip, service_ip6, ProxyMode, Service,
+};
 use nodeward_tests::e2e::{
     bearer, protected_policies, request_authn, sample, seen, start_on, Env, PROTECTED_PODS, SHORT,
 };
-use nodeward_tests::netns::{in_netns, TestNode, NODE_ADDR};
+use nodeward_tests::netns::{in_netns, Cni, NodeOptions, TestNode};
 use nodeward_tests::{eventually, nodeward};
+use test_case::test_case;
 
 const DENIED: (u16, &str) = (403, "RBAC: access denied");
 
@@ -27,98 +31,6 @@ fn start_in_pod(tag: &str, policies: &str, extra: &[&str]) -> Env {
     let mut args = vec!["--steering", "in-pod", "--netns-dir", &dir];
     args.extend_from_slice(extra);
     start_on(node, &PROTECTED_PODS, policies, &args)
-}
-
-/// Runs `iptables` (or `ip6tables`) in the node with `rule`'s words.
-fn iptables(env: &Env, program: &str, rule: &str) {
-    let mut args = vec![program, "-w"];
-    args.extend(rule.split_whitespace());
-    let out = env.node.exec(&env.node.netns, &args);
-    assert!(
-        out.status.success(),
-        "{program} {rule}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A ClusterIP Service 10.96.0.12:80 and a NodePort <node>:30080 for `web`:8000, as
-/// kube-proxy's iptables mode writes them: DNAT in PREROUTING (pods, other nodes) and OUTPUT
-/// (the node), masquerade for what does not come from a pod (`KUBE-MARK-MASQ` 0x4000, cleared
-/// in POSTROUTING before MASQUERADE) and for every NodePort flow.
-fn kube_proxy_service(env: &Env) {
-    let web = env.pod("web").ip;
-    // The Service range is routed off the node (its default route on a real node), so that
-    // the node answers pods' ARP for ClusterIPs (proxy ARP needs a route).
-    let node = env.node.netns.as_str();
-    nodeward_tests::netns::ip(&[
-        "-n", node, "link", "add", "svc0", "type", "veth", "peer", "name", "svc1",
-    ]);
-    nodeward_tests::netns::ip(&["-n", node, "link", "set", "svc0", "up"]);
-    nodeward_tests::netns::ip(&["-n", node, "route", "add", "10.96.0.0/12", "dev", "svc0"]);
-    for rule in [
-        "-t nat -N KUBE-SERVICES",
-        "-t nat -N KUBE-MARK-MASQ",
-        "-t nat -N KUBE-POSTROUTING",
-        "-t nat -N KUBE-SEP-WEB",
-        "-t nat -N KUBE-SVC-WEB",
-        "-t nat -N KUBE-NODEPORTS",
-        "-t nat -A PREROUTING -j KUBE-SERVICES",
-        "-t nat -A OUTPUT -j KUBE-SERVICES",
-        "-t nat -A POSTROUTING -j KUBE-POSTROUTING",
-        "-t nat -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
-        "-t nat -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
-        "-t nat -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
-        "-t nat -A KUBE-POSTROUTING -j MASQUERADE --random-fully",
-        "-t nat -A KUBE-SERVICES -d 10.96.0.12/32 -p tcp --dport 80 -j KUBE-SVC-WEB",
-        "-t nat -A KUBE-SVC-WEB -d 10.96.0.12/32 -p tcp --dport 80 ! -s 10.200.0.0/24 -j KUBE-MARK-MASQ",
-        "-t nat -A KUBE-SVC-WEB -j KUBE-SEP-WEB",
-        "-t nat -A KUBE-NODEPORTS -p tcp --dport 30080 -j KUBE-MARK-MASQ",
-        "-t nat -A KUBE-NODEPORTS -p tcp --dport 30080 -j KUBE-SEP-WEB",
-        "-t nat -A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
-    ] {
-        iptables(env, "iptables", rule);
-    }
-    iptables(
-        env,
-        "iptables",
-        &format!("-t nat -A KUBE-SEP-WEB -s {web}/32 -j KUBE-MARK-MASQ"),
-    );
-    iptables(
-        env,
-        "iptables",
-        &format!("-t nat -A KUBE-SEP-WEB -p tcp -j DNAT --to-destination {web}:8000"),
-    );
-}
-
-/// portmap's rules for `hostPort: 18000` of `web` (`CNI-HOSTPORT-DNAT`, the 0x2000 mark it
-/// never clears, masquerade on the mark).
-fn portmap_hostport(env: &Env) {
-    let web = env.pod("web").ip;
-    // portmap lets 127.0.0.1 be DNATed out of the node (`route_localnet` on the pod's side).
-    nodeward_tests::netns::sysctl(
-        &env.node.netns,
-        &format!("net.ipv4.conf.{}.route_localnet", env.pod("web").host_if),
-        "1",
-    );
-    for rule in [
-        "-t nat -N CNI-HOSTPORT-DNAT".to_owned(),
-        "-t nat -N CNI-HOSTPORT-SETMARK".to_owned(),
-        "-t nat -N CNI-HOSTPORT-MASQ".to_owned(),
-        "-t nat -A CNI-HOSTPORT-SETMARK -j MARK --set-xmark 0x2000/0x2000".to_owned(),
-        "-t nat -A CNI-HOSTPORT-MASQ -m mark --mark 0x2000/0x2000 -j MASQUERADE".to_owned(),
-        "-t nat -I POSTROUTING 1 -j CNI-HOSTPORT-MASQ".to_owned(),
-        "-t nat -I PREROUTING 1 -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT".to_owned(),
-        "-t nat -I OUTPUT 1 -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT".to_owned(),
-        "-t nat -A CNI-HOSTPORT-DNAT -p tcp --dport 18000 -s 10.200.0.0/24 -j CNI-HOSTPORT-SETMARK"
-            .to_owned(),
-        "-t nat -A CNI-HOSTPORT-DNAT -p tcp --dport 18000 -s 127.0.0.1/32 -j CNI-HOSTPORT-SETMARK"
-            .to_owned(),
-        format!(
-            "-t nat -A CNI-HOSTPORT-DNAT -p tcp --dport 18000 -j DNAT --to-destination {web}:8000"
-        ),
-    ] {
-        iptables(env, "iptables", &rule);
-    }
 }
 
 /// `curl` with a short limit from `from` (a pod's name, or `node`) to `url`.
@@ -131,30 +43,71 @@ fn get(env: &Env, from: &str, url: &str, headers: &[&str]) -> (u16, String) {
     env.node.curl_within(SHORT + 1, &netns, "GET", url, headers)
 }
 
-/// Every path into `web` and `require` is judged: the pod's address, the ClusterIP, the
-/// NodePort, the hostPort (with portmap's mark: refused outright with host steering), from pods
-/// and from the node.
-#[test]
-fn every_path_into_a_protected_pod_is_judged() {
-    let env = start_in_pod("inpod-paths", &protected_policies(), &[]);
-    kube_proxy_service(&env);
-    portmap_hostport(&env);
-    let web = env.pod("web").ip;
-    let demo = bearer(&sample("demo.jwt"));
+/// Every path into `web` and `require` is judged, on a dual-stack node of each CNI style with
+/// kube-proxy in each mode: the pods' addresses (IPv4 and IPv6), the Services' `ClusterIP`s
+/// (both families), the `NodePort`, a pod's own Service (hairpin), the hostPort with portmap's
+/// 0x2000 mark (refused outright with host steering), from pods and from the node.
+#[test_case(Cni::Routed, ProxyMode::Iptables ; "routed CNI, kube-proxy iptables")]
+#[test_case(Cni::Bridge, ProxyMode::Nftables ; "bridge CNI, kube-proxy nftables")]
+#[test_case(Cni::Routed, ProxyMode::Nftables ; "routed CNI, kube-proxy nftables")]
+#[test_case(Cni::Bridge, ProxyMode::Iptables ; "bridge CNI, kube-proxy iptables")]
+fn every_path_into_a_protected_pod_is_judged(cni: Cni, mode: ProxyMode) {
+    let tag = format!("inpod-{}-{}", cni_name(cni), mode_name(mode));
+    let node = TestNode::with_options(
+        &tag,
+        NodeOptions {
+            cni,
+            dual_stack: true,
+            index: 0,
+        },
+    );
+    let dir = node.netns_dir().to_str().expect("utf-8").to_owned();
+    let mut env = start_on(
+        node,
+        &PROTECTED_PODS,
+        &protected_policies(),
+        &["--steering", "in-pod", "--netns-dir", &dir],
+    );
+    let (web, require) = (env.pod("web").clone(), env.pod("require").clone());
+    // The harness serves IPv4 only; the IPv6 servers (the enforcer dials the address the
+    // client asked for).
+    let server = nodeward_tests::pod_server_bin();
+    for pod in [&web, &require] {
+        let ip6 = pod.ip6.expect("dual-stack");
+        env.node
+            .spawn(&pod.netns, &server, &[&format!("[{ip6}]:8000")]);
+    }
+    let services = [
+        Service::new("foo/web:http", service_ip(12), 80, 8000, &[&web])
+            .with_node_port(30080)
+            .with_cluster_ip6(service_ip6(12)),
+        Service::new("foo/require:http", service_ip(11), 80, 8000, &[&require])
+            .with_cluster_ip6(service_ip6(11)),
+    ];
+    install_services(&env.node, mode, &services);
+    install_hostport(&env.node, &web, 18000, 8000);
+    let node_addr = env.node.addr();
     let assigned = env.counter("inpod_assigned_listener");
 
-    // (source, url, expected): `sleep` is a known principal; `stranger` and the node are not;
-    // NodePort and hostPort flows are masqueraded to the node's address, as Istio sees them.
-    let rows: [(&str, String, (u16, &str)); 9] = [
-        ("sleep", format!("http://{web}:8000/"), (200, "")),
-        ("stranger", format!("http://{web}:8000/"), DENIED),
-        ("node", format!("http://{web}:8000/"), DENIED),
-        ("sleep", "http://10.96.0.12/".to_owned(), (200, "")),
-        ("stranger", "http://10.96.0.12/".to_owned(), DENIED),
-        ("node", "http://10.96.0.12/".to_owned(), DENIED),
-        ("stranger", format!("http://{NODE_ADDR}:30080/"), DENIED),
-        ("stranger", format!("http://{NODE_ADDR}:18000/"), DENIED),
+    // (source, url, expected): `sleep` is a known principal by its IPv4 address; `stranger`,
+    // the node, and every masqueraded flow (NodePort, hostPort, hairpin, the node's ClusterIP
+    // traffic) are not, as Istio sees them.
+    let (web4, web6) = (web.ip, web.ip6.expect("v6"));
+    let (svc4, svc6) = (service_ip(12), service_ip6(12));
+    let rows: Vec<(&str, String, (u16, &str))> = vec![
+        ("sleep", format!("http://{web4}:8000/"), (200, "")),
+        ("stranger", format!("http://{web4}:8000/"), DENIED),
+        ("node", format!("http://{web4}:8000/"), DENIED),
+        ("sleep", format!("http://{svc4}/"), (200, "")),
+        ("stranger", format!("http://{svc4}/"), DENIED),
+        ("node", format!("http://{svc4}/"), DENIED),
+        ("web", format!("http://{svc4}/"), DENIED),
+        ("stranger", format!("http://{node_addr}:30080/"), DENIED),
+        ("stranger", format!("http://{node_addr}:18000/"), DENIED),
         ("node", "http://127.0.0.1:18000/".to_owned(), DENIED),
+        ("stranger", format!("http://[{web6}]:8000/"), DENIED),
+        ("node", format!("http://[{web6}]:8000/"), DENIED),
+        ("stranger", format!("http://[{svc6}]/"), DENIED),
     ];
     for (from, url, expected) in &rows {
         let (status, body) = get(&env, from, url, &[]);
@@ -167,7 +120,7 @@ fn every_path_into_a_protected_pod_is_judged() {
                 got["peer"]
                     .as_str()
                     .unwrap_or_default()
-                    .starts_with(&format!("{web}:")),
+                    .starts_with(&format!("{web4}:")),
                 "{from} -> {url}: {got}"
             );
         } else {
@@ -179,22 +132,37 @@ fn every_path_into_a_protected_pod_is_judged() {
             );
         }
     }
-    // A JWT principal through the Service: judged and allowed, the token removed.
-    let require = env.pod("require").ip;
-    iptables(
-        &env,
-        "iptables",
-        &format!("-t nat -I OUTPUT 1 -d 10.96.0.11 -p tcp --dport 80 -j DNAT --to-destination {require}:8000"),
-    );
-    let (status, body) = get(&env, "node", "http://10.96.0.11/headers", &[&demo]);
-    assert_eq!(status, 200, "{body}");
-    assert!(seen(&body)["headers"].get("authorization").is_none());
-    let (status, _) = get(&env, "node", "http://10.96.0.11/", &[&bearer("garbage")]);
-    assert_eq!(status, 401);
+    // A JWT principal through the Services of both families: judged and allowed, the token
+    // removed before the pod; a bad token is 401.
+    let demo = bearer(&sample("demo.jwt"));
+    for url in [
+        format!("http://{}/headers", service_ip(11)),
+        format!("http://[{}]/headers", service_ip6(11)),
+    ] {
+        let (status, body) = get(&env, "stranger", &url, &[&demo]);
+        assert_eq!(status, 200, "{url}: {body}\n{}", env.log());
+        assert!(seen(&body)["headers"].get("authorization").is_none());
+        let (status, _) = get(&env, "stranger", &url, &[&bearer("garbage")]);
+        assert_eq!(status, 401, "{url}");
+    }
     assert!(
         env.counter("inpod_assigned_listener") >= assigned + rows.len() as u64,
-        "every row went through the in-pod listener"
+        "every row went through an in-pod listener"
     );
+}
+
+fn cni_name(cni: Cni) -> &'static str {
+    match cni {
+        Cni::Routed => "routed",
+        Cni::Bridge => "bridge",
+    }
+}
+
+fn mode_name(mode: ProxyMode) -> &'static str {
+    match mode {
+        ProxyMode::Iptables => "ipt",
+        ProxyMode::Nftables => "nft",
+    }
 }
 
 /// IPv6 to a dual-stack pod is steered and judged exactly like IPv4 (the pod is registered by

@@ -149,7 +149,7 @@ pub struct DatapathConfig {
     pub steering: Steering,
     /// `SO_MARK` of the enforcer's listeners in pods (in-pod steering), by which `inpod` knows
     /// them. Only sockets inside pods carry it, and only routing rules inside a pod could see
-    /// it. Default 0x4e57_0000.
+    /// it. Default `0x4e57_0000`.
     pub inpod_mark: u32,
     /// Initial `CONFIG.log_level` ([`nodeward_common::config`]): 0 off (default), 1 drops, 2
     /// every decision on a protected endpoint.

@@ -85,7 +85,9 @@ impl Datapath {
                     }
                     let key = (netns.inode, interface.index);
                     let name = format!("{}:{}", netns.path.display(), interface.name);
-                    if !inner.pod_links.contains_key(&key) {
+                    if inner.pod_links.contains_key(&key) {
+                        done.push((interface.index, String::new()));
+                    } else {
                         let pin = self.layout.inpod_link(netns.inode, interface.index);
                         let link = attach(&mut inner.ebpf, &pin, &interface.name)?;
                         inner.pod_links.insert(
@@ -97,8 +99,6 @@ impl Datapath {
                             },
                         );
                         done.push((interface.index, name));
-                    } else {
-                        done.push((interface.index, String::new()));
                     }
                 }
                 Ok(done)

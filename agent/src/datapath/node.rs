@@ -50,12 +50,7 @@ impl NodeDatapath {
 
     /// In-pod steering: listeners first, then `inpod` in every protected pod found, then the
     /// listeners of pods no longer protected are closed.
-    fn sync_pods(
-        &self,
-        datapath: &Datapath,
-        pods: &crate::inpod::PodListeners,
-        snapshot: &Snapshot,
-    ) {
+    fn sync_pods(datapath: &Datapath, pods: &crate::inpod::PodListeners, snapshot: &Snapshot) {
         let matched = pods.sync(snapshot);
         match datapath.sync_pods(&matched.namespaces) {
             Ok(report) => {
@@ -94,7 +89,7 @@ impl NodeDatapath {
             return;
         };
         if let Some(pods) = &self.pods {
-            self.sync_pods(datapath, pods, snapshot);
+            Self::sync_pods(datapath, pods, snapshot);
             return;
         }
         let mut endpoints = Vec::new();

@@ -55,6 +55,7 @@ pub fn config(node: &TestNode, failure_mode: FailureMode) -> DatapathConfig {
         uplinks: Vec::new(),
         fast_path: None,
         log_level: 0,
+        ..DatapathConfig::default()
     }
 }
 
