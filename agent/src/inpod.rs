@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::datapath::PodTarget;
 use crate::enforcer::Enforcer;
 use crate::netns::{self, Netns};
 use crate::state::Snapshot;
@@ -125,7 +126,9 @@ impl std::fmt::Debug for PodListeners {
 /// What [`PodListeners::sync`] found, for the caller's log and status.
 #[derive(Debug, Default)]
 pub struct Matched {
-    /// Namespaces of the protected pods found on this node, for the data path.
+    /// Every pod found on this node, protected or not, for the data path.
+    pub pods: Vec<PodTarget>,
+    /// Namespaces of the protected pods among them.
     pub namespaces: Vec<Netns>,
     /// Protected workloads whose namespace is not on this node.
     pub elsewhere: usize,
@@ -177,8 +180,17 @@ impl PodListeners {
             Ok(found) => found,
             Err(e) => {
                 tracing::error!(dir = %self.netns_dir.display(), error = %e, "cannot list pods' network namespaces; in-pod steering keeps its pods as they are");
+                let pods = self.lock();
                 return Matched {
-                    namespaces: self.lock().values().map(|p| p.netns.clone()).collect(),
+                    pods: pods
+                        .values()
+                        .map(|p| PodTarget {
+                            netns: p.netns.clone(),
+                            addresses: p.addresses.clone(),
+                            protected: true,
+                        })
+                        .collect(),
+                    namespaces: pods.values().map(|p| p.netns.clone()).collect(),
                     ..Matched::default()
                 };
             }
@@ -187,6 +199,12 @@ impl PodListeners {
         let mut seen = 0;
         for (ns, addresses) in found {
             let Some(registered) = addresses.iter().copied().find(|a| protected.contains(a)) else {
+                // Not protected: only its sources are checked.
+                matched.pods.push(PodTarget {
+                    netns: ns,
+                    addresses,
+                    protected: false,
+                });
                 continue;
             };
             seen += 1;
@@ -229,14 +247,20 @@ impl PodListeners {
                         );
                     }
                     Err(e) => {
-                        tracing::error!(pod = %registered, netns = %ns.path.display(), error = %e, "cannot open the enforcer's listener inside the pod; it is not steered");
+                        // The program still goes in: without the enforcer's listener the
+                        // pod's new flows get --failure-mode, never the application unjudged.
+                        tracing::error!(pod = %registered, netns = %ns.path.display(), error = %e, "cannot open the enforcer's listener inside the pod; its new connections get --failure-mode");
                         matched
                             .failed
                             .push((ns.path.display().to_string(), e.to_string()));
-                        continue;
                     }
                 }
             }
+            matched.pods.push(PodTarget {
+                netns: ns.clone(),
+                addresses,
+                protected: true,
+            });
             matched.namespaces.push(ns);
         }
         matched.elsewhere = protected.len().saturating_sub(seen);

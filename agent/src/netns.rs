@@ -44,6 +44,31 @@ impl Netns {
         })
     }
 
+    /// The namespace's cookie (`SO_NETNS_COOKIE` of a socket made in it), what
+    /// `bpf_get_netns_cookie` returns to programs running there.
+    pub fn cookie(&self) -> io::Result<u64> {
+        self.within(|| {
+            let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?;
+            let mut cookie: u64 = 0;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: a valid socket and a buffer of `len` bytes that outlives the call.
+            let rc = unsafe {
+                libc::getsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NETNS_COOKIE,
+                    std::ptr::from_mut(&mut cookie).cast(),
+                    &raw mut len,
+                )
+            };
+            if rc == 0 {
+                Ok(cookie)
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        })?
+    }
+
     /// The calling thread's own namespace.
     pub fn current() -> io::Result<Self> {
         Self::open(Path::new("/proc/thread-self/ns/net"))
@@ -89,10 +114,15 @@ fn setns(file: &File) -> io::Result<()> {
     }
 }
 
-/// The addresses on the interfaces of the calling thread's namespace.
+/// The addresses on the non-loopback interfaces of the calling thread's namespace: what the CNI
+/// gave the pod (a loopback address never legitimately leaves it).
 fn local_addresses() -> io::Result<Vec<IpAddr>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
     Ok(addrs
+        .filter(|a| {
+            !a.flags
+                .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+        })
         .filter_map(|a| a.address)
         .filter_map(|a| {
             a.as_sockaddr_in()
@@ -103,7 +133,8 @@ fn local_addresses() -> io::Result<Vec<IpAddr>> {
 }
 
 /// The network namespaces in `dir` (each file a namespace, as `ip netns add` and CNI runtimes
-/// make them) other than the caller's own, with the addresses found on their interfaces.
+/// make them) other than the caller's own, with the addresses found on their non-loopback
+/// interfaces, sorted.
 /// Files that are not namespaces, or vanish meanwhile, are skipped.
 pub fn scan(dir: &Path) -> io::Result<Vec<(Netns, Vec<IpAddr>)>> {
     let home = Netns::current()?;
@@ -121,7 +152,9 @@ pub fn scan(dir: &Path) -> io::Result<Vec<(Netns, Vec<IpAddr>)>> {
             continue;
         }
         match netns.within(local_addresses) {
-            Ok(Ok(addresses)) => {
+            Ok(Ok(mut addresses)) => {
+                addresses.sort_unstable();
+                addresses.dedup();
                 seen.insert(netns.inode, (netns, addresses));
             }
             Ok(Err(e)) | Err(e) => {

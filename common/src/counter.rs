@@ -100,8 +100,13 @@ pub const INPOD_DROPPED_UNJUDGED: u32 = 37;
 /// `inpod`: packets with [`reason::INPOD_DROP_MALFORMED`].
 pub const INPOD_DROPPED_MALFORMED: u32 = 38;
 
+/// `inpod_egress`: packets with [`reason::INPOD_DROP_SPOOFED`].
+pub const INPOD_DROPPED_SPOOFED: u32 = 39;
+/// `inpod_egress`: packets with [`reason::INPOD_PASS_OWN_SOURCE`].
+pub const INPOD_PASSED_OWN_SOURCE: u32 = 40;
+
 /// Number of slots: the `max_entries` of `COUNTERS`.
-pub const LEN: u32 = 39;
+pub const LEN: u32 = 41;
 
 /// Slots that count events rather than one reason's verdicts.
 pub const EVENTS: [u32; 12] = [
@@ -150,6 +155,8 @@ pub const fn for_reason(reason: u32) -> Option<u32> {
         reason::INPOD_PASS_FLOW => Some(INPOD_PASSED_FLOW),
         reason::INPOD_DROP_UNJUDGED => Some(INPOD_DROPPED_UNJUDGED),
         reason::INPOD_DROP_MALFORMED => Some(INPOD_DROPPED_MALFORMED),
+        reason::INPOD_DROP_SPOOFED => Some(INPOD_DROPPED_SPOOFED),
+        reason::INPOD_PASS_OWN_SOURCE => Some(INPOD_PASSED_OWN_SOURCE),
         _ => None,
     }
 }

@@ -14,6 +14,7 @@
 //! - [`counter`]: slots of the `COUNTERS` per-CPU array.
 //! - [`fastpath`]: the key of the `FAST_PATH_SOCKETS` sock hash (same-node fast path).
 //! - [`maps`]: the name and capacity of every map, one table for both sides.
+//! - [`podaddr`]: the key of the `POD_ADDRESSES` map (in-pod steering's anti-spoofing).
 #![no_std]
 
 pub mod config;
@@ -21,6 +22,7 @@ pub mod counter;
 pub mod endpoint;
 pub mod fastpath;
 pub mod maps;
+pub mod podaddr;
 pub mod reason;
 
 pub use config::KernelConfig;

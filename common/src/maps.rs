@@ -55,8 +55,16 @@ pub const NODE_NETNS: MapDef = MapDef {
     max_entries: 1,
 };
 
+/// Addresses each pod owns, by the pod's namespace cookie (key [`crate::podaddr::PodAddressKey`],
+/// value `u32` 0): in-pod steering's anti-spoofing.
+pub const POD_ADDRESSES: MapDef = MapDef {
+    name: "POD_ADDRESSES",
+    max_entries: 16_384,
+};
+
 /// Every map of the object.
-pub const ALL: [MapDef; 6] = [
+pub const ALL: [MapDef; 7] = [
+    POD_ADDRESSES,
     PROTECTED_ENDPOINTS,
     CONFIG,
     COUNTERS,

@@ -136,8 +136,16 @@ pub const INPOD_DROP_UNJUDGED: u32 = 26;
 /// IPv6 packet carries extension headers before its payload (it may hide a SYN).
 pub const INPOD_DROP_MALFORMED: u32 = 27;
 
+/// `inpod_egress` (TC egress on a pod's interfaces, inside its namespace), dropped: the source
+/// address is not one the pod owns (`POD_ADDRESSES`): a pod posing as another, whose identity
+/// the enforcer would take from the address. IPv6 link-local and unspecified sources are exempt.
+pub const INPOD_DROP_SPOOFED: u32 = 28;
+
+/// `inpod_egress`, no opinion: the source is the pod's own address, exempt, or not IP (ARP).
+pub const INPOD_PASS_OWN_SOURCE: u32 = 29;
+
 /// One past the highest code in use.
-pub const COUNT: u32 = 28;
+pub const COUNT: u32 = 30;
 
 /// The verdict a code comes with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,7 +178,8 @@ pub const fn verdict(reason: u32) -> Option<Verdict> {
         | GUARD_PASS_MALFORMED
         | INPOD_PASS_NOT_TCP
         | INPOD_PASS_NO_LISTENER
-        | INPOD_PASS_FLOW => Some(Verdict::NoOpinion),
+        | INPOD_PASS_FLOW
+        | INPOD_PASS_OWN_SOURCE => Some(Verdict::NoOpinion),
         STEER_LISTENER | STEER_ESTABLISHED | INPOD_STEER_LISTENER => Some(Verdict::Steered),
         DROP_NO_LISTENER
         | DROP_MALFORMED_PROTECTED
@@ -179,7 +188,8 @@ pub const fn verdict(reason: u32) -> Option<Verdict> {
         | GUARD_DROP_MALFORMED_PROTECTED
         | INPOD_DROP_NO_LISTENER
         | INPOD_DROP_UNJUDGED
-        | INPOD_DROP_MALFORMED => Some(Verdict::Dropped),
+        | INPOD_DROP_MALFORMED
+        | INPOD_DROP_SPOOFED => Some(Verdict::Dropped),
         GUARD_REDIRECT_LISTENER | GUARD_REDIRECT_ESTABLISHED => Some(Verdict::RedirectedToNode),
         _ => None,
     }

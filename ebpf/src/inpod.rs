@@ -36,12 +36,13 @@ use aya_ebpf::{
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
         TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
-    helpers::generated::bpf_skb_load_bytes_relative,
+    helpers::generated::{bpf_get_netns_cookie, bpf_skb_load_bytes_relative},
     macros::classifier,
     programs::TcContext,
 };
 use nodeward_common::{
     counter,
+    podaddr::{ipv6_source_exempt, PodAddressKey},
     reason::{self, Verdict},
     KernelConfig,
 };
@@ -53,7 +54,7 @@ use nodeward_ebpf::net::{
 };
 
 use crate::{
-    maps::{config, count},
+    maps::{config, count, POD_ADDRESSES},
     sock::Socket,
 };
 
@@ -282,4 +283,47 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Unreadable> {
     } else {
         Err(Unreadable)
     }
+}
+
+/// `inpod_egress`: TC egress on a pod's interfaces, inside its namespace (every pod the agent
+/// finds, protected or not). A packet leaving the pod from a source address the pod does not own
+/// (`POD_ADDRESSES`, keyed by the pod's namespace cookie) is dropped
+/// ([`reason::INPOD_DROP_SPOOFED`]): the enforcer takes a peer's identity from its source
+/// address, and raw sockets (`CAP_NET_RAW`, in the default set of container runtimes) let a pod
+/// write any. IPv6 link-local and unspecified sources (neighbour discovery) are exempt; what is
+/// not IP (ARP) passes ([`reason::INPOD_PASS_OWN_SOURCE`]). A header that cannot be read is
+/// dropped.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's #[classifier] hands the context over by value"
+)]
+pub fn inpod_egress(ctx: TcContext) -> i32 {
+    verdict(match own_source(&ctx) {
+        Ok(true) => reason::INPOD_PASS_OWN_SOURCE,
+        Ok(false) | Err(Unreadable) => reason::INPOD_DROP_SPOOFED,
+    })
+}
+
+#[inline]
+fn own_source(ctx: &TcContext) -> Result<bool, Unreadable> {
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
+    let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    // SAFETY: the program's own context, as the helper takes it.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast::<c_void>()) };
+    let key = if protocol == ETH_P_IP {
+        PodAddressKey::from_ipv4_header(cookie, load::<[u8; 4]>(ctx, IPV4_SADDR_OFFSET)?)
+    } else if protocol == ETH_P_IPV6 {
+        let addr = load::<[u8; 16]>(ctx, IPV6_SADDR_OFFSET)?;
+        if ipv6_source_exempt(&addr) {
+            return Ok(true);
+        }
+        PodAddressKey {
+            netns_cookie: cookie,
+            addr,
+        }
+    } else {
+        return Ok(true);
+    };
+    Ok(POD_ADDRESSES.get_ptr(key).is_some())
 }

@@ -14,7 +14,9 @@ use aya_ebpf::{
 use nodeward_common::{
     config::{FAILURE_MODE_CLOSED, LOG_OFF},
     fastpath::SocketKey,
-    maps as table, EndpointKey, KernelConfig, PORT_ANY,
+    maps as table,
+    podaddr::PodAddressKey,
+    EndpointKey, KernelConfig, PORT_ANY,
 };
 
 /// Destinations nodeward enforces for.
@@ -29,6 +31,17 @@ use nodeward_common::{
 #[map]
 pub static PROTECTED_ENDPOINTS: HashMap<EndpointKey, u32> =
     HashMap::pinned(table::PROTECTED_ENDPOINTS.max_entries, 0);
+
+/// Addresses each pod owns (in-pod steering's anti-spoofing).
+///
+/// - Written by: the agent (`Datapath::sync_pods`), from the addresses it finds in every pod's
+///   namespace at each sync.
+/// - Read by: `inpod_egress`, on every IP packet leaving a pod: the pod's namespace cookie and
+///   the packet's source address.
+/// - Key: [`PodAddressKey`]. Value: `u32` 0.
+#[map]
+pub static POD_ADDRESSES: HashMap<PodAddressKey, u32> =
+    HashMap::pinned(table::POD_ADDRESSES.max_entries, 0);
 
 /// Settings of the programs: one element, index 0.
 ///

@@ -333,3 +333,59 @@ fn a_connection_from_before_the_protection_is_not_delivered() {
     );
     assert!(env.counter("inpod_dropped_unjudged") > 0);
 }
+
+/// A pod cannot send from another pod's address (the enforcer takes a peer's identity from it):
+/// `stranger` sends from `sleep`'s address, which `web` would let in; `inpod_egress` drops the
+/// SYN in `stranger`'s own namespace, so nothing reaches `web`'s listener.
+#[test]
+fn a_pod_cannot_send_from_another_pods_address() {
+    let env = start_in_pod("inpod-spoof", &protected_policies(), &[]);
+    let sleep = env.pod("sleep").ip.to_string();
+    let stranger = env.pod("stranger").netns.clone();
+    // Root in the pod's namespace adds the address (a pod with CAP_NET_RAW writes it into raw
+    // packets instead); loopback addresses are never the pod's own.
+    nodeward_tests::netns::ip(&[
+        "-n",
+        &stranger,
+        "addr",
+        "add",
+        &format!("{sleep}/32"),
+        "dev",
+        "lo",
+    ]);
+    let url = format!("http://{}:8000/", env.pod("web").ip);
+    let (spoofed, assigned) = (
+        env.counter("inpod_dropped_spoofed"),
+        env.counter("inpod_assigned_listener"),
+    );
+    let out = env.node.exec(
+        &stranger,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "--interface",
+            &sleep,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000", "{out:?}");
+    assert!(
+        env.counter("inpod_dropped_spoofed") > spoofed,
+        "dropped at the source\n{}",
+        env.log()
+    );
+    assert_eq!(
+        env.counter("inpod_assigned_listener"),
+        assigned,
+        "no spoofed SYN reached web's listener"
+    );
+    // Its own address still works (and is judged: stranger has no identity).
+    let (status, body) = get(&env, "stranger", &url, &[]);
+    assert_eq!((status, body.as_str()), DENIED);
+}

@@ -36,6 +36,8 @@ pub enum Hook {
     Guard,
     /// `inpod` on TC ingress inside a pod's namespace (pinned under `inpod/`, never `links/`).
     InPod,
+    /// `inpod_egress` on TC egress inside a pod's namespace (pinned under `inpod/` too).
+    InPodEgress,
 }
 
 impl Hook {
@@ -45,6 +47,7 @@ impl Hook {
             Self::Steer => "steer",
             Self::Guard => "guard",
             Self::InPod => "inpod",
+            Self::InPodEgress => "inpod_egress",
         }
     }
 
@@ -52,7 +55,7 @@ impl Hook {
     pub const fn direction(self) -> &'static str {
         match self {
             Self::Steer | Self::InPod => "ingress",
-            Self::Guard => "egress",
+            Self::Guard | Self::InPodEgress => "egress",
         }
     }
 

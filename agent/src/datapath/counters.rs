@@ -86,6 +86,10 @@ pub struct Counters {
     pub inpod_dropped_unjudged: u64,
     /// `inpod`: unjudgeable TCP (cut-short header, IPv6 extension headers), dropped.
     pub inpod_dropped_malformed: u64,
+    /// `inpod_egress`: packets leaving a pod from an address it does not own, dropped.
+    pub inpod_dropped_spoofed: u64,
+    /// `inpod_egress`: packets leaving a pod from its own address (or exempt, or not IP).
+    pub inpod_passed_own_source: u64,
 }
 
 impl Counters {
@@ -131,6 +135,8 @@ impl Counters {
             inpod_passed_flow: at(counter::INPOD_PASSED_FLOW),
             inpod_dropped_unjudged: at(counter::INPOD_DROPPED_UNJUDGED),
             inpod_dropped_malformed: at(counter::INPOD_DROPPED_MALFORMED),
+            inpod_dropped_spoofed: at(counter::INPOD_DROPPED_SPOOFED),
+            inpod_passed_own_source: at(counter::INPOD_PASSED_OWN_SOURCE),
         }
     }
 
@@ -145,6 +151,7 @@ impl Counters {
             + self.inpod_dropped_failure_closed
             + self.inpod_dropped_unjudged
             + self.inpod_dropped_malformed
+            + self.inpod_dropped_spoofed
     }
 
     /// Packets to protected endpoints passed to the pod without the enforcer (not new flows,
@@ -214,6 +221,8 @@ impl Counters {
             ("inpod_passed_flow", self.inpod_passed_flow),
             ("inpod_dropped_unjudged", self.inpod_dropped_unjudged),
             ("inpod_dropped_malformed", self.inpod_dropped_malformed),
+            ("inpod_dropped_spoofed", self.inpod_dropped_spoofed),
+            ("inpod_passed_own_source", self.inpod_passed_own_source),
         ]
     }
 }

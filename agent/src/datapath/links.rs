@@ -195,7 +195,7 @@ pub(super) fn attach_new(
 ) -> Result<FdLink, DatapathError> {
     let attach_type = match hook {
         Hook::Steer | Hook::InPod => TcAttachType::Ingress,
-        Hook::Guard => TcAttachType::Egress,
+        Hook::Guard | Hook::InPodEgress => TcAttachType::Egress,
     };
     let program = classifier(ebpf, hook)?;
     let attach_error = |source| DatapathError::Attach {

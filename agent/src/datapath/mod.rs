@@ -71,7 +71,7 @@ pub use self::fastpath::{
     cgroup2_root, check_cgroup, FAST_PATH_SOCKETS_MAP, MSG_PROGRAM as FAST_PATH_MSG_PROGRAM,
     NODE_NETNS_MAP, SOCKOPS_PROGRAM as FAST_PATH_SOCKOPS_PROGRAM,
 };
-pub use self::inpod::PodSyncReport;
+pub use self::inpod::{PodSyncReport, PodTarget};
 pub use self::object::{CONFIG_MAP, COUNTERS_MAP, PROTECTED_ENDPOINTS_MAP};
 use self::{
     bpffs::{Hook, PinLayout},
@@ -143,7 +143,7 @@ struct Inner {
     netlink: Netlink,
     attachments: Attachments,
     /// In-pod steering's attachments, by (netns inode, ifindex).
-    pod_links: std::collections::BTreeMap<(u64, u32), inpod::PodLink>,
+    pod_links: std::collections::BTreeMap<inpod::PodLinkKey, inpod::PodLink>,
     kernel_config: KernelConfig,
     fast_path: Option<fastpath::FastPath>,
 }
@@ -481,7 +481,7 @@ impl Datapath {
         let pods = inner
             .pod_links
             .values()
-            .map(|link| (link.name.clone(), Hook::InPod.program()));
+            .map(|link| (link.name.clone(), "inpod"));
         host.chain(pods).collect()
     }
 

@@ -52,7 +52,7 @@ impl NodeDatapath {
     /// listeners of pods no longer protected are closed.
     fn sync_pods(datapath: &Datapath, pods: &crate::inpod::PodListeners, snapshot: &Snapshot) {
         let matched = pods.sync(snapshot);
-        match datapath.sync_pods(&matched.namespaces) {
+        match datapath.sync_pods(&matched.pods) {
             Ok(report) => {
                 for (netns, error) in &report.failed {
                     tracing::error!(%netns, %error, "inpod not attached: this pod's new flows are not steered");

@@ -10,7 +10,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use nodeward_common::{
-    counter, fastpath::SocketKey, maps, EndpointKey, KernelConfig, ENDPOINT_FLAGS_NONE,
+    counter, fastpath::SocketKey, maps, podaddr::PodAddressKey, EndpointKey, KernelConfig,
+    ENDPOINT_FLAGS_NONE,
 };
 
 use super::{bpffs::Hook, Counters, DatapathError};
@@ -36,7 +37,13 @@ struct MapSpec {
 
 /// The pinned maps of this build. A pinned map that differs (left by another version) is not
 /// adopted: see [`retire_incompatible_pins`].
-const MAP_SPECS: [MapSpec; 6] = [
+const MAP_SPECS: [MapSpec; 7] = [
+    MapSpec {
+        map: maps::POD_ADDRESSES,
+        map_type: MapType::Hash,
+        key_size: size_of::<PodAddressKey>() as u32,
+        value_size: size_of::<u32>() as u32,
+    },
     MapSpec {
         map: maps::PROTECTED_ENDPOINTS,
         map_type: MapType::Hash,
@@ -160,7 +167,7 @@ pub fn load(maps_dir: &Path) -> Result<Ebpf, DatapathError> {
             });
         }
     }
-    for hook in [Hook::Steer, Hook::Guard, Hook::InPod] {
+    for hook in [Hook::Steer, Hook::Guard, Hook::InPod, Hook::InPodEgress] {
         classifier(&mut ebpf, hook)?
             .load()
             .map_err(|source| DatapathError::Verify {
@@ -289,4 +296,51 @@ pub fn read_counters(ebpf: &Ebpf) -> Result<Counters, DatapathError> {
         *total = per_cpu.iter().copied().fold(0, u64::wrapping_add);
     }
     Ok(Counters::from_slots(&slots))
+}
+
+/// Name of the pod-address map (in-pod steering's anti-spoofing).
+pub const POD_ADDRESSES_MAP: &str = maps::POD_ADDRESSES.name;
+
+/// Makes `POD_ADDRESSES` hold exactly `wanted`.
+pub fn sync_pod_addresses(
+    ebpf: &mut Ebpf,
+    wanted: &BTreeSet<(u64, std::net::IpAddr)>,
+) -> Result<(), DatapathError> {
+    let map = ebpf
+        .map_mut(POD_ADDRESSES_MAP)
+        .ok_or(DatapathError::Missing {
+            kind: "map",
+            name: POD_ADDRESSES_MAP,
+        })?;
+    let mut map: HashMap<&mut MapData, PodAddressKey, u32> = HashMap::try_from(map)
+        .map_err(|source| DatapathError::map(POD_ADDRESSES_MAP, "open", source))?;
+    let present: Vec<PodAddressKey> = map.keys().filter_map(Result::ok).collect();
+    let wanted_keys: BTreeSet<(u64, [u8; 16])> = wanted
+        .iter()
+        .map(|&(cookie, ip)| {
+            let key = PodAddressKey::new(cookie, ip);
+            (key.netns_cookie, key.addr)
+        })
+        .collect();
+    for key in &present {
+        if !wanted_keys.contains(&(key.netns_cookie, key.addr)) {
+            match map.remove(key) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::map(POD_ADDRESSES_MAP, "remove", source)),
+            }
+        }
+    }
+    for &(cookie, addr) in &wanted_keys {
+        let key = PodAddressKey {
+            netns_cookie: cookie,
+            addr,
+        };
+        if !present.contains(&key) {
+            map.insert(key, 0, 0)
+                .map_err(|source| DatapathError::map(POD_ADDRESSES_MAP, "insert", source))?;
+        }
+    }
+    Ok(())
 }
