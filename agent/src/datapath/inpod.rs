@@ -124,46 +124,9 @@ impl Datapath {
             if pod.protected {
                 hooks.push(Hook::InPod);
             }
-            let attached =
-                pod.netns
-                    .within(|| -> Result<Vec<(PodLinkKey, String)>, DatapathError> {
-                        let mut netlink = Netlink::open().map_err(|source| {
-                            DatapathError::netlink("opening an rtnetlink socket in a pod", source)
-                        })?;
-                        let mut done = Vec::new();
-                        for interface in list_interfaces(&mut netlink)? {
-                            if interface.loopback {
-                                continue;
-                            }
-                            for &hook in &hooks {
-                                let key = (hook, pod.netns.inode, interface.index);
-                                if inner.pod_links.contains_key(&key) {
-                                    done.push((key, String::new()));
-                                    continue;
-                                }
-                                let name = format!(
-                                    "{}:{}:{}",
-                                    pod.netns.path.display(),
-                                    interface.name,
-                                    hook.program()
-                                );
-                                let pin =
-                                    self.layout
-                                        .inpod_link(hook, pod.netns.inode, interface.index);
-                                let link = attach(&mut inner.ebpf, hook, &pin, &interface.name)?;
-                                inner.pod_links.insert(
-                                    key,
-                                    PodLink {
-                                        link,
-                                        pin,
-                                        name: name.clone(),
-                                    },
-                                );
-                                done.push((key, name));
-                            }
-                        }
-                        Ok(done)
-                    });
+            let attached = pod
+                .netns
+                .within(|| attach_pod(&self.layout, inner, pod, &hooks));
             match attached {
                 Ok(Ok(done)) => {
                     for (key, name) in done {
@@ -226,6 +189,49 @@ impl Datapath {
             .map(|l| l.name.clone())
             .collect()
     }
+}
+
+/// Attaches `hooks` to every non-loopback interface of `pod`, from inside its namespace (the
+/// calling thread is there); the keys it holds, each with its name when newly attached.
+fn attach_pod(
+    layout: &PinLayout,
+    inner: &mut super::Inner,
+    pod: &PodTarget,
+    hooks: &[Hook],
+) -> Result<Vec<(PodLinkKey, String)>, DatapathError> {
+    let mut netlink = Netlink::open()
+        .map_err(|source| DatapathError::netlink("opening an rtnetlink socket in a pod", source))?;
+    let mut done = Vec::new();
+    for interface in list_interfaces(&mut netlink)? {
+        if interface.loopback {
+            continue;
+        }
+        for &hook in hooks {
+            let key = (hook, pod.netns.inode, interface.index);
+            if inner.pod_links.contains_key(&key) {
+                done.push((key, String::new()));
+                continue;
+            }
+            let name = format!(
+                "{}:{}:{}",
+                pod.netns.path.display(),
+                interface.name,
+                hook.program()
+            );
+            let pin = layout.inpod_link(hook, pod.netns.inode, interface.index);
+            let link = attach(&mut inner.ebpf, hook, &pin, &interface.name)?;
+            inner.pod_links.insert(
+                key,
+                PodLink {
+                    link,
+                    pin,
+                    name: name.clone(),
+                },
+            );
+            done.push((key, name));
+        }
+    }
+    Ok(done)
 }
 
 /// The in-pod attachment pins present.

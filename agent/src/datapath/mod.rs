@@ -138,7 +138,7 @@ pub struct Datapath {
     kernel_log: Option<KernelLog>,
 }
 
-struct Inner {
+pub(super) struct Inner {
     ebpf: Ebpf,
     netlink: Netlink,
     attachments: Attachments,
