@@ -10,11 +10,12 @@
 //! principal (the registered `sleep` is known, the unregistered `stranger` and the node are not).
 
 use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpStream};
 use std::time::Duration;
 
 use nodeward_tests::cluster::{
-    install_hostport, install_services, service_ip, service_ip6, ProxyMode, Service,
+    install_hostport, install_services, service_ip, service_ip6, uplink_addr, Cluster, ProxyMode,
+    Service,
 };
 use nodeward_tests::e2e::{
     bearer, protected_policies, request_authn, sample, seen, start_on, Env, PROTECTED_PODS, SHORT,
@@ -388,4 +389,81 @@ fn a_pod_cannot_send_from_another_pods_address() {
     // Its own address still works (and is judged: stranger has no identity).
     let (status, body) = get(&env, "stranger", &url, &[]);
     assert_eq!((status, body.as_str()), DENIED);
+}
+
+/// Traffic from another node and from outside the cluster: a pod on node 2 (registered in the
+/// workloads file, so it has an identity although it is not on this node) reaches `web` on
+/// node 1 by its address and through the Service (node 2's kube-proxy DNATs it, the source
+/// stays the pod's): judged and allowed by identity; a host outside the cluster reaches the
+/// NodePort of either node (masqueraded): judged and denied.
+#[test]
+fn traffic_from_other_nodes_and_outside_is_judged() {
+    let mut cluster = Cluster::new(
+        "inpod-xnode",
+        NodeOptions {
+            cni: Cni::Routed,
+            dual_stack: false,
+            index: 0,
+        },
+        2,
+    );
+    let node = cluster.nodes.remove(0);
+    let dir = node.netns_dir().to_str().expect("utf-8").to_owned();
+    let env = start_on(
+        node,
+        &PROTECTED_PODS,
+        &protected_policies(),
+        &["--steering", "in-pod", "--netns-dir", &dir],
+    );
+    let other = &mut cluster.nodes[0];
+    let remote = other.add_pod("remote", Ipv4Addr::new(10, 200, 1, 30));
+    let workloads = env.dir.join("workloads.yaml");
+    let mut text = std::fs::read_to_string(&workloads).expect("workloads");
+    text.push_str(&format!(
+        "  - name: remote\n    namespace: foo\n    serviceAccount: remote\n    labels: {{app: remote}}\n    ip: {}\n",
+        remote.ip
+    ));
+    std::fs::write(&workloads, text).expect("write workloads");
+    let web = env.pod("web").clone();
+    let service =
+        Service::new("foo/web:http", service_ip(12), 80, 8000, &[&web]).with_node_port(30080);
+    install_services(
+        &env.node,
+        ProxyMode::Iptables,
+        std::slice::from_ref(&service),
+    );
+    install_services(&cluster.nodes[0], ProxyMode::Nftables, &[service]);
+
+    let from_remote =
+        |url: &str| cluster.nodes[0].curl_within(SHORT + 1, &remote.netns, "GET", url, &[]);
+    let pod_url = format!("http://{}:8000/", web.ip);
+    let known = eventually(Duration::from_secs(10), || from_remote(&pod_url).0 == 200);
+    assert!(
+        known,
+        "the remote pod, once registered, is a known principal\n{}",
+        env.log()
+    );
+    let (status, body) = from_remote(&format!("http://{}/", service_ip(12)));
+    assert_eq!(
+        status, 200,
+        "remote pod -> its node's ClusterIP -> web: {body}"
+    );
+    assert_eq!(
+        seen(&body)["peer"]
+            .as_str()
+            .map(|p| p.starts_with(&format!("{}:", web.ip))),
+        Some(true),
+        "through the in-pod enforcer"
+    );
+    for node_addr in [uplink_addr(0), uplink_addr(1)] {
+        let url = format!("http://{node_addr}:30080/");
+        let (status, body) =
+            cluster.nodes[0].curl_within(SHORT + 1, &cluster.outside, "GET", &url, &[]);
+        assert_eq!(
+            (status, body.as_str()),
+            DENIED,
+            "outside -> NodePort {url}\n{}",
+            env.log()
+        );
+    }
 }
