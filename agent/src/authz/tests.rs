@@ -314,8 +314,11 @@ fn source_fields(rules: &str, r: &R, expected: u16) {
 #[test_case("[{to: [{operation: {paths: [\"/users/{*}/orders\"]}}]}]", &get("/users/42/orders"), 200 ; "path template {*} is one segment")]
 #[test_case("[{to: [{operation: {paths: [\"/users/{*}/orders\"]}}]}]", &get("/users/4/2/orders"), 403 ; "path template {*} is not two segments")]
 #[test_case("[{to: [{operation: {paths: [\"/users/{*}\"]}}]}]", &get("/users/"), 403 ; "path template {*} is not an empty segment")]
-#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files/a/b/c.txt"), 200 ; "path template {**} is one or more segments")]
-#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files"), 403 ; "path template {**} needs at least one segment")]
+#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files/a/b/c.txt"), 200 ; "path template {**} is any number of segments")]
+#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files"), 403 ; "path template {**} last needs the slash before it")]
+#[test_case("[{to: [{operation: {paths: [\"/a/{*}\"]}}]}]", &get("/a/x=y"), 403 ; "Envoy OperatorRegexPattern: {*} does not match '='")]
+#[test_case("[{to: [{operation: {paths: [\"/a/{**}\"]}}]}]", &get("/a/b/x=y"), 403 ; "Envoy OperatorRegexPattern: {**} does not match '='")]
+#[test_case("[{to: [{operation: {paths: [\"/a/{**}\"]}}]}]", &get("/a/b//c"), 200 ; "Envoy TextGlobRegex: {**} spans slashes")]
 #[test_case("[{to: [{operation: {paths: [\"/files/{**}/meta\"]}}]}]", &get("/files/a/b/meta"), 200 ; "path template literal after {**}")]
 #[test_case("[{to: [{operation: {notPaths: [/healthz]}}]}]", &get("/healthz"), 403 ; "notPaths")]
 #[test_case("[{to: [{operation: {methods: [POST]}}, {operation: {paths: [/ip]}}]}]", &get("/ip"), 200 ; "to entries are ORed")]
@@ -324,6 +327,31 @@ fn source_fields(rules: &str, r: &R, expected: u16) {
 #[test_case("[{to: [{operation: {methods: [POST]}}]}, {to: [{operation: {methods: [GET]}}]}]", &get("/"), 200 ; "rules are ORed")]
 fn operation_fields(rules: &str, r: &R, expected: u16) {
     assert_eq!(status(&allow(rules), r), expected);
+}
+
+/// Istio, tests/integration/security/authz_test.go (TestAuthz_PathTemplating) with its
+/// testdata/authz/path-templating.yaml.tmpl: one ALLOW rule with three templates.
+#[test_case("/allow/admin/", 200 ; "{**} last matches an empty run")]
+#[test_case("/allow/admin", 403 ; "{**} last needs the trailing slash")]
+#[test_case("/allow/user/", 403 ; "literal mismatch before {**}")]
+#[test_case("/allow/admin?param=value", 403 ; "query is not part of the path")]
+#[test_case("/allow", 403 ; "too short")]
+#[test_case("/allow/admin/temp", 200 ; "{**} one segment")]
+#[test_case("/allow/admin/temp.txt", 200 ; "{**} one segment with a dot")]
+#[test_case("/allow/admin/foo/temp.txt", 200 ; "{**} two segments")]
+#[test_case("/foo/buzz/bar/bat.txt", 200 ; "{*} then {**}")]
+#[test_case("/foo/buzz/bar/bat.temp.txt", 200 ; "{*} then {**} with dots")]
+#[test_case("/foo/buzz/bar/bat/fuzz.txt", 200 ; "{*} then {**} of two segments")]
+#[test_case("/foo/bar/bat.txt", 403 ; "{*} cannot be skipped")]
+#[test_case("/foo//bar/bat.txt", 403 ; "{*} does not match an empty segment")]
+#[test_case("/foo/buzz/bar/bat", 200 ; "{*} then {**} without extension")]
+#[test_case("/store//cart", 200 ; "{**} in the middle matches an empty run")]
+#[test_case("/store/cart", 403 ; "{**} in the middle keeps both slashes")]
+#[test_case("/store/foo/cart", 200 ; "{**} in the middle, one segment")]
+#[test_case("/store/foo/bar/cart", 200 ; "{**} in the middle, two segments")]
+fn istio_path_templating(path: &'static str, expected: u16) {
+    let rules = "[{to: [{operation: {paths: [\"/allow/admin/{**}\", \"/foo/{*}/bar/{**}\", \"/store/{**}/cart\"]}}]}]";
+    assert_eq!(status(&allow(rules), &get(path)), expected);
 }
 
 // ---------------------------------------------------------------------------------------
