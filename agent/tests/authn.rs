@@ -566,3 +566,70 @@ fn verified_tokens_are_cached_until_the_keys_change() {
         Some(JwtError::Expired)
     );
 }
+
+/// Istio, tests/integration/security/jwt_test.go, subtest "aud" with
+/// testdata/requestauthn/aud.yaml.tmpl: two RequestAuthentications select the workload; the
+/// first has issuer 1 (audiences `foo`) and issuer 2 (audiences `bar`), the second issuer 2 with
+/// no audiences. Istio makes each rule a provider and accepts a token any of them accepts.
+fn combined_rules() -> JwtRules {
+    let keys = jwks(vec![jwk(Algorithm::RS256, "rsa", false)]);
+    let object = |name: &str, rules: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: {name}, namespace: foo}}\nspec:\n  jwtRules:\n{rules}"
+        )
+    };
+    let rule = |issuer: &str, audiences: &str| {
+        format!("  - issuer: {issuer}\n    jwks: '{keys}'\n{audiences}")
+    };
+    let part1 = object(
+        "part1",
+        &(rule("test-issuer-1@istio.io", "    audiences: [foo]\n")
+            + &rule("test-issuer-2@istio.io", "    audiences: [bar]\n")),
+    );
+    let part2 = object("part2", &rule("test-issuer-2@istio.io", ""));
+    rules(&format!("{part1}---\n{part2}"))
+}
+
+#[test_case("test-issuer-1@istio.io", None, Some(JwtError::AudienceNotAllowed) ; "jwt_test.go aud/invalid-aud: issuer 1 without aud is 403")]
+#[test_case("test-issuer-1@istio.io", Some("foo"), None ; "jwt_test.go aud/valid-aud: issuer 1 with aud foo")]
+#[test_case("test-issuer-2@istio.io", None, None ; "jwt_test.go aud/verify-policies-are-combined: issuer 2 fails part1's audiences, passes part2")]
+#[test_case("test-issuer-2@istio.io", Some("bar"), None ; "issuer 2 with aud bar passes the first of its rules")]
+fn rules_of_one_issuer_are_all_tried(issuer: &str, aud: Option<&str>, expected: Option<JwtError>) {
+    let mut c = claims(issuer, "sub-1");
+    if let Some(aud) = aud {
+        c["aud"] = json!(aud);
+    }
+    let token = mint(Algorithm::RS256, Some("rsa"), &c);
+    let outcome = run(&combined_rules(), &bearer(&token), None);
+    assert_eq!(error_of(&outcome), expected);
+    if expected.is_none() {
+        assert_eq!(
+            principal_of(&outcome),
+            Some(format!("{issuer}/sub-1")),
+            "the token's identity is the request's"
+        );
+    }
+}
+
+#[test]
+fn when_every_rule_of_the_issuer_refuses_the_first_refusal_answers() {
+    // Two rules of one issuer: the first wants audience `a`, the second has keys that did not
+    // sign the token. Envoy's `requires_all` of `{provider or allow_missing}` stops at the first
+    // provider that refuses: the audience error (403), not the signature error.
+    let good = jwks(vec![jwk(Algorithm::RS256, "rsa", false)]);
+    let other = jwks(vec![jwk(Algorithm::RS256, "rsa", true)]);
+    let yaml = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: ra, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: {ISS}\n    jwks: '{good}'\n    audiences: [a]\n  - issuer: {ISS}\n    jwks: '{other}'\n"
+    );
+    let r = rules(&yaml);
+    let token = mint(Algorithm::RS256, Some("rsa"), &claims(ISS, "x"));
+    assert_eq!(
+        error_of(&run(&r, &bearer(&token), None)),
+        Some(JwtError::AudienceNotAllowed)
+    );
+    // The same token with audience `a` passes the first rule.
+    let mut c = claims(ISS, "x");
+    c["aud"] = json!("a");
+    let token = mint(Algorithm::RS256, Some("rsa"), &c);
+    assert_eq!(error_of(&run(&r, &bearer(&token), None)), None);
+}
