@@ -633,3 +633,69 @@ fn when_every_rule_of_the_issuer_refuses_the_first_refusal_answers() {
     let token = mint(Algorithm::RS256, Some("rsa"), &c);
     assert_eq!(error_of(&run(&r, &bearer(&token), None)), None);
 }
+
+/// `text` (base64url of a length that is not a multiple of 3) with the unused low bits of its
+/// last character set: the same bytes, a non-canonical spelling.
+fn non_canonical(text: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    assert!(text.len() % 4 != 0, "{text} has no unused bits");
+    let (head, last) = text.split_at(text.len() - 1);
+    let index = ALPHABET
+        .iter()
+        .position(|&c| c == last.as_bytes()[0])
+        .expect("base64url character");
+    format!("{head}{}", char::from(ALPHABET[index + 1]))
+}
+
+#[test]
+fn base64url_is_decoded_as_jwt_verify_lib_decodes_it() {
+    // jwt_verify_lib decodes each section with absl's WebSafeBase64Unescape, which ignores the
+    // unused low bits of the last character (they need not be zero).
+    let r = rules(&ra(""));
+    let token = mint(Algorithm::RS256, Some("rsa"), &claims(ISS, "a"));
+    let (signed, signature) = token.rsplit_once('.').expect("three sections");
+    let altered = format!("{signed}.{}", non_canonical(signature));
+    assert_ne!(altered, token);
+    assert_eq!(
+        principal_of(&run(&r, &bearer(&altered), None)).as_deref(),
+        Some("https://issuer.test/a"),
+        "a signature with non-canonical trailing bits verifies"
+    );
+    // A header spelled non-canonically decodes (the signature, over the text, then fails).
+    let header = {
+        use base64::Engine as _;
+        // 28 bytes: the last character carries 4 unused bits.
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","kid":"rsa" }"#)
+    };
+    let (_, rest) = token.split_once('.').expect("three sections");
+    let respelled = format!("{}.{rest}", non_canonical(&header));
+    assert_eq!(
+        error_of(&run(&r, &bearer(&respelled), None)),
+        Some(JwtError::VerificationFailed),
+        "not HeaderBadBase64"
+    );
+}
+
+#[test_case("{t}.", true ; "jwt.cc parseFromString splits with SkipEmpty: a trailing dot")]
+#[test_case(".{t}", true ; "jwt.cc parseFromString splits with SkipEmpty: a leading dot")]
+#[test_case("{h}..{p}.{s}", true ; "jwt.cc parseFromString splits with SkipEmpty: an empty section, the signature covers h.p")]
+#[test_case("{h}.{p}..", false ; "jwt.cc parseFromString: two non-empty sections are a bad format")]
+fn empty_sections_are_skipped(shape: &str, verifies: bool) {
+    let r = rules(&ra(""));
+    let t = mint(Algorithm::RS256, Some("rsa"), &claims(ISS, "a"));
+    let parts: Vec<&str> = t.split('.').collect();
+    let token = shape
+        .replace("{t}", &t)
+        .replace("{h}", parts[0])
+        .replace("{p}", parts[1])
+        .replace("{s}", parts[2]);
+    let outcome = run(&r, &bearer(&token), None);
+    if verifies {
+        assert_eq!(
+            principal_of(&outcome).as_deref(),
+            Some("https://issuer.test/a")
+        );
+    } else {
+        assert_eq!(error_of(&outcome), Some(JwtError::BadFormat));
+    }
+}
