@@ -149,6 +149,7 @@ fn decide_in(yaml: &str, namespace: &str, labels: &[(&str, &str)], r: &R) -> Dec
         http: (!r.tcp).then_some(Http {
             method: r.method,
             path: &target.path,
+            query: target.query.as_deref(),
             host: r.host,
             headers: &headers,
             auth: auth.as_ref(),
@@ -286,6 +287,24 @@ fn dry_run_is_evaluated_and_reported_never_enforced() {
 #[test_case("[{from: [{source: {principals: [\"*\"], namespaces: [bar]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 403 ; "fields of one source are ANDed")]
 #[test_case("[{from: [{source: {namespaces: [bar]}}, {source: {namespaces: [foo]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 200 ; "from entries are ORed")]
 #[test_case("[{from: [{source: {namespaces: [\"*\"], notNamespaces: [foo]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 403 ; "a field and its not-field are ANDed")]
+#[test_case("[{from: [{source: {namespaces: [ns.prod]}}]}]", &get("/").from("cluster.local/ns/ns.prod/sa/admin"), 200 ; "generator_test.go TestNamespaceMatcherRegex_Match exact-match-with-dot")]
+#[test_case("[{from: [{source: {namespaces: [ns.prod]}}]}]", &get("/").from("cluster.local/ns/nsXprod/sa/admin"), 403 ; "generator_test.go TestNamespaceMatcherRegex_Match exact-match-with-dot: a dot is no wildcard")]
+#[test_case("[{from: [{source: {namespaces: [\"ns.*.prod\"]}}]}]", &get("/").from("cluster.local/ns/ns.any.prod/sa/admin"), 200 ; "generator_test.go TestNamespaceMatcherRegex_Match wildcard-match-with-dot")]
+#[test_case("[{from: [{source: {namespaces: [\"ns.*.prod\"]}}]}]", &get("/").from("cluster.local/ns/nsXanyXprod/sa/admin"), 403 ; "generator_test.go TestNamespaceMatcherRegex_Match wildcard-match-with-dot: no match")]
+#[test_case("[{from: [{source: {namespaces: [\"ns.*.prod\"]}}]}]", &get("/").from("cluster.local/ns/ns..prod/sa/admin"), 200 ; "a star inside a namespace matches an empty run, as the generator's .*")]
+#[test_case("[{from: [{source: {notNamespaces: [\"*-dev-*\"]}}]}]", &get("/").from("cluster.local/ns/team-dev-1/sa/a"), 403 ; "notNamespaces with two stars")]
+#[test_case("[{from: [{source: {trustDomains: [cluster.local, another.local]}}]}]", &get("/").from("another.local/ns/a/sa/b"), 200 ; "builder_test.go trust-domains-field: trustDomains exact")]
+#[test_case("[{from: [{source: {trustDomains: [cluster.local]}}]}]", &get("/").from("other.local/ns/a/sa/b"), 403 ; "generator_test.go srcTrustDomainGenerator-exact: another trust domain")]
+#[test_case("[{from: [{source: {trustDomains: [cluster.local]}}]}]", &get("/").from("cluster.localX/ns/a/sa/b"), 403 ; "generator_test.go srcTrustDomainGenerator-exact: prefix spiffe://cluster.local/ is the whole trust domain")]
+#[test_case("[{from: [{source: {trustDomains: [\"*\"]}}]}]", &get("/").from("any.td/ns/a/sa/b"), 200 ; "generator_test.go srcTrustDomainGenerator-wildcard: any identity")]
+#[test_case("[{from: [{source: {trustDomains: [\"*\"]}}]}]", &get("/"), 403 ; "generator_test.go srcTrustDomainGenerator-wildcard: no identity, no trust domain")]
+#[test_case("[{from: [{source: {trustDomains: [\"cluster.*\"]}}]}]", &get("/").from("cluster.east/ns/a/sa/b"), 200 ; "generator_test.go srcTrustDomainGenerator-prefix-wildcard")]
+#[test_case("[{from: [{source: {trustDomains: [\"cluster.*\"]}}]}]", &get("/").from("clusterXeast/ns/a/sa/b"), 403 ; "generator_test.go srcTrustDomainGenerator-prefix-wildcard: the dot is literal")]
+#[test_case("[{from: [{source: {trustDomains: [\"*local\"]}}]}]", &get("/").from("cluster.local/ns/a/sa/b"), 200 ; "generator_test.go srcTrustDomainGenerator-suffix-wildcard")]
+#[test_case("[{from: [{source: {trustDomains: [\"*local\"]}}]}]", &get("/").from("td/ns/local/sa/b"), 403 ; "generator_test.go srcTrustDomainGenerator-suffix-wildcard: the star stays within the trust domain")]
+#[test_case("[{from: [{source: {notTrustDomains: [\"bad*\", untrusted]}}]}]", &get("/").from("bad.example/ns/a/sa/b"), 403 ; "builder_test.go trust-domains-field: notTrustDomains prefix")]
+#[test_case("[{from: [{source: {notTrustDomains: [\"bad*\", untrusted]}}]}]", &get("/").from("good.example/ns/a/sa/b"), 200 ; "builder_test.go trust-domains-field: notTrustDomains others pass")]
+#[test_case("[{from: [{source: {notTrustDomains: [\"bad*\", untrusted]}}]}]", &get("/"), 200 ; "notTrustDomains: no identity is in no trust domain, as notPrincipals")]
 fn source_fields(rules: &str, r: &R, expected: u16) {
     assert_eq!(status(&allow(rules), r), expected);
 }
@@ -387,6 +406,25 @@ fn when(key: &str, values: &str) -> String {
 #[test_case("destination.ip", "values: [10.0.0.12]", &get("/").dest("10.0.0.12"), 200 ; "destination.ip")]
 #[test_case("destination.port", "values: [\"8080\"]", &get("/").port(8080), 200 ; "destination.port")]
 #[test_case("connection.sni", "values: [\"*.foo.svc\"]", &get("/").sni("httpbin.foo.svc"), 200 ; "connection.sni suffix")]
+#[test_case("request.headers[:authority]", "values: [httpbin.foo]", &get("/"), 200 ; "validation_test.go good: request.headers[:authority] is the authority")]
+#[test_case("request.headers[:authority]", "values: [other.foo]", &get("/"), 403 ; "request.headers[:authority] mismatch")]
+#[test_case("request.headers[:AUTHORITY]", "values: [\"httpbin.*\"]", &get("/"), 200 ; "pseudo-header names are case-insensitive")]
+#[test_case("request.headers[:method]", "values: [GET]", &get("/"), 200 ; "builder testdata deny-both-http-tcp: request.headers[:method]")]
+#[test_case("request.headers[:method]", "values: [POST]", &get("/"), 403 ; "request.headers[:method] mismatch")]
+#[test_case("request.headers[:path]", "values: [\"/ip?x=1\"]", &get("/ip?x=1"), 200 ; "request.headers[:path] is the path with its query")]
+#[test_case("request.headers[:path]", "values: [/ip]", &get("/ip?x=1"), 403 ; "request.headers[:path] is not the bare path")]
+#[test_case("request.headers[:scheme]", "values: [http]", &get("/"), 200 ; "request.headers[:scheme] is http")]
+#[test_case("request.headers[:status]", "values: [\"*\"]", &get("/"), 403 ; "another pseudo-header is never present")]
+#[test_case("request.headers[:status]", "notValues: [\"200\"]", &get("/"), 200 ; "another pseudo-header: notValues match")]
+#[test_case("request.headers[x y]", "values: [\"*\"]", &get("/"), 403 ; "a name no header can have is never present")]
+#[test_case("request.headers[x-user]", "values: [\"*\"]", &get("/").header("x-user", ""), 200 ; "matcher/header.go HeaderMatcher: * is present_match, an empty value is present")]
+#[test_case("request.headers[x-user]", "values: [\"ali*\"]", &get("/").header("x-user", ""), 403 ; "an empty value does not match a prefix")]
+#[test_case("request.headers[x-user]", "values: [\"*\"], notValues: [\"*\"]", &get("/").header("x-user", ""), 403 ; "notValues * excludes a present empty header")]
+#[test_case("source.namespace", "values: [\"ns.*.prod\"]", &get("/").from("cluster.local/ns/ns.any.prod/sa/a"), 200 ; "source.namespace uses the namespace generator: a star inside")]
+#[test_case("source.trustDomain", "values: [cluster.local]", &get("/").from("cluster.local/ns/foo/sa/a"), 200 ; "model.go attrSrcTrustDomain: source.trustDomain exact")]
+#[test_case("source.trustDomain", "values: [\"*.local\"]", &get("/").from("east.local/ns/foo/sa/a"), 200 ; "source.trustDomain suffix")]
+#[test_case("source.trustDomain", "notValues: [cluster.local]", &get("/").from("cluster.local/ns/foo/sa/a"), 403 ; "source.trustDomain notValues")]
+#[test_case("source.trustDomain", "values: [\"*\"]", &get("/"), 403 ; "source.trustDomain needs an identity")]
 fn conditions(key: &str, values: &str, r: &R, expected: u16) {
     assert_eq!(status(&when(key, values), r), expected);
 }
