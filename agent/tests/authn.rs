@@ -567,8 +567,8 @@ fn verified_tokens_are_cached_until_the_keys_change() {
     );
 }
 
-/// Istio, tests/integration/security/jwt_test.go, subtest "aud" with
-/// testdata/requestauthn/aud.yaml.tmpl: two RequestAuthentications select the workload; the
+/// Istio, `tests/integration/security/jwt_test.go`, subtest "aud" with
+/// `testdata/requestauthn/aud.yaml.tmpl`: two RequestAuthentications select the workload; the
 /// first has issuer 1 (audiences `foo`) and issuer 2 (audiences `bar`), the second issuer 2 with
 /// no audiences. Istio makes each rule a provider and accepts a token any of them accepts.
 fn combined_rules() -> JwtRules {
@@ -638,7 +638,7 @@ fn when_every_rule_of_the_issuer_refuses_the_first_refusal_answers() {
 /// last character set: the same bytes, a non-canonical spelling.
 fn non_canonical(text: &str) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    assert!(text.len() % 4 != 0, "{text} has no unused bits");
+    assert!(!text.len().is_multiple_of(4), "{text} has no unused bits");
     let (head, last) = text.split_at(text.len() - 1);
     let index = ALPHABET
         .iter()

@@ -9,13 +9,13 @@ mod support;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use jsonwebtoken::Algorithm;
 use nodeward::authn::cache::TokenCache;
 use nodeward::authn::fetch::{FetchConfig, JwksStore};
 use nodeward::authz::path::Normalization;
 use nodeward::cli::check::{decide, CheckRequest, Inputs, Output};
 use nodeward::enforcer::Limits;
 use nodeward::state::workloads::Probe;
-use jsonwebtoken::Algorithm;
 use support::node::*;
 use support::rawpod::RawPod;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -178,8 +178,8 @@ async fn check_and_the_enforcer_agree() {
 }
 
 /// Requests from the peers' conformance tests, judged alike by `check` and the enforcer: the
-/// path normalization (Envoy's NormalizeCasePath, Istio's normalization test), `{**}` (Istio's
-/// TestAuthz_PathTemplating), jwtRules of one issuer (Istio's jwt_test.go "aud"), pseudo-header
+/// path normalization (Envoy's `NormalizeCasePath`, Istio's normalization test), `{**}` (Istio's
+/// `TestAuthz_PathTemplating`), jwtRules of one issuer (Istio's `jwt_test.go` "aud"), pseudo-header
 /// and empty-header conditions, and trust domains.
 fn conformance_policies() -> String {
     let keys = support::jwks(vec![support::jwk(Algorithm::RS256, "rsa", false)]);
@@ -221,36 +221,131 @@ spec:
   - from: [{source: {requestPrincipals: [\"*\"]}}]
     to: [{operation: {paths: [/jwt]}}]
 ";
-    format!("{}---\n{}---\n{policies}", ra("part1", "foo"), ra("part2", "bar"))
+    format!(
+        "{}---\n{}---\n{policies}",
+        ra("part1", "foo"),
+        ra("part2", "bar")
+    )
+}
+
+/// A header a conformance row adds to `Host`.
+#[derive(Clone, Copy)]
+enum Extra {
+    None,
+    Header(&'static str),
+    /// `Authorization: Bearer` with a token of `ISS` for this audience.
+    TokenFor(&'static str),
+}
+
+struct Conformance {
+    name: &'static str,
+    source: &'static str,
+    path: &'static str,
+    extra: Extra,
+    status: u16,
+}
+
+const CONFORMANCE: &[Conformance] = &[
+    Conformance {
+        name: "DENY /app/%2f fires on /app/%2f (its case kept)",
+        source: KNOWN_CLIENT,
+        path: "/app/%2f",
+        extra: Extra::None,
+        status: 403,
+    },
+    Conformance {
+        name: "/app/%2F is not /app/%2f",
+        source: KNOWN_CLIENT,
+        path: "/app/%2F",
+        extra: Extra::None,
+        status: 200,
+    },
+    Conformance {
+        name: "/%61pp/%2f: the escaped a decoded, %2f kept",
+        source: KNOWN_CLIENT,
+        path: "/%61pp/%2f",
+        extra: Extra::None,
+        status: 403,
+    },
+    Conformance {
+        name: "{**} matches an empty run: /store//cart",
+        source: UNKNOWN_CLIENT,
+        path: "/store//cart",
+        extra: Extra::None,
+        status: 200,
+    },
+    Conformance {
+        name: "{**} keeps both slashes: /store/cart",
+        source: UNKNOWN_CLIENT,
+        path: "/store/cart",
+        extra: Extra::None,
+        status: 403,
+    },
+    Conformance {
+        name: "request.headers[:authority]",
+        source: UNKNOWN_CLIENT,
+        path: "/authority",
+        extra: Extra::None,
+        status: 200,
+    },
+    Conformance {
+        name: "an empty header is present for *",
+        source: KNOWN_CLIENT,
+        path: "/app/x",
+        extra: Extra::Header("X-Debug: "),
+        status: 403,
+    },
+    Conformance {
+        name: "trustDomains from the source principal",
+        source: KNOWN_CLIENT,
+        path: "/td",
+        extra: Extra::None,
+        status: 200,
+    },
+    Conformance {
+        name: "trustDomains: no identity",
+        source: UNKNOWN_CLIENT,
+        path: "/td",
+        extra: Extra::None,
+        status: 403,
+    },
+    Conformance {
+        name: "a token failing the first rule of its issuer, passing the second",
+        source: UNKNOWN_CLIENT,
+        path: "/jwt",
+        extra: Extra::TokenFor("bar"),
+        status: 200,
+    },
+    Conformance {
+        name: "a token failing both rules of its issuer: the first refusal (403)",
+        source: UNKNOWN_CLIENT,
+        path: "/jwt",
+        extra: Extra::TokenFor("baz"),
+        status: 403,
+    },
+];
+
+fn headers_of(extra: Extra) -> Vec<String> {
+    let mut headers = vec!["Host: httpbin.foo".to_owned()];
+    match extra {
+        Extra::None => {}
+        Extra::Header(h) => headers.push(h.to_owned()),
+        Extra::TokenFor(aud) => {
+            let mut claims = support::claims(ISS, "alice");
+            claims["aud"] = serde_json::json!(aud);
+            headers.push(format!(
+                "Authorization: Bearer {}",
+                support::mint(Algorithm::RS256, Some("rsa"), &claims)
+            ));
+        }
+    }
+    headers
 }
 
 #[tokio::test]
 async fn check_and_the_enforcer_agree_on_conformance_cases() {
     let jwks = JwksStore::new(FetchConfig::default()).expect("store");
     let cache = TokenCache::default();
-    let token = |aud: &str| {
-        let mut claims = support::claims(ISS, "alice");
-        claims["aud"] = serde_json::json!(aud);
-        format!(
-            "Authorization: Bearer {}",
-            support::mint(Algorithm::RS256, Some("rsa"), &claims)
-        )
-    };
-    let host = "Host: httpbin.foo".to_owned();
-    // (name, source, path, extra headers, status)
-    let rows: Vec<(&str, &str, &str, Vec<String>, u16)> = vec![
-        ("DENY /app/%2f fires on /app/%2f (its case kept)", KNOWN_CLIENT, "/app/%2f", vec![], 403),
-        ("/app/%2F is not /app/%2f", KNOWN_CLIENT, "/app/%2F", vec![], 200),
-        ("/app/%61%2f: the escaped a decoded, %2f kept", KNOWN_CLIENT, "/%61pp/%2f", vec![], 403),
-        ("{**} matches an empty run: /store//cart", UNKNOWN_CLIENT, "/store//cart", vec![], 200),
-        ("{**} keeps both slashes: /store/cart", UNKNOWN_CLIENT, "/store/cart", vec![], 403),
-        ("request.headers[:authority]", UNKNOWN_CLIENT, "/authority", vec![], 200),
-        ("an empty header is present for *", KNOWN_CLIENT, "/app/x", vec!["X-Debug: ".to_owned()], 403),
-        ("trustDomains from the source principal", KNOWN_CLIENT, "/td", vec![], 200),
-        ("trustDomains: no identity", UNKNOWN_CLIENT, "/td", vec![], 403),
-        ("a token failing the first rule of its issuer, passing the second", UNKNOWN_CLIENT, "/jwt", vec![token("bar")], 200),
-        ("a token failing both rules of its issuer: the first refusal (403)", UNKNOWN_CLIENT, "/jwt", vec![token("baz")], 403),
-    ];
     let pod = RawPod::http().await;
     let node = node_shaped(
         &conformance_policies(),
@@ -260,22 +355,28 @@ async fn check_and_the_enforcer_agree_on_conformance_cases() {
         |_| {},
     )
     .await;
-    for (name, source, path, extra, status) in rows {
-        let headers: Vec<String> = std::iter::once(host.clone()).chain(extra).collect();
+    for row in CONFORMANCE {
+        let headers = headers_of(row.extra);
         let bytes = format!(
-            "GET {path} HTTP/1.1\r\n{}\r\nConnection: close\r\n\r\n",
+            "GET {} HTTP/1.1\r\n{}\r\nConnection: close\r\n\r\n",
+            row.path,
             headers.join("\r\n")
         );
-        let enforcer = enforcer_answer(&node, source, bytes.as_bytes(), false, name).await;
+        let enforcer = enforcer_answer(&node, row.source, bytes.as_bytes(), false, row.name).await;
         let described = Described {
-            name,
-            source,
+            name: row.name,
+            source: row.source,
             method: "GET",
-            path,
+            path: row.path,
             headers: &headers,
             tcp: false,
         };
         let check = check_answer(&node, &described, &jwks, &cache);
-        assert_eq!((enforcer, check), (status, status), "{name}: (enforcer, check)");
+        assert_eq!(
+            (enforcer, check),
+            (row.status, row.status),
+            "{}: (enforcer, check)",
+            row.name
+        );
     }
 }

@@ -23,7 +23,7 @@ pub fn unix_now() -> u64 {
 /// Envoy's default clock skew for `exp` and `nbf`.
 pub const CLOCK_SKEW_SECS: u64 = 60;
 
-/// base64url as jwt_verify_lib decodes it (absl's `WebSafeBase64Unescape`): padding optional
+/// base64url as `jwt_verify_lib` decodes it (absl's `WebSafeBase64Unescape`): padding optional
 /// (tokens omit it; some issuers add it), and the unused low bits of the last character are
 /// ignored, not required to be zero.
 pub const B64: GeneralPurpose = GeneralPurpose::new(
@@ -99,7 +99,7 @@ fn time_claim(
 }
 
 /// Splits and decodes `token`; no key is involved. Sections are split at `.` with empty ones
-/// skipped, as jwt_verify_lib's `absl::StrSplit(jwt, '.', absl::SkipEmpty())` does: `h.p.s.`
+/// skipped, as `jwt_verify_lib`'s `absl::StrSplit(jwt, '.', absl::SkipEmpty())` does: `h.p.s.`
 /// and `h..p.s` are the token `h.p.s`, and the signature covers `h.p`.
 pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
     let mut parts = token.split('.').filter(|s| !s.is_empty());

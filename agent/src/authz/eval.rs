@@ -248,10 +248,8 @@ impl Clause {
                     _ => false,
                 }
             }
-            Field::Attribute(Attribute::RequestInlineHeader(key)) => {
-                header_value(req.http?, key)
-                    .is_some_and(|v| v.split(',').any(|e| self.str_opt(Some(e))))
-            }
+            Field::Attribute(Attribute::RequestInlineHeader(key)) => header_value(req.http?, key)
+                .is_some_and(|v| v.split(',').any(|e| self.str_opt(Some(e)))),
         };
         Some(hit != self.negate)
     }

@@ -72,7 +72,11 @@ impl StringSet {
         Self::build(values, false, true)
     }
 
-    fn build<'a>(values: impl IntoIterator<Item = &'a str>, ignore_case: bool, globs: bool) -> Self {
+    fn build<'a>(
+        values: impl IntoIterator<Item = &'a str>,
+        ignore_case: bool,
+        globs: bool,
+    ) -> Self {
         let mut set = Self {
             ignore_case,
             ..Self::default()

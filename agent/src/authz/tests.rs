@@ -348,8 +348,8 @@ fn operation_fields(rules: &str, r: &R, expected: u16) {
     assert_eq!(status(&allow(rules), r), expected);
 }
 
-/// Istio, tests/integration/security/authz_test.go (TestAuthz_PathTemplating) with its
-/// testdata/authz/path-templating.yaml.tmpl: one ALLOW rule with three templates.
+/// Istio, `tests/integration/security/authz_test.go` (`TestAuthz_PathTemplating`) with its
+/// `testdata/authz/path-templating.yaml.tmpl`: one ALLOW rule with three templates.
 #[test_case("/allow/admin/", 200 ; "{**} last matches an empty run")]
 #[test_case("/allow/admin", 403 ; "{**} last needs the trailing slash")]
 #[test_case("/allow/user/", 403 ; "literal mismatch before {**}")]
@@ -584,8 +584,8 @@ fn normalization_decode_and_merge_slashes(input: &str, expected: &str) {
     );
 }
 
-/// Istio, normalization_test.go (TestNormalization, "PercentEncoded"): `/admin%XX` for every byte
-/// 0x01..=0xff with DECODE_AND_MERGE_SLASHES. Istio's expectation: decoded when the byte is an
+/// Istio, `normalization_test.go` (`TestNormalization`, "PercentEncoded"): `/admin%XX` for every byte
+/// 0x01..=0xff with `DECODE_AND_MERGE_SLASHES`. Istio's expectation: decoded when the byte is an
 /// unreserved character (`A-Z a-z 0-9 - . _ ~`), `/` or `\` (which becomes `/`); otherwise the
 /// path reaches the pod exactly as sent, the case of its hex digits included.
 #[test]
@@ -606,7 +606,7 @@ fn normalization_percent_encoded_sweep() {
     }
 }
 
-/// The same sweep in BASE (Envoy, path_utility_test.cc NormalizeCasePath: "%2F is not
+/// The same sweep in BASE (Envoy, `path_utility_test.cc` `NormalizeCasePath`: "%2F is not
 /// normalized to %2f"): only unreserved characters are decoded; `%2f`, `%5c` and every other
 /// escape keep their spelling.
 #[test]
