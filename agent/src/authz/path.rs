@@ -331,9 +331,12 @@ fn canonicalize(s: &[u8]) -> Option<String> {
         }
         i += 1;
     }
-    // Every byte of `out` is ASCII: raw bytes above 0x7f are escaped, only unreserved ASCII is
-    // decoded.
-    valid.then(|| out.into_iter().map(char::from).collect())
+    // Every byte of `out` is ASCII (raw bytes above 0x7f are escaped, only unreserved ASCII is
+    // decoded), so the conversion cannot fail; were it to, the lossy form is still a string.
+    valid.then(|| {
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    })
 }
 
 /// Envoy's `merge_slashes`: the non-empty segments joined with one `/`, a leading and a

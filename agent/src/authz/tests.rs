@@ -684,3 +684,40 @@ fn exact_lists_are_hashed_not_scanned() {
         403
     );
 }
+
+mod normalization_properties {
+    use proptest::prelude::*;
+
+    use super::super::path::{normalize, Normalization};
+
+    /// Paths made of the bytes that matter to normalization: slashes, dots, escapes (valid,
+    /// partial and stray), unreserved and other characters.
+    fn path() -> impl Strategy<Value = String> {
+        let piece = prop::sample::select(vec![
+            "/", "\\", ".", "..", "%", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "%25", "%30",
+            "%3", "%41", "%7e", "%c0", "a", "Z", "0", "-", "~", "{", " ", ";", "=", "é",
+        ]);
+        prop::collection::vec(piece, 0..12).prop_map(|pieces| format!("/{}", pieces.concat()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// What the pod receives is already normal: a second pass (a proxy or the pod's own
+        /// server normalizing again) changes nothing, so nothing judged can be re-read otherwise.
+        #[test]
+        fn normalizing_twice_is_normalizing_once(
+            raw in path(),
+            how in prop::sample::select(vec![
+                Normalization::Base,
+                Normalization::MergeSlashes,
+                Normalization::DecodeAndMergeSlashes,
+            ]),
+        ) {
+            if let Ok(once) = normalize(&raw, how) {
+                let twice = normalize(&once.path, how).expect("a normalized path normalizes");
+                prop_assert_eq!(&twice.path, &once.path, "{:?} {:?}", raw, how);
+            }
+        }
+    }
+}
