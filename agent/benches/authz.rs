@@ -306,6 +306,7 @@ impl Fixture {
             http: Some(Http {
                 method: "GET",
                 path: &self.path,
+                query: None,
                 host: "checkout.shop.svc.cluster.local",
                 headers: &self.headers,
                 auth: Some(&self.auth),

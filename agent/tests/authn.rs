@@ -566,3 +566,136 @@ fn verified_tokens_are_cached_until_the_keys_change() {
         Some(JwtError::Expired)
     );
 }
+
+/// Istio, `tests/integration/security/jwt_test.go`, subtest "aud" with
+/// `testdata/requestauthn/aud.yaml.tmpl`: two RequestAuthentications select the workload; the
+/// first has issuer 1 (audiences `foo`) and issuer 2 (audiences `bar`), the second issuer 2 with
+/// no audiences. Istio makes each rule a provider and accepts a token any of them accepts.
+fn combined_rules() -> JwtRules {
+    let keys = jwks(vec![jwk(Algorithm::RS256, "rsa", false)]);
+    let object = |name: &str, rules: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: {name}, namespace: foo}}\nspec:\n  jwtRules:\n{rules}"
+        )
+    };
+    let rule = |issuer: &str, audiences: &str| {
+        format!("  - issuer: {issuer}\n    jwks: '{keys}'\n{audiences}")
+    };
+    let part1 = object(
+        "part1",
+        &(rule("test-issuer-1@istio.io", "    audiences: [foo]\n")
+            + &rule("test-issuer-2@istio.io", "    audiences: [bar]\n")),
+    );
+    let part2 = object("part2", &rule("test-issuer-2@istio.io", ""));
+    rules(&format!("{part1}---\n{part2}"))
+}
+
+#[test_case("test-issuer-1@istio.io", None, Some(JwtError::AudienceNotAllowed) ; "jwt_test.go aud/invalid-aud: issuer 1 without aud is 403")]
+#[test_case("test-issuer-1@istio.io", Some("foo"), None ; "jwt_test.go aud/valid-aud: issuer 1 with aud foo")]
+#[test_case("test-issuer-2@istio.io", None, None ; "jwt_test.go aud/verify-policies-are-combined: issuer 2 fails part1's audiences, passes part2")]
+#[test_case("test-issuer-2@istio.io", Some("bar"), None ; "issuer 2 with aud bar passes the first of its rules")]
+fn rules_of_one_issuer_are_all_tried(issuer: &str, aud: Option<&str>, expected: Option<JwtError>) {
+    let mut c = claims(issuer, "sub-1");
+    if let Some(aud) = aud {
+        c["aud"] = json!(aud);
+    }
+    let token = mint(Algorithm::RS256, Some("rsa"), &c);
+    let outcome = run(&combined_rules(), &bearer(&token), None);
+    assert_eq!(error_of(&outcome), expected);
+    if expected.is_none() {
+        assert_eq!(
+            principal_of(&outcome),
+            Some(format!("{issuer}/sub-1")),
+            "the token's identity is the request's"
+        );
+    }
+}
+
+#[test]
+fn when_every_rule_of_the_issuer_refuses_the_first_refusal_answers() {
+    // Two rules of one issuer: the first wants audience `a`, the second has keys that did not
+    // sign the token. Envoy's `requires_all` of `{provider or allow_missing}` stops at the first
+    // provider that refuses: the audience error (403), not the signature error.
+    let good = jwks(vec![jwk(Algorithm::RS256, "rsa", false)]);
+    let other = jwks(vec![jwk(Algorithm::RS256, "rsa", true)]);
+    let yaml = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: ra, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: {ISS}\n    jwks: '{good}'\n    audiences: [a]\n  - issuer: {ISS}\n    jwks: '{other}'\n"
+    );
+    let r = rules(&yaml);
+    let token = mint(Algorithm::RS256, Some("rsa"), &claims(ISS, "x"));
+    assert_eq!(
+        error_of(&run(&r, &bearer(&token), None)),
+        Some(JwtError::AudienceNotAllowed)
+    );
+    // The same token with audience `a` passes the first rule.
+    let mut c = claims(ISS, "x");
+    c["aud"] = json!("a");
+    let token = mint(Algorithm::RS256, Some("rsa"), &c);
+    assert_eq!(error_of(&run(&r, &bearer(&token), None)), None);
+}
+
+/// `text` (base64url of a length that is not a multiple of 3) with the unused low bits of its
+/// last character set: the same bytes, a non-canonical spelling.
+fn non_canonical(text: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    assert!(!text.len().is_multiple_of(4), "{text} has no unused bits");
+    let (head, last) = text.split_at(text.len() - 1);
+    let index = ALPHABET
+        .iter()
+        .position(|&c| c == last.as_bytes()[0])
+        .expect("base64url character");
+    format!("{head}{}", char::from(ALPHABET[index + 1]))
+}
+
+#[test]
+fn base64url_is_decoded_as_jwt_verify_lib_decodes_it() {
+    // jwt_verify_lib decodes each section with absl's WebSafeBase64Unescape, which ignores the
+    // unused low bits of the last character (they need not be zero).
+    let r = rules(&ra(""));
+    let token = mint(Algorithm::RS256, Some("rsa"), &claims(ISS, "a"));
+    let (signed, signature) = token.rsplit_once('.').expect("three sections");
+    let altered = format!("{signed}.{}", non_canonical(signature));
+    assert_ne!(altered, token);
+    assert_eq!(
+        principal_of(&run(&r, &bearer(&altered), None)).as_deref(),
+        Some("https://issuer.test/a"),
+        "a signature with non-canonical trailing bits verifies"
+    );
+    // A header spelled non-canonically decodes (the signature, over the text, then fails).
+    let header = {
+        use base64::Engine as _;
+        // 28 bytes: the last character carries 4 unused bits.
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","kid":"rsa" }"#)
+    };
+    let (_, rest) = token.split_once('.').expect("three sections");
+    let respelled = format!("{}.{rest}", non_canonical(&header));
+    assert_eq!(
+        error_of(&run(&r, &bearer(&respelled), None)),
+        Some(JwtError::VerificationFailed),
+        "not HeaderBadBase64"
+    );
+}
+
+#[test_case("{t}.", true ; "jwt.cc parseFromString splits with SkipEmpty: a trailing dot")]
+#[test_case(".{t}", true ; "jwt.cc parseFromString splits with SkipEmpty: a leading dot")]
+#[test_case("{h}..{p}.{s}", true ; "jwt.cc parseFromString splits with SkipEmpty: an empty section, the signature covers h.p")]
+#[test_case("{h}.{p}..", false ; "jwt.cc parseFromString: two non-empty sections are a bad format")]
+fn empty_sections_are_skipped(shape: &str, verifies: bool) {
+    let r = rules(&ra(""));
+    let t = mint(Algorithm::RS256, Some("rsa"), &claims(ISS, "a"));
+    let parts: Vec<&str> = t.split('.').collect();
+    let token = shape
+        .replace("{t}", &t)
+        .replace("{h}", parts[0])
+        .replace("{p}", parts[1])
+        .replace("{s}", parts[2]);
+    let outcome = run(&r, &bearer(&token), None);
+    if verifies {
+        assert_eq!(
+            principal_of(&outcome).as_deref(),
+            Some("https://issuer.test/a")
+        );
+    } else {
+        assert_eq!(error_of(&outcome), Some(JwtError::BadFormat));
+    }
+}

@@ -268,7 +268,7 @@ fn requests_the_enforcer_refuses_are_denied_with_its_answer() {
     // `check` judges with the enforcer's own decision: what the enforcer answers 400/403 before
     // any policy is looked at is a deny with that status, not a bad invocation.
     for (extra, status, reason) in [
-        (vec!["--path", "/a%zz"], 400, "bad_path"),
+        (vec!["--path", "/a%00"], 400, "bad_path"),
         (vec!["-H", "Host: a", "-H", "Host: b"], 400, "bad_host"),
         (
             vec!["-H", "Upgrade: h2c-made-up", "-H", "Connection: upgrade"],

@@ -594,16 +594,31 @@ impl JwtRules {
                 .enumerate()
                 .filter(|(_, r)| r.locations.contains(location))
         };
-        let (index, rule) = readers()
-            .find(|(_, r)| r.issuer == decoded.issuer)
-            .or_else(|| readers().find(|(_, r)| r.issuer.is_empty()))
-            .ok_or((JwtError::UnknownIssuer, None))?;
-        let fail = |e| (e, Some(rule.clone()));
-        decoded.check_time(now).map_err(fail)?;
-        decoded.check_audience(&rule.audiences).map_err(fail)?;
-        let (set, generation) =
-            Self::generation(rule, keys).ok_or_else(|| fail(JwtError::JwksFetchFailed))?;
-        decoded.check_signature(&set).map_err(fail)?;
+        let mut candidates: Vec<(usize, &Arc<CompiledJwtRule>)> = readers()
+            .filter(|(_, r)| r.issuer == decoded.issuer)
+            .collect();
+        if candidates.is_empty() {
+            candidates = readers().filter(|(_, r)| r.issuer.is_empty()).collect();
+        }
+        // Istio makes each rule a provider and accepts a token any provider accepts: every rule
+        // with the token's issuer is tried, in order; when all refuse, the first one's error is
+        // the answer (Envoy's `requires_all` of `{provider or allow_missing}` stops there).
+        let mut first_error: Option<(JwtError, Option<Arc<CompiledJwtRule>>)> = None;
+        let mut accepted = None;
+        for (index, rule) in candidates {
+            match Self::check_with(&decoded, rule, keys, now) {
+                Ok(found) => {
+                    accepted = Some((index, rule, found));
+                    break;
+                }
+                Err(e) => {
+                    first_error.get_or_insert((e, Some(rule.clone())));
+                }
+            }
+        }
+        let Some((index, rule, generation)) = accepted else {
+            return Err(first_error.unwrap_or((JwtError::UnknownIssuer, None)));
+        };
         tracing::debug!(token = %decoded.describe(), rule = %rule.origin, "token verified");
         let verified = Arc::new(Verified {
             auth: AuthInfo::from_claims(decoded.claims.clone(), &rule.space_delimited_claims),
@@ -615,6 +630,21 @@ impl JwtRules {
         });
         cache.insert(key, verified.clone());
         Ok((verified, rule.clone(), false))
+    }
+
+    /// Time, audiences, keys and signature of a decoded token against one rule, in Envoy's
+    /// order; the generation of the keys that verified it.
+    fn check_with(
+        decoded: &token::Decoded<'_>,
+        rule: &CompiledJwtRule,
+        keys: &dyn Keys,
+        now: u64,
+    ) -> Result<u64, JwtError> {
+        decoded.check_time(now)?;
+        decoded.check_audience(&rule.audiences)?;
+        let (set, generation) = Self::generation(rule, keys).ok_or(JwtError::JwksFetchFailed)?;
+        decoded.check_signature(&set)?;
+        Ok(generation)
     }
 
     /// Header names the rules write; client-supplied copies are removed from every request so

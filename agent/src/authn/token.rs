@@ -2,7 +2,9 @@
 //! keys, signature. A token is decoded once; the signature check is the only costly step and
 //! the verified-token cache ([`super::cache`]) saves it on repeat.
 
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use std::borrow::Cow;
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
 use base64::engine::DecodePaddingMode;
 use base64::{alphabet, Engine as _};
 use jsonwebtoken::Algorithm;
@@ -21,12 +23,15 @@ pub fn unix_now() -> u64 {
 /// Envoy's default clock skew for `exp` and `nbf`.
 pub const CLOCK_SKEW_SECS: u64 = 60;
 
-/// base64url, padding optional (tokens omit it; some issuers add it).
+/// base64url as `jwt_verify_lib` decodes it (absl's `WebSafeBase64Unescape`): padding optional
+/// (tokens omit it; some issuers add it), and the unused low bits of the last character are
+/// ignored, not required to be zero.
 pub const B64: GeneralPurpose = GeneralPurpose::new(
     &alphabet::URL_SAFE,
     GeneralPurposeConfig::new()
         .with_encode_padding(false)
-        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
 );
 
 /// A token split and decoded, not yet verified.
@@ -43,8 +48,9 @@ pub struct Decoded<'t> {
     pub nbf: Option<u64>,
     pub iat: Option<u64>,
     /// `header.payload`: what the signature covers.
-    pub signed: &'t str,
-    pub signature: &'t str,
+    pub signed: Cow<'t, str>,
+    /// The signature in canonical base64url (the verifier below wants that spelling).
+    pub signature: Cow<'t, str>,
     /// The payload as sent (base64url), for `outputPayloadToHeader`.
     pub payload_b64: &'t str,
 }
@@ -92,17 +98,16 @@ fn time_claim(
     Ok(Some(number as u64))
 }
 
-/// Splits and decodes `token`; no key is involved.
+/// Splits and decodes `token`; no key is involved. Sections are split at `.` with empty ones
+/// skipped, as `jwt_verify_lib`'s `absl::StrSplit(jwt, '.', absl::SkipEmpty())` does: `h.p.s.`
+/// and `h..p.s` are the token `h.p.s`, and the signature covers `h.p`.
 pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
-    let mut parts = token.split('.');
+    let mut parts = token.split('.').filter(|s| !s.is_empty());
     let (Some(header_b64), Some(payload_b64), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JwtError::BadFormat);
     };
-    if header_b64.is_empty() || payload_b64.is_empty() {
-        return Err(JwtError::BadFormat);
-    }
     let header_bytes = B64
         .decode(header_b64)
         .map_err(|_| JwtError::HeaderBadBase64)?;
@@ -153,10 +158,24 @@ pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
             .ok_or(JwtError::AudNotString)?,
         Some(_) => return Err(JwtError::AudNotString),
     };
-    if B64.decode(signature).is_err() {
-        return Err(JwtError::SignatureBadBase64);
-    }
-    let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
+    let signature_bytes = B64
+        .decode(signature)
+        .map_err(|_| JwtError::SignatureBadBase64)?;
+    let canonical = URL_SAFE_NO_PAD.encode(signature_bytes);
+    let signature = if canonical == signature {
+        Cow::Borrowed(signature)
+    } else {
+        Cow::Owned(canonical)
+    };
+    let adjacent = token.strip_prefix(header_b64).and_then(|rest| {
+        rest.strip_prefix('.')
+            .is_some_and(|rest| rest.starts_with(payload_b64))
+            .then(|| &token[..header_b64.len() + 1 + payload_b64.len()])
+    });
+    let signed = adjacent.map_or_else(
+        || Cow::Owned(format!("{header_b64}.{payload_b64}")),
+        Cow::Borrowed,
+    );
     Ok(Decoded {
         alg,
         kid,
@@ -236,7 +255,7 @@ impl Decoded<'_> {
         {
             tried = true;
             if jsonwebtoken::crypto::verify(
-                self.signature,
+                &self.signature,
                 self.signed.as_bytes(),
                 &key.decoding,
                 self.alg,

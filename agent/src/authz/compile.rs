@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::matcher::{IpSet, PathSet, RequestPrincipalSet, StringSet};
+use super::matcher::{IpSet, PathSet, RequestPrincipalSet, StringSet, TrustDomainSet};
 use crate::policy::attribute::{parse_port, Attribute};
 use crate::policy::model::{Condition, Operation, Source};
 use crate::policy::{scope, validate};
@@ -24,6 +24,8 @@ pub enum Field {
     Namespace,
     /// `serviceAccounts`: the source workload's `<ns>/<sa>`.
     ServiceAccount,
+    /// `trustDomains`: the trust domain of the source workload's principal.
+    TrustDomain,
     /// `ipBlocks`: the connection's peer address.
     SourceIp,
     /// `remoteIpBlocks`: the original client address.
@@ -60,6 +62,7 @@ pub enum Matcher {
     Ips(IpSet),
     Ports(HashSet<u16>),
     Paths(PathSet),
+    TrustDomains(TrustDomainSet),
 }
 
 /// One field test: `principals`, `notPaths`, one `when` key's `values`, ...
@@ -201,6 +204,25 @@ fn push_pair(
     }
 }
 
+/// Istio's namespace generator: each `*` of a value matches any run of characters.
+fn namespaces(label: String, field: Field, negate: bool, values: &[String]) -> Clause {
+    Clause {
+        label: label.into(),
+        field,
+        negate,
+        matcher: Matcher::Strings(StringSet::with_globs(values.iter().map(String::as_str))),
+    }
+}
+
+fn trust_domains(label: String, field: Field, negate: bool, values: &[String]) -> Clause {
+    Clause {
+        label: label.into(),
+        field,
+        negate,
+        matcher: Matcher::TrustDomains(TrustDomainSet::new(values.iter().map(String::as_str))),
+    }
+}
+
 /// Istio principals are written without `spiffe://`; both forms are accepted.
 fn strip_spiffe(values: &[String]) -> Vec<String> {
     values
@@ -253,7 +275,7 @@ fn source_clauses(s: &Source, index: usize, namespace: &str) -> Vec<Clause> {
         &base,
         ("namespaces", "notNamespaces"),
         (&s.namespaces, &s.not_namespaces),
-        |l, n, v| strings(l, Field::Namespace, n, v, false),
+        |l, n, v| namespaces(l, Field::Namespace, n, v),
     );
     push_pair(
         &mut out,
@@ -264,6 +286,13 @@ fn source_clauses(s: &Source, index: usize, namespace: &str) -> Vec<Clause> {
             &qualify_service_accounts(&s.not_service_accounts, namespace),
         ),
         |l, n, v| strings(l, Field::ServiceAccount, n, v, false),
+    );
+    push_pair(
+        &mut out,
+        &base,
+        ("trustDomains", "notTrustDomains"),
+        (&s.trust_domains, &s.not_trust_domains),
+        |l, n, v| trust_domains(l, Field::TrustDomain, n, v),
     );
     let ips = |field: fn() -> Field| {
         move |l: String, n: bool, v: &[String]| Clause {
@@ -368,6 +397,12 @@ fn condition_clauses(c: &Condition, index: usize, namespace: &str) -> Vec<Clause
                 },
                 Attribute::DestinationPort => {
                     port_clause(label, Field::Attribute(attribute.clone()), n, v)
+                }
+                Attribute::SourceNamespace => {
+                    namespaces(label, Field::Attribute(attribute.clone()), n, v)
+                }
+                Attribute::SourceTrustDomain => {
+                    trust_domains(label, Field::Attribute(attribute.clone()), n, v)
                 }
                 Attribute::RequestAuthPrincipal => Clause {
                     label: label.into(),

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::compile::{Clause, CompiledPolicy, CompiledRule, Field, Matcher, WorkloadPolicies};
 use crate::authn::AuthInfo;
-use crate::policy::attribute::Attribute;
+use crate::policy::attribute::{Attribute, HeaderKey};
 use crate::policy::Action;
 
 /// The body Envoy's RBAC filter answers a denied request with.
@@ -38,6 +38,8 @@ pub struct Http<'a> {
     pub method: &'a str,
     /// Normalized, without query.
     pub path: &'a str,
+    /// The query, without `?` (read only by `request.headers[:path]`).
+    pub query: Option<&'a str>,
     /// Host or `:authority`.
     pub host: &'a str,
     pub headers: &'a http::HeaderMap,
@@ -190,6 +192,12 @@ impl Clause {
             Field::ServiceAccount | Field::Attribute(Attribute::SourceServiceAccount) => {
                 self.str_opt(req.source.service_account)
             }
+            Field::TrustDomain | Field::Attribute(Attribute::SourceTrustDomain) => {
+                match (&self.matcher, req.source.principal) {
+                    (Matcher::TrustDomains(set), Some(principal)) => set.matches(principal),
+                    _ => false,
+                }
+            }
             Field::SourceIp | Field::Attribute(Attribute::SourceIp) => self.ip(req.source.ip),
             Field::RemoteIp | Field::Attribute(Attribute::RemoteIp) => {
                 self.ip(req.source.remote_ip.or(req.source.ip))
@@ -233,15 +241,15 @@ impl Clause {
                     _ => false,
                 }
             }
-            Field::Attribute(Attribute::RequestHeader(name)) => {
-                let http = req.http?;
-                header_value(http.headers, name).is_some_and(|v| self.str_opt(Some(&v)))
+            Field::Attribute(Attribute::RequestHeader(key)) => {
+                let value = header_value(req.http?, key);
+                match (&self.matcher, value) {
+                    (Matcher::Strings(set), Some(v)) => set.matches_present(&v),
+                    _ => false,
+                }
             }
-            Field::Attribute(Attribute::RequestInlineHeader(name)) => {
-                let http = req.http?;
-                header_value(http.headers, name)
-                    .is_some_and(|v| v.split(',').any(|e| self.str_opt(Some(e))))
-            }
+            Field::Attribute(Attribute::RequestInlineHeader(key)) => header_value(req.http?, key)
+                .is_some_and(|v| v.split(',').any(|e| self.str_opt(Some(e)))),
         };
         Some(hit != self.negate)
     }
@@ -261,9 +269,23 @@ impl Clause {
     }
 }
 
-/// All values of a header joined with `,` (Envoy's header matching); lossy for non-UTF-8.
-fn header_value<'h>(headers: &'h http::HeaderMap, name: &http::HeaderName) -> Option<Cow<'h, str>> {
-    let mut values = headers.get_all(name).iter();
+/// What Envoy's header matcher reads for `key`: a pseudo-header's value, or all values of a
+/// header joined with `,`; lossy for non-UTF-8. `None`: not present.
+fn header_value<'h>(http: Http<'h>, key: &HeaderKey) -> Option<Cow<'h, str>> {
+    let name = match key {
+        HeaderKey::Name(name) => name,
+        HeaderKey::Authority => return Some(Cow::Borrowed(http.host)),
+        HeaderKey::Method => return Some(Cow::Borrowed(http.method)),
+        HeaderKey::Path => {
+            return Some(match http.query {
+                Some(query) => Cow::Owned(format!("{}?{query}", http.path)),
+                None => Cow::Borrowed(http.path),
+            })
+        }
+        HeaderKey::Scheme => return Some(Cow::Borrowed("http")),
+        HeaderKey::Absent(_) => return None,
+    };
+    let mut values = http.headers.get_all(name).iter();
     let first = values.next()?;
     let first = String::from_utf8_lossy(first.as_bytes());
     let Some(second) = values.next() else {

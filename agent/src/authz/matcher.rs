@@ -10,12 +10,53 @@ use ipnet::IpNet;
 use crate::policy::attribute::parse_ip_block;
 use crate::policy::path_pattern::PathPattern;
 
-/// Istio's string forms: `*` (present), `abc*` (prefix), `*abc` (suffix), else exact.
+/// A pattern whose every `*` matches any run of characters, the empty one included (Istio's
+/// `namespaces` generator turns each `*` into `.*`: `ns.*.prod`).
+#[derive(Debug, Clone)]
+pub struct Glob {
+    /// The literal pieces between the `*`s: at least two.
+    pieces: Vec<Box<str>>,
+}
+
+impl Glob {
+    /// `None` when `pattern` holds no `*`.
+    #[must_use]
+    pub fn new(pattern: &str) -> Option<Self> {
+        pattern.contains('*').then(|| Self {
+            pieces: pattern.split('*').map(Box::from).collect(),
+        })
+    }
+
+    #[must_use]
+    pub fn matches(&self, value: &str) -> bool {
+        let Some((first, rest)) = self.pieces.split_first() else {
+            return false;
+        };
+        let Some((last, middle)) = rest.split_last() else {
+            return false;
+        };
+        let Some(mut tail) = value.strip_prefix(first.as_ref()) else {
+            return false;
+        };
+        // Each middle piece at its leftmost place leaves the most room for the rest.
+        for piece in middle {
+            match tail.find(piece.as_ref()) {
+                Some(at) => tail = &tail[at + piece.len()..],
+                None => return false,
+            }
+        }
+        tail.ends_with(last.as_ref())
+    }
+}
+
+/// Istio's string forms: `*` (present), `abc*` (prefix), `*abc` (suffix), else exact; with
+/// [`StringSet::with_globs`], also `*` anywhere ([`Glob`]).
 #[derive(Debug, Clone, Default)]
 pub struct StringSet {
     exact: HashSet<Box<str>>,
     prefixes: Vec<Box<str>>,
     suffixes: Vec<Box<str>>,
+    globs: Vec<Glob>,
     any: bool,
     ignore_case: bool,
 }
@@ -23,6 +64,19 @@ pub struct StringSet {
 impl StringSet {
     /// `ignore_case` folds ASCII case (Istio matches `hosts` case-insensitively).
     pub fn new<'a>(values: impl IntoIterator<Item = &'a str>, ignore_case: bool) -> Self {
+        Self::build(values, ignore_case, false)
+    }
+
+    /// Values whose `*` may stand anywhere, several times (`namespaces`, `source.namespace`).
+    pub fn with_globs<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
+        Self::build(values, false, true)
+    }
+
+    fn build<'a>(
+        values: impl IntoIterator<Item = &'a str>,
+        ignore_case: bool,
+        globs: bool,
+    ) -> Self {
         let mut set = Self {
             ignore_case,
             ..Self::default()
@@ -35,6 +89,8 @@ impl StringSet {
             };
             if value == "*" {
                 set.any = true;
+            } else if let Some(glob) = Glob::new(&value).filter(|_| globs) {
+                set.globs.push(glob);
             } else if let Some(suffix) = value.strip_prefix('*') {
                 set.suffixes.push(suffix.into());
             } else if let Some(prefix) = value.strip_suffix('*') {
@@ -61,6 +117,78 @@ impl StringSet {
         self.exact.contains(value.as_ref())
             || self.prefixes.iter().any(|p| value.starts_with(p.as_ref()))
             || self.suffixes.iter().any(|s| value.ends_with(s.as_ref()))
+            || self.globs.iter().any(|g| g.matches(&value))
+    }
+
+    /// A header's value: Istio turns `*` into Envoy's `present_match`, which a header present
+    /// with an empty value satisfies.
+    #[must_use]
+    pub fn matches_present(&self, value: &str) -> bool {
+        self.any || self.matches(value)
+    }
+}
+
+/// One `trustDomains` / `source.trustDomain` value, as Istio's generator matches it against the
+/// source principal (`<td>/ns/<ns>/sa/<sa>` here, `spiffe://` left off).
+#[derive(Debug, Clone)]
+enum TrustDomain {
+    /// `*`: any principal.
+    Any,
+    /// `td`: the principal starts with `td/`.
+    Exact(Box<str>),
+    /// `pre*` or `*suf`: the principal is `pre` + characters other than `/` + `suf` + `/...`.
+    Wild { prefix: Box<str>, suffix: Box<str> },
+}
+
+impl TrustDomain {
+    fn parse(value: &str) -> Self {
+        match value.split_once('*') {
+            None => Self::Exact(format!("{value}/").into()),
+            Some(("", "")) => Self::Any,
+            // Istio splits at the first `*` only; a second one is a literal character.
+            Some((prefix, suffix)) => Self::Wild {
+                prefix: prefix.into(),
+                suffix: format!("{suffix}/").into(),
+            },
+        }
+    }
+
+    fn matches(&self, principal: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Exact(with_slash) => principal.starts_with(with_slash.as_ref()),
+            Self::Wild { prefix, suffix } => {
+                let Some(rest) = principal.strip_prefix(prefix.as_ref()) else {
+                    return false;
+                };
+                // The run the `*` stands for holds no `/`: try each end of it.
+                let run = &rest[..rest.find('/').unwrap_or(rest.len())];
+                run.char_indices()
+                    .map(|(end, _)| end)
+                    .chain(std::iter::once(run.len()))
+                    .any(|end| rest[end..].starts_with(suffix.as_ref()))
+            }
+        }
+    }
+}
+
+/// `trustDomains`/`notTrustDomains` and `source.trustDomain` values.
+#[derive(Debug, Clone, Default)]
+pub struct TrustDomainSet {
+    domains: Vec<TrustDomain>,
+}
+
+impl TrustDomainSet {
+    pub fn new<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            domains: values.into_iter().map(TrustDomain::parse).collect(),
+        }
+    }
+
+    /// Whether the source `principal` is in one of the trust domains.
+    #[must_use]
+    pub fn matches(&self, principal: &str) -> bool {
+        self.domains.iter().any(|d| d.matches(principal))
     }
 }
 

@@ -149,6 +149,7 @@ fn decide_in(yaml: &str, namespace: &str, labels: &[(&str, &str)], r: &R) -> Dec
         http: (!r.tcp).then_some(Http {
             method: r.method,
             path: &target.path,
+            query: target.query.as_deref(),
             host: r.host,
             headers: &headers,
             auth: auth.as_ref(),
@@ -286,6 +287,24 @@ fn dry_run_is_evaluated_and_reported_never_enforced() {
 #[test_case("[{from: [{source: {principals: [\"*\"], namespaces: [bar]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 403 ; "fields of one source are ANDed")]
 #[test_case("[{from: [{source: {namespaces: [bar]}}, {source: {namespaces: [foo]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 200 ; "from entries are ORed")]
 #[test_case("[{from: [{source: {namespaces: [\"*\"], notNamespaces: [foo]}}]}]", &get("/").from("cluster.local/ns/foo/sa/x"), 403 ; "a field and its not-field are ANDed")]
+#[test_case("[{from: [{source: {namespaces: [ns.prod]}}]}]", &get("/").from("cluster.local/ns/ns.prod/sa/admin"), 200 ; "generator_test.go TestNamespaceMatcherRegex_Match exact-match-with-dot")]
+#[test_case("[{from: [{source: {namespaces: [ns.prod]}}]}]", &get("/").from("cluster.local/ns/nsXprod/sa/admin"), 403 ; "generator_test.go TestNamespaceMatcherRegex_Match exact-match-with-dot: a dot is no wildcard")]
+#[test_case("[{from: [{source: {namespaces: [\"ns.*.prod\"]}}]}]", &get("/").from("cluster.local/ns/ns.any.prod/sa/admin"), 200 ; "generator_test.go TestNamespaceMatcherRegex_Match wildcard-match-with-dot")]
+#[test_case("[{from: [{source: {namespaces: [\"ns.*.prod\"]}}]}]", &get("/").from("cluster.local/ns/nsXanyXprod/sa/admin"), 403 ; "generator_test.go TestNamespaceMatcherRegex_Match wildcard-match-with-dot: no match")]
+#[test_case("[{from: [{source: {namespaces: [\"ns.*.prod\"]}}]}]", &get("/").from("cluster.local/ns/ns..prod/sa/admin"), 200 ; "a star inside a namespace matches an empty run, as the generator's .*")]
+#[test_case("[{from: [{source: {notNamespaces: [\"*-dev-*\"]}}]}]", &get("/").from("cluster.local/ns/team-dev-1/sa/a"), 403 ; "notNamespaces with two stars")]
+#[test_case("[{from: [{source: {trustDomains: [cluster.local, another.local]}}]}]", &get("/").from("another.local/ns/a/sa/b"), 200 ; "builder_test.go trust-domains-field: trustDomains exact")]
+#[test_case("[{from: [{source: {trustDomains: [cluster.local]}}]}]", &get("/").from("other.local/ns/a/sa/b"), 403 ; "generator_test.go srcTrustDomainGenerator-exact: another trust domain")]
+#[test_case("[{from: [{source: {trustDomains: [cluster.local]}}]}]", &get("/").from("cluster.localX/ns/a/sa/b"), 403 ; "generator_test.go srcTrustDomainGenerator-exact: prefix spiffe://cluster.local/ is the whole trust domain")]
+#[test_case("[{from: [{source: {trustDomains: [\"*\"]}}]}]", &get("/").from("any.td/ns/a/sa/b"), 200 ; "generator_test.go srcTrustDomainGenerator-wildcard: any identity")]
+#[test_case("[{from: [{source: {trustDomains: [\"*\"]}}]}]", &get("/"), 403 ; "generator_test.go srcTrustDomainGenerator-wildcard: no identity, no trust domain")]
+#[test_case("[{from: [{source: {trustDomains: [\"cluster.*\"]}}]}]", &get("/").from("cluster.east/ns/a/sa/b"), 200 ; "generator_test.go srcTrustDomainGenerator-prefix-wildcard")]
+#[test_case("[{from: [{source: {trustDomains: [\"cluster.*\"]}}]}]", &get("/").from("clusterXeast/ns/a/sa/b"), 403 ; "generator_test.go srcTrustDomainGenerator-prefix-wildcard: the dot is literal")]
+#[test_case("[{from: [{source: {trustDomains: [\"*local\"]}}]}]", &get("/").from("cluster.local/ns/a/sa/b"), 200 ; "generator_test.go srcTrustDomainGenerator-suffix-wildcard")]
+#[test_case("[{from: [{source: {trustDomains: [\"*local\"]}}]}]", &get("/").from("td/ns/local/sa/b"), 403 ; "generator_test.go srcTrustDomainGenerator-suffix-wildcard: the star stays within the trust domain")]
+#[test_case("[{from: [{source: {notTrustDomains: [\"bad*\", untrusted]}}]}]", &get("/").from("bad.example/ns/a/sa/b"), 403 ; "builder_test.go trust-domains-field: notTrustDomains prefix")]
+#[test_case("[{from: [{source: {notTrustDomains: [\"bad*\", untrusted]}}]}]", &get("/").from("good.example/ns/a/sa/b"), 200 ; "builder_test.go trust-domains-field: notTrustDomains others pass")]
+#[test_case("[{from: [{source: {notTrustDomains: [\"bad*\", untrusted]}}]}]", &get("/"), 200 ; "notTrustDomains: no identity is in no trust domain, as notPrincipals")]
 fn source_fields(rules: &str, r: &R, expected: u16) {
     assert_eq!(status(&allow(rules), r), expected);
 }
@@ -314,8 +333,11 @@ fn source_fields(rules: &str, r: &R, expected: u16) {
 #[test_case("[{to: [{operation: {paths: [\"/users/{*}/orders\"]}}]}]", &get("/users/42/orders"), 200 ; "path template {*} is one segment")]
 #[test_case("[{to: [{operation: {paths: [\"/users/{*}/orders\"]}}]}]", &get("/users/4/2/orders"), 403 ; "path template {*} is not two segments")]
 #[test_case("[{to: [{operation: {paths: [\"/users/{*}\"]}}]}]", &get("/users/"), 403 ; "path template {*} is not an empty segment")]
-#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files/a/b/c.txt"), 200 ; "path template {**} is one or more segments")]
-#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files"), 403 ; "path template {**} needs at least one segment")]
+#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files/a/b/c.txt"), 200 ; "path template {**} is any number of segments")]
+#[test_case("[{to: [{operation: {paths: [\"/files/{**}\"]}}]}]", &get("/files"), 403 ; "path template {**} last needs the slash before it")]
+#[test_case("[{to: [{operation: {paths: [\"/a/{*}\"]}}]}]", &get("/a/x=y"), 403 ; "Envoy OperatorRegexPattern: {*} does not match '='")]
+#[test_case("[{to: [{operation: {paths: [\"/a/{**}\"]}}]}]", &get("/a/b/x=y"), 403 ; "Envoy OperatorRegexPattern: {**} does not match '='")]
+#[test_case("[{to: [{operation: {paths: [\"/a/{**}\"]}}]}]", &get("/a/b//c"), 200 ; "Envoy TextGlobRegex: {**} spans slashes")]
 #[test_case("[{to: [{operation: {paths: [\"/files/{**}/meta\"]}}]}]", &get("/files/a/b/meta"), 200 ; "path template literal after {**}")]
 #[test_case("[{to: [{operation: {notPaths: [/healthz]}}]}]", &get("/healthz"), 403 ; "notPaths")]
 #[test_case("[{to: [{operation: {methods: [POST]}}, {operation: {paths: [/ip]}}]}]", &get("/ip"), 200 ; "to entries are ORed")]
@@ -324,6 +346,31 @@ fn source_fields(rules: &str, r: &R, expected: u16) {
 #[test_case("[{to: [{operation: {methods: [POST]}}]}, {to: [{operation: {methods: [GET]}}]}]", &get("/"), 200 ; "rules are ORed")]
 fn operation_fields(rules: &str, r: &R, expected: u16) {
     assert_eq!(status(&allow(rules), r), expected);
+}
+
+/// Istio, `tests/integration/security/authz_test.go` (`TestAuthz_PathTemplating`) with its
+/// `testdata/authz/path-templating.yaml.tmpl`: one ALLOW rule with three templates.
+#[test_case("/allow/admin/", 200 ; "{**} last matches an empty run")]
+#[test_case("/allow/admin", 403 ; "{**} last needs the trailing slash")]
+#[test_case("/allow/user/", 403 ; "literal mismatch before {**}")]
+#[test_case("/allow/admin?param=value", 403 ; "query is not part of the path")]
+#[test_case("/allow", 403 ; "too short")]
+#[test_case("/allow/admin/temp", 200 ; "{**} one segment")]
+#[test_case("/allow/admin/temp.txt", 200 ; "{**} one segment with a dot")]
+#[test_case("/allow/admin/foo/temp.txt", 200 ; "{**} two segments")]
+#[test_case("/foo/buzz/bar/bat.txt", 200 ; "{*} then {**}")]
+#[test_case("/foo/buzz/bar/bat.temp.txt", 200 ; "{*} then {**} with dots")]
+#[test_case("/foo/buzz/bar/bat/fuzz.txt", 200 ; "{*} then {**} of two segments")]
+#[test_case("/foo/bar/bat.txt", 403 ; "{*} cannot be skipped")]
+#[test_case("/foo//bar/bat.txt", 403 ; "{*} does not match an empty segment")]
+#[test_case("/foo/buzz/bar/bat", 200 ; "{*} then {**} without extension")]
+#[test_case("/store//cart", 200 ; "{**} in the middle matches an empty run")]
+#[test_case("/store/cart", 403 ; "{**} in the middle keeps both slashes")]
+#[test_case("/store/foo/cart", 200 ; "{**} in the middle, one segment")]
+#[test_case("/store/foo/bar/cart", 200 ; "{**} in the middle, two segments")]
+fn istio_path_templating(path: &'static str, expected: u16) {
+    let rules = "[{to: [{operation: {paths: [\"/allow/admin/{**}\", \"/foo/{*}/bar/{**}\", \"/store/{**}/cart\"]}}]}]";
+    assert_eq!(status(&allow(rules), &get(path)), expected);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -359,6 +406,25 @@ fn when(key: &str, values: &str) -> String {
 #[test_case("destination.ip", "values: [10.0.0.12]", &get("/").dest("10.0.0.12"), 200 ; "destination.ip")]
 #[test_case("destination.port", "values: [\"8080\"]", &get("/").port(8080), 200 ; "destination.port")]
 #[test_case("connection.sni", "values: [\"*.foo.svc\"]", &get("/").sni("httpbin.foo.svc"), 200 ; "connection.sni suffix")]
+#[test_case("request.headers[:authority]", "values: [httpbin.foo]", &get("/"), 200 ; "validation_test.go good: request.headers[:authority] is the authority")]
+#[test_case("request.headers[:authority]", "values: [other.foo]", &get("/"), 403 ; "request.headers[:authority] mismatch")]
+#[test_case("request.headers[:AUTHORITY]", "values: [\"httpbin.*\"]", &get("/"), 200 ; "pseudo-header names are case-insensitive")]
+#[test_case("request.headers[:method]", "values: [GET]", &get("/"), 200 ; "builder testdata deny-both-http-tcp: request.headers[:method]")]
+#[test_case("request.headers[:method]", "values: [POST]", &get("/"), 403 ; "request.headers[:method] mismatch")]
+#[test_case("request.headers[:path]", "values: [\"/ip?x=1\"]", &get("/ip?x=1"), 200 ; "request.headers[:path] is the path with its query")]
+#[test_case("request.headers[:path]", "values: [/ip]", &get("/ip?x=1"), 403 ; "request.headers[:path] is not the bare path")]
+#[test_case("request.headers[:scheme]", "values: [http]", &get("/"), 200 ; "request.headers[:scheme] is http")]
+#[test_case("request.headers[:status]", "values: [\"*\"]", &get("/"), 403 ; "another pseudo-header is never present")]
+#[test_case("request.headers[:status]", "notValues: [\"200\"]", &get("/"), 200 ; "another pseudo-header: notValues match")]
+#[test_case("request.headers[x y]", "values: [\"*\"]", &get("/"), 403 ; "a name no header can have is never present")]
+#[test_case("request.headers[x-user]", "values: [\"*\"]", &get("/").header("x-user", ""), 200 ; "matcher/header.go HeaderMatcher: * is present_match, an empty value is present")]
+#[test_case("request.headers[x-user]", "values: [\"ali*\"]", &get("/").header("x-user", ""), 403 ; "an empty value does not match a prefix")]
+#[test_case("request.headers[x-user]", "values: [\"*\"], notValues: [\"*\"]", &get("/").header("x-user", ""), 403 ; "notValues * excludes a present empty header")]
+#[test_case("source.namespace", "values: [\"ns.*.prod\"]", &get("/").from("cluster.local/ns/ns.any.prod/sa/a"), 200 ; "source.namespace uses the namespace generator: a star inside")]
+#[test_case("source.trustDomain", "values: [cluster.local]", &get("/").from("cluster.local/ns/foo/sa/a"), 200 ; "model.go attrSrcTrustDomain: source.trustDomain exact")]
+#[test_case("source.trustDomain", "values: [\"*.local\"]", &get("/").from("east.local/ns/foo/sa/a"), 200 ; "source.trustDomain suffix")]
+#[test_case("source.trustDomain", "notValues: [cluster.local]", &get("/").from("cluster.local/ns/foo/sa/a"), 403 ; "source.trustDomain notValues")]
+#[test_case("source.trustDomain", "values: [\"*\"]", &get("/"), 403 ; "source.trustDomain needs an identity")]
 fn conditions(key: &str, values: &str, r: &R, expected: u16) {
     assert_eq!(status(&when(key, values), r), expected);
 }
@@ -397,26 +463,207 @@ fn untranslatable_attributes(yaml: &str, expected: u16) {
 // ---------------------------------------------------------------------------------------
 // Path normalization (Istio's BASE default and the other modes).
 
-#[test_case("/a/./b/../c", Normalization::Base, "/a/c" ; "dot segments are resolved")]
-#[test_case("/a/%2e%2E/b", Normalization::Base, "/b" ; "encoded dot segments are resolved")]
-#[test_case("/%7Euser/%41", Normalization::Base, "/~user/A" ; "unreserved characters are decoded")]
-#[test_case("/a%2fb", Normalization::Base, "/a%2Fb" ; "encoded slash is kept, hex upper-cased")]
-#[test_case("/a\\b", Normalization::Base, "/a/b" ; "backslash becomes a slash")]
-#[test_case("/a//b", Normalization::Base, "/a//b" ; "BASE keeps double slashes")]
-#[test_case("/a//b", Normalization::MergeSlashes, "/a/b" ; "MERGE_SLASHES merges")]
-#[test_case("/a%2F%2fb", Normalization::DecodeAndMergeSlashes, "/a/b" ; "DECODE_AND_MERGE_SLASHES decodes and merges")]
-#[test_case("/a/../../..", Normalization::Base, "/" ; "cannot climb above the root")]
-#[test_case("/a/./b/..", Normalization::None, "/a/./b/.." ; "NONE leaves the path alone")]
-#[test_case("/x?q=/../y#frag", Normalization::Base, "/x" ; "query is split off and fragment dropped")]
-fn path_normalization(input: &str, how: Normalization, expected: &str) {
-    assert_eq!(normalize(input, how).expect("normalizes").path, expected);
+// Envoy, test/common/http/path_utility_test.cc (PathUtilityTest): BASE is `normalize_path`.
+#[test_case("/xyz", "/xyz" ; "Envoy AlreadyNormalPaths: /xyz")]
+#[test_case("/x/y/z", "/x/y/z" ; "Envoy AlreadyNormalPaths: /x/y/z")]
+#[test_case("/a/b/../c", "/a/c" ; "Envoy NormalizeValidPaths: parent dir")]
+#[test_case("/a/b/./c", "/a/b/c" ; "Envoy NormalizeValidPaths: current dir")]
+#[test_case("/a/b/../../../../c", "/c" ; "Envoy NormalizeValidPaths: out number parent")]
+#[test_case("/a/..\\c", "/c" ; "Envoy NormalizeValidPaths: dot-dot-backslash")]
+#[test_case("/%c0%af", "/%c0%af" ; "Envoy NormalizeValidPaths: 2 bytes unicode reserved characters")]
+#[test_case("/%5c%25", "/%5c%25" ; "Envoy NormalizeValidPaths: reserved characters")]
+#[test_case("/a/b/%2E%2E/c", "/a/c" ; "Envoy NormalizeValidPaths: %2E escape")]
+#[test_case("/a/b/%2E./c", "/a/c" ; "Envoy NormalizeValidPaths: %2E. escape")]
+#[test_case("/a/b/%2E/c", "/a/b/c" ; "Envoy NormalizeValidPaths: %2E current dir")]
+#[test_case("/../a/b", "/a/b" ; "Envoy NormalizeValidPaths: leading parent")]
+#[test_case("/./a/b", "/a/b" ; "Envoy NormalizeValidPaths: leading current")]
+#[test_case("/A/B/C", "/A/B/C" ; "Envoy NormalizeCasePath: not normalized to lower case")]
+#[test_case("/a/b/%2e%2e/c", "/a/c" ; "Envoy NormalizeCasePath: %2e can be normalized to dot")]
+#[test_case("/a/%2F%2f/c", "/a/%2F%2f/c" ; "Envoy NormalizeCasePath: %2F is not normalized to %2f")]
+// Istio, tests/integration/security/normalization_test.go (TestNormalization, "Base").
+#[test_case("/", "/" ; "Istio Base: root")]
+#[test_case("/app#foo", "/app" ; "Istio Base: fragment")]
+#[test_case("/app/", "/app/" ; "Istio Base: trailing slash")]
+#[test_case("/app/../admin", "/admin" ; "Istio Base: dot-dot")]
+#[test_case("/app//", "/app//" ; "Istio Base: double slash kept")]
+#[test_case("/app/%2f", "/app/%2f" ; "Istio Base: escaped slash keeps its case")]
+#[test_case("/app%2f/", "/app%2f/" ; "Istio Base: escaped slash inside a segment")]
+#[test_case("/xyz%30..//abc", "/xyz0..//abc" ; "Istio Base: escaped digit decoded")]
+#[test_case("/app/%2E./admin", "/admin" ; "Istio Base: mixed escaped dot-dot")]
+#[test_case("/app\\admin", "/app/admin" ; "Istio Base: backslash")]
+#[test_case("/app/\\/\\/\\admin", "/app//////admin" ; "Istio Base: backslashes and slashes")]
+#[test_case("/%2Fapp%5cadmin%5Cabc", "/%2Fapp%5cadmin%5Cabc" ; "Istio Base: escaped slashes and backslashes kept as written")]
+#[test_case("/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\\abc", "/%5Capp%2f%5c%2F..%2fadmin%5c/abc" ; "Istio Base: escaped dots inside a segment decoded")]
+#[test_case("/app//../admin", "/app/admin" ; "Istio Base: dot-dot after an empty segment")]
+#[test_case("/app//../../admin", "/admin" ; "Istio Base: two dot-dots after an empty segment")]
+fn normalization_base(input: &str, expected: &str) {
+    assert_eq!(
+        normalize(input, Normalization::Base)
+            .expect("normalizes")
+            .path,
+        expected
+    );
 }
 
-#[test_case("a/b" ; "not absolute")]
-#[test_case("/a%zz" ; "bad escape")]
-#[test_case("/a%00b" ; "encoded NUL")]
-fn path_normalization_refuses(input: &str) {
-    assert!(normalize(input, Normalization::Base).is_err());
+// Istio, normalization_test.go (TestNormalization, "None").
+#[test_case("/app#foo", "/app" ; "Istio None: fragment dropped")]
+#[test_case("/app/../admin", "/app/../admin" ; "Istio None: dot-dot kept")]
+#[test_case("/app/%2f", "/app/%2f" ; "Istio None: escape kept")]
+#[test_case("/xyz%30..//abc", "/xyz%30..//abc" ; "Istio None: escaped digit kept")]
+#[test_case("/app\\admin", "/app\\admin" ; "Istio None: backslash kept")]
+#[test_case("/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\\abc", "/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\\abc" ; "Istio None: everything kept")]
+#[test_case("/app//../../admin", "/app//../../admin" ; "Istio None: slashes and dots kept")]
+fn normalization_none(input: &str, expected: &str) {
+    assert_eq!(
+        normalize(input, Normalization::None)
+            .expect("normalizes")
+            .path,
+        expected
+    );
+}
+
+// Istio, normalization_test.go (TestNormalization, "MergeSlashes"); Envoy,
+// path_utility_test.cc (PathUtilityTest.MergeSlashes).
+#[test_case("/app//", "/app/" ; "Istio MergeSlashes: trailing double slash")]
+#[test_case("/app/%2f", "/app/%2f" ; "Istio MergeSlashes: escaped slash keeps its case")]
+#[test_case("/xyz%30..//abc", "/xyz0../abc" ; "Istio MergeSlashes: escaped digit decoded, slashes merged")]
+#[test_case("/app/\\/\\/\\admin", "/app/admin" ; "Istio MergeSlashes: backslashes and slashes merged")]
+#[test_case("/%2Fapp%5cadmin%5Cabc", "/%2Fapp%5cadmin%5Cabc" ; "Istio MergeSlashes: escaped slashes kept")]
+#[test_case("/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\\abc", "/%5Capp%2f%5c%2F..%2fadmin%5c/abc" ; "Istio MergeSlashes: escaped dots decoded")]
+#[test_case("/app//../admin", "/app/admin" ; "Istio MergeSlashes: dot-dot after an empty segment")]
+#[test_case("/a//b/c/", "/a/b/c/" ; "Envoy MergeSlashes: ends with slash")]
+#[test_case("//a/b/c", "/a/b/c" ; "Envoy MergeSlashes: double slash start")]
+#[test_case("/a/b/c//", "/a/b/c/" ; "Envoy MergeSlashes: double slash end")]
+#[test_case("/a///b/c", "/a/b/c" ; "Envoy MergeSlashes: triple slash in the middle")]
+#[test_case("/a////b/c", "/a/b/c" ; "Envoy MergeSlashes: quadruple slash in the middle")]
+#[test_case("/a//b?a=///c", "/a/b" ; "Envoy MergeSlashes: slashes in the query are ignored")]
+fn normalization_merge_slashes(input: &str, expected: &str) {
+    assert_eq!(
+        normalize(input, Normalization::MergeSlashes)
+            .expect("normalizes")
+            .path,
+        expected
+    );
+}
+
+// Istio, normalization_test.go (TestNormalization, "DecodeAndMergeSlashes" and
+// "NotNormalized", both with DECODE_AND_MERGE_SLASHES).
+#[test_case("/app//", "/app/" ; "Istio DecodeAndMergeSlashes: trailing double slash")]
+#[test_case("/app/%2f", "/app/" ; "Istio DecodeAndMergeSlashes: escaped slash decoded and merged")]
+#[test_case("/app%2f/", "/app/" ; "Istio DecodeAndMergeSlashes: escaped slash inside a segment")]
+#[test_case("/xyz%30..//abc", "/xyz0../abc" ; "Istio DecodeAndMergeSlashes: escaped digit")]
+#[test_case("/app/%2E./admin", "/admin" ; "Istio DecodeAndMergeSlashes: mixed escaped dot-dot")]
+#[test_case("/%2Fapp%5cadmin%5Cabc", "/app/admin/abc" ; "Istio DecodeAndMergeSlashes: escaped slashes and backslashes")]
+#[test_case("/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\\abc", "/app/admin/abc" ; "Istio DecodeAndMergeSlashes: escaped dot-dot between escaped slashes")]
+#[test_case("/app//../../admin", "/admin" ; "Istio DecodeAndMergeSlashes: dot-dots")]
+#[test_case("/%c0%2e%c0%2e/admin", "/%c0.%c0./admin" ; "Istio DecodeAndMergeSlashes: overlong dots stay escaped")]
+#[test_case("/%c0%2fadmin", "/%c0/admin" ; "Istio DecodeAndMergeSlashes: overlong slash stays escaped")]
+#[test_case("/0x2e0x2e/admin", "/0x2e0x2e/admin" ; "Istio NotNormalized: 0x2e text")]
+#[test_case("/0x2e0x2e0x5cadmin", "/0x2e0x2e0x5cadmin" ; "Istio NotNormalized: 0x5c text")]
+#[test_case("/%25c0%25ae%25c1%259cadmin", "/%25c0%25ae%25c1%259cadmin" ; "Istio NotNormalized: double-escaped overlong")]
+#[test_case("/%252e%252e/admin", "/%252e%252e/admin" ; "Istio NotNormalized: double-escaped dots")]
+#[test_case("/%252e%252e%252fadmin", "/%252e%252e%252fadmin" ; "Istio NotNormalized: double-escaped slash")]
+#[test_case("/%c1%9cadmin", "/%c1%9cadmin" ; "Istio NotNormalized: overlong backslash")]
+#[test_case("/%c0%ae%c0%ae/admin", "/%c0%ae%c0%ae/admin" ; "Istio NotNormalized: overlong dots")]
+#[test_case("/%c0%afadmin", "/%c0%afadmin" ; "Istio NotNormalized: overlong slash")]
+#[test_case("/.../admin", "/.../admin" ; "Istio NotNormalized: three dots")]
+#[test_case("/..../admin", "/..../admin" ; "Istio NotNormalized: four dots")]
+#[test_case("/..;/admin", "/..;/admin" ; "Istio NotNormalized: dot-dot-semicolon")]
+#[test_case("/;/admin", "/;/admin" ; "Istio NotNormalized: semicolon segment")]
+#[test_case("/admin;a=b", "/admin;a=b" ; "Istio NotNormalized: matrix parameter")]
+#[test_case("/admin;a=b/xyz", "/admin;a=b/xyz" ; "Istio NotNormalized: matrix parameter then segment")]
+#[test_case("/admin,a=b/xyz", "/admin,a=b/xyz" ; "Istio NotNormalized: comma")]
+#[test_case("/Admin", "/Admin" ; "Istio NotNormalized: case kept")]
+#[test_case("/ADMIN", "/ADMIN" ; "Istio NotNormalized: upper case kept")]
+fn normalization_decode_and_merge_slashes(input: &str, expected: &str) {
+    assert_eq!(
+        normalize(input, Normalization::DecodeAndMergeSlashes)
+            .expect("normalizes")
+            .path,
+        expected
+    );
+}
+
+/// Istio, `normalization_test.go` (`TestNormalization`, "PercentEncoded"): `/admin%XX` for every byte
+/// 0x01..=0xff with `DECODE_AND_MERGE_SLASHES`. Istio's expectation: decoded when the byte is an
+/// unreserved character (`A-Z a-z 0-9 - . _ ~`), `/` or `\` (which becomes `/`); otherwise the
+/// path reaches the pod exactly as sent, the case of its hex digits included.
+#[test]
+fn normalization_percent_encoded_sweep() {
+    for byte in 1u8..=0xff {
+        for input in [format!("/admin%{byte:02x}"), format!("/admin%{byte:02X}")] {
+            let decoded = byte.is_ascii_alphanumeric() || b"-._~/\\".contains(&byte);
+            let expected = match byte {
+                b'\\' => "/admin/".to_owned(),
+                _ if decoded => format!("/admin{}", char::from(byte)),
+                _ => input.clone(),
+            };
+            let got = normalize(&input, Normalization::DecodeAndMergeSlashes)
+                .unwrap_or_else(|e| panic!("{input}: {e}"))
+                .path;
+            assert_eq!(got, expected, "{input}");
+        }
+    }
+}
+
+/// The same sweep in BASE (Envoy, `path_utility_test.cc` `NormalizeCasePath`: "%2F is not
+/// normalized to %2f"): only unreserved characters are decoded; `%2f`, `%5c` and every other
+/// escape keep their spelling.
+#[test]
+fn normalization_base_keeps_escapes_as_written() {
+    for byte in 1u8..=0xff {
+        for input in [format!("/admin%{byte:02x}"), format!("/admin%{byte:02X}")] {
+            let decoded = byte.is_ascii_alphanumeric() || b"-._~".contains(&byte);
+            let expected = if decoded {
+                format!("/admin{}", char::from(byte))
+            } else {
+                input.clone()
+            };
+            let got = normalize(&input, Normalization::Base)
+                .unwrap_or_else(|e| panic!("{input}: {e}"))
+                .path;
+            assert_eq!(got, expected, "{input}");
+        }
+    }
+}
+
+// Characters a path cannot hold raw are escaped (Envoy's canonicalizer, the Chromium table it
+// carries); a `%` that begins no escape is kept, and cannot combine with a decoded byte into
+// an escape the next decoder would read (the canonicalizer's nested-escape rule).
+#[test_case("/a b", "/a%20b" ; "raw space escaped")]
+#[test_case("/a{b}|c^`", "/a%7Bb%7D%7Cc%5E%60" ; "raw braces, bar, caret, backquote escaped")]
+#[test_case("/caf\u{e9}", "/caf%C3%A9" ; "raw UTF-8 escaped byte by byte")]
+#[test_case("/a%zz", "/a%zz" ; "a percent that begins no escape is kept")]
+#[test_case("/a%%30%30", "/a%2500" ; "nested escapes cannot make a new escape")]
+#[test_case("/a%%300", "/a%2500" ; "nested escape with a following digit")]
+#[test_case("/a%2", "/a%2" ; "truncated escape kept")]
+fn normalization_escapes(input: &str, expected: &str) {
+    assert_eq!(
+        normalize(input, Normalization::Base)
+            .expect("normalizes")
+            .path,
+        expected
+    );
+}
+
+#[test_case("/x?q=/../y#frag", Normalization::Base, "/x", Some("q=/../y") ; "query split off unchanged, fragment dropped")]
+#[test_case("/a//b?a=///c", Normalization::MergeSlashes, "/a/b", Some("a=///c") ; "Envoy MergeSlashes: query untouched")]
+#[test_case("/a//b?", Normalization::MergeSlashes, "/a/b", Some("") ; "Envoy MergeSlashes: empty query")]
+#[test_case("//a/?b", Normalization::MergeSlashes, "/a/", Some("b") ; "Envoy MergeSlashes: ends with slash and query")]
+fn normalization_query(input: &str, how: Normalization, path: &str, query: Option<&str>) {
+    let normalized = normalize(input, how).expect("normalizes");
+    assert_eq!(normalized.path, path);
+    assert_eq!(normalized.query.as_deref(), query);
+}
+
+#[test_case("a/b", Normalization::Base ; "not absolute")]
+#[test_case("/xyz/.%00../abc", Normalization::Base ; "Envoy InvalidPaths: escaped NUL between dots")]
+#[test_case("/xyz/%00.%00./abc", Normalization::Base ; "Envoy InvalidPaths: escaped NULs")]
+#[test_case("/xyz/AAAAA%%0000/abc", Normalization::Base ; "Envoy InvalidPaths: escaped NUL after a stray percent")]
+#[test_case("/admin%00", Normalization::DecodeAndMergeSlashes ; "Istio Invalid: %00 is 400")]
+#[test_case("/admin%00", Normalization::None ; "NONE refuses %00 too")]
+fn path_normalization_refuses(input: &str, how: Normalization) {
+    assert!(normalize(input, how).is_err());
 }
 
 #[test]
@@ -436,4 +683,41 @@ fn exact_lists_are_hashed_not_scanned() {
         status(&yaml, &get("/").from("cluster.local/ns/n9999/sa/s0")),
         403
     );
+}
+
+mod normalization_properties {
+    use proptest::prelude::*;
+
+    use super::super::path::{normalize, Normalization};
+
+    /// Paths made of the bytes that matter to normalization: slashes, dots, escapes (valid,
+    /// partial and stray), unreserved and other characters.
+    fn path() -> impl Strategy<Value = String> {
+        let piece = prop::sample::select(vec![
+            "/", "\\", ".", "..", "%", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "%25", "%30",
+            "%3", "%41", "%7e", "%c0", "a", "Z", "0", "-", "~", "{", " ", ";", "=", "é",
+        ]);
+        prop::collection::vec(piece, 0..12).prop_map(|pieces| format!("/{}", pieces.concat()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// What the pod receives is already normal: a second pass (a proxy or the pod's own
+        /// server normalizing again) changes nothing, so nothing judged can be re-read otherwise.
+        #[test]
+        fn normalizing_twice_is_normalizing_once(
+            raw in path(),
+            how in prop::sample::select(vec![
+                Normalization::Base,
+                Normalization::MergeSlashes,
+                Normalization::DecodeAndMergeSlashes,
+            ]),
+        ) {
+            if let Ok(once) = normalize(&raw, how) {
+                let twice = normalize(&once.path, how).expect("a normalized path normalizes");
+                prop_assert_eq!(&twice.path, &once.path, "{:?} {:?}", raw, how);
+            }
+        }
+    }
 }

@@ -362,6 +362,7 @@ pub fn decide_http(req: &HttpRequest<'_>, judge: &Judge<'_>) -> HttpVerdict {
             http: Some(Http {
                 method: req.method.as_str(),
                 path: &path.path,
+                query: path.query.as_deref(),
                 host,
                 headers: req.headers,
                 auth,

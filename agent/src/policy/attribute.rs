@@ -6,14 +6,46 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
+/// The name in `request.headers[name]`, as Envoy's header matcher reads the request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HeaderKey {
+    /// A header, by name (case-insensitive).
+    Name(http::HeaderName),
+    /// `:authority`: the request's authority (`Host`).
+    Authority,
+    /// `:method`.
+    Method,
+    /// `:path`: the normalized path and the query, as forwarded.
+    Path,
+    /// `:scheme`: `http` (the enforcer receives plain-text HTTP).
+    Scheme,
+    /// Another pseudo-header, or a name no header can have: Istio accepts the key, and no
+    /// request carries it (it is never present).
+    Absent(String),
+}
+
+impl HeaderKey {
+    /// Istio accepts any non-empty name in brackets; Envoy lower-cases it.
+    fn parse(name: &str) -> Self {
+        match name.to_ascii_lowercase().as_str() {
+            ":authority" => Self::Authority,
+            ":method" => Self::Method,
+            ":path" => Self::Path,
+            ":scheme" => Self::Scheme,
+            other => http::HeaderName::from_bytes(other.as_bytes())
+                .map_or_else(|_| Self::Absent(other.to_owned()), Self::Name),
+        }
+    }
+}
+
 /// A condition key, parsed once at compile time.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Attribute {
     /// `request.headers[Name]`: the header's value; several values are joined with `,`.
-    RequestHeader(http::HeaderName),
+    RequestHeader(HeaderKey),
     /// `request.experimental.inline.headers[Name]`: matches when any comma-separated element
     /// of the header's value matches.
-    RequestInlineHeader(http::HeaderName),
+    RequestInlineHeader(HeaderKey),
     /// `experimental.envoy.filters.*[..]`: Envoy filter metadata, which does not exist at the
     /// node. Accepted as Istio accepts it; a rule using it never matches in an ALLOW policy and
     /// ignores it in DENY/AUDIT/CUSTOM (Istio's treatment of values it cannot translate).
@@ -28,6 +60,8 @@ pub enum Attribute {
     SourcePrincipal,
     /// `source.serviceAccount`: `<ns>/<sa>` of the source workload.
     SourceServiceAccount,
+    /// `source.trustDomain`: the trust domain of the source principal (`<td>/ns/..`).
+    SourceTrustDomain,
     /// `request.auth.principal`: `iss/sub` of the validated JWT.
     RequestAuthPrincipal,
     /// `request.auth.audiences`: the JWT's `aud`.
@@ -71,17 +105,12 @@ impl Attribute {
             let name = single_map_key(rest).ok_or_else(|| {
                 AttributeError::MapKey(key.into(), "request.experimental.inline.headers")
             })?;
-            let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                AttributeError::MapKey(key.into(), "request.experimental.inline.headers")
-            })?;
-            return Ok(Self::RequestInlineHeader(name));
+            return Ok(Self::RequestInlineHeader(HeaderKey::parse(name)));
         }
         if let Some(rest) = key.strip_prefix("request.headers") {
             let name = single_map_key(rest)
                 .ok_or_else(|| AttributeError::MapKey(key.into(), "request.headers"))?;
-            let name = http::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| AttributeError::MapKey(key.into(), "request.headers"))?;
-            return Ok(Self::RequestHeader(name));
+            return Ok(Self::RequestHeader(HeaderKey::parse(name)));
         }
         if let Some(rest) = key.strip_prefix("request.auth.claims") {
             let path = map_keys(rest)
@@ -118,6 +147,7 @@ impl Attribute {
             "source.namespace" => Self::SourceNamespace,
             "source.principal" => Self::SourcePrincipal,
             "source.serviceAccount" => Self::SourceServiceAccount,
+            "source.trustDomain" => Self::SourceTrustDomain,
             "request.auth.principal" => Self::RequestAuthPrincipal,
             "request.auth.audiences" => Self::RequestAuthAudiences,
             "request.auth.presenter" => Self::RequestAuthPresenter,
@@ -156,6 +186,9 @@ impl Attribute {
                 Ok(()) => return Ok(()),
                 Err(why) => why,
             },
+            Self::SourceTrustDomain if check_wildcard(value).is_err() => {
+                "trust domain (exact, prefix*, *suffix or *)"
+            }
             _ => return Ok(()),
         };
         Err(AttributeError::Value {
@@ -175,6 +208,7 @@ impl Attribute {
             Self::SourceNamespace => "source.namespace",
             Self::SourcePrincipal => "source.principal",
             Self::SourceServiceAccount => "source.serviceAccount",
+            Self::SourceTrustDomain => "source.trustDomain",
             Self::RequestAuthPrincipal => "request.auth.principal",
             Self::RequestAuthAudiences => "request.auth.audiences",
             Self::RequestAuthPresenter => "request.auth.presenter",
@@ -227,6 +261,26 @@ pub fn parse_port(text: &str) -> Option<u16> {
         return None;
     }
     text.parse::<u16>().ok()
+}
+
+/// Istio's `CheckWildcardValues` for one trust domain value: exact, `prefix*`, `*suffix` or `*`.
+pub fn check_wildcard(value: &str) -> Result<(), &'static str> {
+    match value.matches('*').count() {
+        0 => Ok(()),
+        1 if value.starts_with('*') || value.ends_with('*') => Ok(()),
+        1 => Err("trust domain: a wildcard is only allowed at the start or the end"),
+        _ => Err("trust domain: at most one wildcard is allowed"),
+    }
+}
+
+/// Istio's `CheckTrustDomainValues` for one value of `trustDomains`/`notTrustDomains`: a
+/// wildcard value as [`check_wildcard`] has it, without `/`.
+pub fn check_trust_domain(value: &str) -> Result<(), &'static str> {
+    check_wildcard(value)?;
+    if value.contains('/') {
+        return Err("trust domain: must not contain '/'");
+    }
+    Ok(())
 }
 
 /// Istio's `CheckServiceAccount` for one value: `sa` or `namespace/sa`, no wildcard, at

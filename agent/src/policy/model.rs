@@ -120,6 +120,12 @@ pub struct Source {
     pub service_accounts: Vec<String>,
     #[serde(default)]
     pub not_service_accounts: Vec<String>,
+    /// Trust domains of the source identity (istio/api's newest field): exact, `prefix*`,
+    /// `*suffix` or `*`.
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    #[serde(default)]
+    pub not_trust_domains: Vec<String>,
     #[serde(default)]
     pub ip_blocks: Vec<String>,
     #[serde(default)]

@@ -25,8 +25,9 @@ pub enum Segment {
     Literal(String),
     /// `{*}`: exactly one non-empty segment.
     One,
-    /// `{**}`: one or more segments (characters of path, `/` included); the last operator,
-    /// literal segments may follow it.
+    /// `{**}`: any run of path characters, `/` included, possibly empty (Envoy's text glob
+    /// `[a-zA-Z0-9-._~%!$&'()+,;:@/]*`: `/store/{**}/cart` matches `/store//cart`); the last
+    /// operator, literal segments may follow it.
     Rest,
 }
 
@@ -52,9 +53,15 @@ pub enum TemplateError {
     BadLiteral,
 }
 
-/// Characters Envoy's URI templates accept in a path segment.
+/// Characters Istio accepts in a literal segment of a path template.
 fn is_segment_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "-._~%!$&'()+,;:@=".contains(c)
+}
+
+/// Characters Envoy's `{*}` and `{**}` match (its path glob `[a-zA-Z0-9-._~%!$&'()+,;:@]+`):
+/// the literal characters but `=`.
+fn is_glob_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~%!$&'()+,;:@".contains(c)
 }
 
 impl PathPattern {
@@ -123,16 +130,14 @@ fn match_segments(segments: &[Segment], rest: &str) -> bool {
     };
     match segment {
         Segment::Rest => {
+            let glob = |run: &str| run.chars().all(|c| c == '/' || is_glob_char(c));
             if more.is_empty() {
-                return !rest.is_empty() && rest.chars().all(|c| c == '/' || is_segment_char(c));
+                return glob(rest);
             }
-            // `{**}` then literals: try each `/` after a non-empty run as the boundary.
+            // `{**}` then more: each `/` is a candidate end of the (possibly empty) run.
             rest.char_indices()
-                .filter(|&(i, c)| c == '/' && i > 0)
-                .any(|(i, _)| {
-                    rest[..i].chars().all(|c| c == '/' || is_segment_char(c))
-                        && match_segments(more, &rest[i + 1..])
-                })
+                .filter(|&(_, c)| c == '/')
+                .any(|(i, _)| glob(&rest[..i]) && match_segments(more, &rest[i + 1..]))
         }
         Segment::One | Segment::Literal(_) => {
             let (piece, remainder) = match rest.split_once('/') {
@@ -141,7 +146,7 @@ fn match_segments(segments: &[Segment], rest: &str) -> bool {
             };
             let ok = match segment {
                 Segment::Literal(l) => piece == l,
-                _ => !piece.is_empty() && piece.chars().all(is_segment_char),
+                _ => !piece.is_empty() && piece.chars().all(is_glob_char),
             };
             ok && match (remainder, more.is_empty()) {
                 (None, true) => true,

@@ -69,6 +69,16 @@ fn ra(spec: &str) -> String {
 #[test_case(&ra("{jwtRules: [{issuer: i, outputClaimToHeaders: [{header: x-sub}]}]}"), "outputClaimToHeaders[0].claim", "must be set" ; "output claim missing")]
 #[test_case(&ra("{jwtRules: [{issuer: i, timeout: soon}]}"), "spec.jwtRules[0].timeout", "not a valid duration" ; "timeout")]
 #[test_case(&ra("{jwtRules: [{issuer: i}]}").replace("metadata: {", "metadata: {annotations: {istio.io/dry-run: \"true\"}, "), "metadata.annotations[istio.io/dry-run]", "unsupported annotation" ; "dry-run on RequestAuthentication")]
+#[test_case(&ap("{rules: [{when: [{key: \"request.headers[:authority]\", values: [v1, \"\"]}]}]}"), "when[0].values[1]", "empty string" ; "validation_test.go TestValidateAuthorizationPolicy value-empty")]
+#[test_case(&ap("{rules: [{from: [{source: {trustDomains: [\"fo*-bar\"]}}]}]}"), "source.trustDomains[0]", "only allowed at the start or the end" ; "security_test.go TestCheckTrustDomainValues: middle wildcard")]
+#[test_case(&ap("{rules: [{from: [{source: {notTrustDomains: [\"fo*bar*\"]}}]}]}"), "source.notTrustDomains[0]", "at most one wildcard" ; "security_test.go TestCheckWildcardValues: multiple wildcards")]
+#[test_case(&ap("{rules: [{from: [{source: {trustDomains: [cluster.local/ns/foo]}}]}]}"), "source.trustDomains[0]", "must not contain '/'" ; "security_test.go TestCheckTrustDomainValues: slash")]
+#[test_case(&ap("{rules: [{from: [{source: {trustDomains: [\"spiffe://cluster.local\"]}}]}]}"), "source.trustDomains[0]", "must not contain '/'" ; "security_test.go TestCheckTrustDomainValues: spiffe uri")]
+#[test_case(&ap("{rules: [{from: [{source: {trustDomains: [\"\"]}}]}]}"), "source.trustDomains[0]", "empty string" ; "security_test.go TestCheckTrustDomainValues: empty")]
+#[test_case(&ap("{rules: [{when: [{key: source.trustDomain, values: [\"fo*-bar\"]}]}]}"), "when[0].values[0]", "not a valid trust domain" ; "security_test.go TestValidateCondition: source.trustDomain fo*-bar")]
+#[test_case(&ap("{rules: [{when: [{key: source.trustDomain, values: [\"fo*bar*\"]}]}]}"), "when[0].values[0]", "not a valid trust domain" ; "security_test.go TestValidateCondition: source.trustDomain fo*bar*")]
+#[test_case(&ap("{action: CUSTOM, provider: {name: x}, rules: [{from: [{source: {trustDomains: [a]}}]}]}"), "spec.rules[0].from[0].source.trustDomains", "not supported with CUSTOM" ; "validation.go: From.TrustDomains is not supported with CUSTOM")]
+#[test_case(&ap("{action: CUSTOM, provider: {name: x}, rules: [{when: [{key: source.trustDomain, values: [a]}]}]}"), "spec.rules[0].when[0].key", "not supported with CUSTOM" ; "validation.go: source.trustDomain is not supported with CUSTOM")]
 fn validation(yaml: &str, field: &str, message: &str) {
     let errors = errors(yaml);
     assert!(
@@ -98,6 +108,12 @@ fn validation(yaml: &str, field: &str, message: &str) {
 #[test_case(&ap("{rules: [{when: [{key: \"experimental.envoy.filters.network.mysql_proxy[db.table]\", values: [\"[update]\"]}]}]}") ; "Envoy filter metadata keys are accepted")]
 #[test_case(&ra("{jwtRules: [{jwksUri: \"https://example.com/keys\"}]}") ; "jwksUri without issuer")]
 #[test_case(&ra("{jwtRules: [{issuer: a, jwksUri: \"http://127.0.0.1:8080/jwks\"}, {issuer: a, timeout: 1.5s}]}") ; "duplicate issuers are not refused by Istio")]
+#[test_case(&ap("{rules: [{when: [{key: source.ip, values: [1.2.3.4, 5.6.7.0/24]}, {key: \"request.headers[:authority]\", values: [v1, v2]}]}]}") ; "validation_test.go TestValidateAuthorizationPolicy good: request.headers[:authority]")]
+#[test_case(&ap("{rules: [{when: [{key: \"request.headers[:method]\", values: [GET]}]}]}") ; "builder testdata deny-both-http-tcp-in.yaml: request.headers[:method]")]
+#[test_case(&ap("{rules: [{when: [{key: \"request.headers[x y]\", values: [a]}]}]}") ; "validateMapKey only needs a non-empty name in brackets")]
+#[test_case(&ap("{rules: [{from: [{source: {trustDomains: [cluster.local, \"cluster-prefix-*\", \"*-suffix-cluster\", \"*\"], notTrustDomains: [not-cluster.local, \"not-cluster-prefix-*\", \"*-not-suffix-cluster\", \"*\"]}}]}]}") ; "validation testdata crds/authz-valid.yaml: trustDomains and notTrustDomains")]
+#[test_case(&ap("{rules: [{when: [{key: source.trustDomain, values: [cluster.local, \"*\", \"foo*\", \"*bar\"]}]}]}") ; "security_test.go TestValidateCondition: source.trustDomain values")]
+#[test_case(&ap("{rules: [{from: [{source: {namespaces: [\"ns.*.prod\"]}}]}]}") ; "generator_test.go TestNamespaceMatcherRegex_Match: a star inside a namespace")]
 fn valid(yaml: &str) {
     assert_eq!(errors(yaml), Vec::<String>::new());
 }

@@ -48,6 +48,9 @@ pub enum Problem {
     /// Not `sa` or `namespace/sa`, a wildcard, or too long.
     #[error("{0:?}: {1}")]
     ServiceAccount(String, &'static str),
+    /// Istio's `CheckTrustDomainValues`: one wildcard at most, at the start or the end; no `/`.
+    #[error("{0:?}: {1}")]
+    TrustDomain(String, &'static str),
     /// DENY and CUSTOM policies without rules would never trigger; Istio refuses them.
     #[error("{} action without rules is meaningless as it will never be triggered, add an empty rule {{}} if you want it be triggered for every request", .0.as_str())]
     RulesRequired(Action),
@@ -329,7 +332,7 @@ fn selector_and_targets<'a>(
 }
 
 fn validate_source(s: &Source, field: &str, custom: bool, errors: &mut Vec<FieldError>) {
-    let lists: [(&str, &Vec<String>); 12] = [
+    let lists: [(&str, &Vec<String>); 14] = [
         ("principals", &s.principals),
         ("notPrincipals", &s.not_principals),
         ("requestPrincipals", &s.request_principals),
@@ -338,6 +341,8 @@ fn validate_source(s: &Source, field: &str, custom: bool, errors: &mut Vec<Field
         ("notNamespaces", &s.not_namespaces),
         ("serviceAccounts", &s.service_accounts),
         ("notServiceAccounts", &s.not_service_accounts),
+        ("trustDomains", &s.trust_domains),
+        ("notTrustDomains", &s.not_trust_domains),
         ("ipBlocks", &s.ip_blocks),
         ("notIpBlocks", &s.not_ip_blocks),
         ("remoteIpBlocks", &s.remote_ip_blocks),
@@ -348,7 +353,7 @@ fn validate_source(s: &Source, field: &str, custom: bool, errors: &mut Vec<Field
     }
     if custom {
         // Istio: "%s is currently not supported with CUSTOM action".
-        for (name, list) in &lists[..8] {
+        for (name, list) in &lists[..10] {
             if !list.is_empty() {
                 errors.push(err(format!("{field}.{name}"), Problem::NotWithCustom));
             }
@@ -382,6 +387,19 @@ fn validate_source(s: &Source, field: &str, custom: bool, errors: &mut Vec<Field
                 errors.push(err(
                     format!("{field}.{name}[{i}]"),
                     Problem::ServiceAccount(sa.clone(), why),
+                ));
+            }
+        }
+    }
+    for (name, list) in [
+        ("trustDomains", &s.trust_domains),
+        ("notTrustDomains", &s.not_trust_domains),
+    ] {
+        for (i, domain) in list.iter().enumerate() {
+            if let Err(why) = attribute::check_trust_domain(domain) {
+                errors.push(err(
+                    format!("{field}.{name}[{i}]"),
+                    Problem::TrustDomain(domain.clone(), why),
                 ));
             }
         }
@@ -450,7 +468,10 @@ fn validate_condition(c: &Condition, field: &str, custom: bool, errors: &mut Vec
     if custom
         && (matches!(
             c.key.as_str(),
-            "source.namespace" | "source.serviceAccount" | "source.principal"
+            "source.namespace"
+                | "source.serviceAccount"
+                | "source.trustDomain"
+                | "source.principal"
         ) || c.key.starts_with("request.auth."))
     {
         errors.push(err(format!("{field}.key"), Problem::NotWithCustom));
