@@ -9,6 +9,7 @@
 //! Policies ([`protected_policies`]): `require` wants a JWT principal, `web` any known peer
 //! principal (the registered `sleep` is known, the unregistered `stranger` and the node are not).
 
+use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::Duration;
@@ -419,10 +420,12 @@ fn traffic_from_other_nodes_and_outside_is_judged() {
     let remote = other.add_pod("remote", Ipv4Addr::new(10, 200, 1, 30));
     let workloads = env.dir.join("workloads.yaml");
     let mut text = std::fs::read_to_string(&workloads).expect("workloads");
-    text.push_str(&format!(
-        "  - name: remote\n    namespace: foo\n    serviceAccount: remote\n    labels: {{app: remote}}\n    ip: {}\n",
+    writeln!(
+        text,
+        "  - name: remote\n    namespace: foo\n    serviceAccount: remote\n    labels: {{app: remote}}\n    ip: {}",
         remote.ip
-    ));
+    )
+    .expect("a String takes it");
     std::fs::write(&workloads, text).expect("write workloads");
     let web = env.pod("web").clone();
     let service =
