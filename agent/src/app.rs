@@ -84,6 +84,9 @@ pub enum Error {
     /// The fast path without the data path it rides on.
     #[error("--fast-path on needs --datapath on: the fast path only carries connections the kernel data path steered")]
     FastPathWithoutDatapath,
+    /// The fast path with in-pod steering, which it cannot carry.
+    #[error("--fast-path on needs --steering host: the fast path pairs the node's listener with pods' sockets, and in-pod steering has no node listener in the flow")]
+    FastPathWithInPodSteering,
 }
 
 fn listen_hint(error: &std::io::Error) -> &'static str {
@@ -105,6 +108,7 @@ impl Error {
             self,
             Self::Config(_)
                 | Self::FastPathWithoutDatapath
+                | Self::FastPathWithInPodSteering
                 | Self::MissingInputs
                 | Self::Kubernetes(_)
         )
@@ -132,6 +136,9 @@ impl App {
         if config.fast_path == FastPathMode::On && config.datapath == DatapathMode::Off {
             // `auto` without a data path is simply off.
             return Err(Error::FastPathWithoutDatapath);
+        }
+        if config.fast_path == FastPathMode::On && config.steering == Steering::InPod {
+            return Err(Error::FastPathWithInPodSteering);
         }
         if config.kubernetes.is_none() && (config.policies.is_empty() || config.workloads.is_none())
         {

@@ -132,7 +132,7 @@ impl Default for Config {
             fast_path: FastPathMode::Auto,
             cgroup: None,
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/nodeward"),
-            steering: Steering::Host,
+            steering: Steering::InPod,
             netns_dir: PathBuf::from("/run/netns"),
         }
     }

@@ -250,6 +250,8 @@ pub fn start_on(mut node: TestNode, pods: &[PodSpec], policies: &str, extra: &[&
         "0.0.0.0:15006",
         "--bpf-pin-dir",
         &path(&env.pin_dir()),
+        "--netns-dir",
+        &path(env.node.netns_dir()),
     ]
     .iter()
     .chain(extra)

@@ -33,7 +33,15 @@ fn start_fast_path(tag: &str, mode: &str) -> (Env, PathBuf) {
         node,
         &PROTECTED_PODS,
         &protected_policies(),
-        &["--fast-path", mode, "--cgroup", &cgroup_arg],
+        // The fast path pairs the node's listener with pods' sockets: host steering only.
+        &[
+            "--steering",
+            "host",
+            "--fast-path",
+            mode,
+            "--cgroup",
+            &cgroup_arg,
+        ],
     );
     (env, cgroup)
 }
@@ -335,6 +343,7 @@ fn without_a_cgroup_v2_the_fast_path_degrades_unless_asked_for() {
             .arg(dir.join("workloads.yaml"))
             .arg("--bpf-pin-dir")
             .arg(bpffs.join("nodeward"))
+            .args(["--steering", "host"])
             .args(extra);
         nodeward_tests::agent::Agent::spawn(
             command,

@@ -1,10 +1,11 @@
 //! End to end, the agent's life cycle on a node (reference scenario 8): a crashed agent
 //! (SIGKILL) leaves its programs attached and requests to protected pods fail or pass unjudged
-//! per `--failure-mode`; a restart over the same pins enforces again; a clean stop leaves no
-//! pins, and the node leaves no namespaces.
+//! per `--failure-mode`; a restart over the same pins enforces again; a clean stop keeps the
+//! pins for the next agent and `nodeward uninstall` removes them; the node leaves no namespaces.
 
 use nodeward_tests::e2e::{bearer, request_authn, sample, seen, start};
 use nodeward_tests::netns::PREFIX;
+use nodeward_tests::nodeward_bin;
 use test_case::test_case;
 
 /// What a request to a protected pod gets while the agent is down, per `--failure-mode`.
@@ -58,7 +59,20 @@ fn crash_and_restart(mode: &str, while_down: WhileDown) {
     let (status, _) = env.curl("GET", "require", "/", &[&bearer(&sample("demo.jwt"))]);
     assert_eq!(status, 200);
 
+    // A clean stop (a rollout) keeps the programs in the pods for the next agent; only
+    // `nodeward uninstall` removes them.
     assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
+    assert!(env.pin_dir().exists(), "SIGTERM keeps the pins");
+    let out = env.node.exec(
+        &env.node.netns,
+        &[
+            nodeward_bin().to_str().expect("utf-8"),
+            "uninstall",
+            "--bpf-pin-dir",
+            env.pin_dir().to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
     assert!(
         !env.pin_dir().exists(),
         "pins left in {}",

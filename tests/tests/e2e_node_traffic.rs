@@ -12,7 +12,11 @@ use nodeward_tests::netns::NODE_ADDR;
 use test_case::test_case;
 
 fn start_node_traffic(tag: &str, extra: &[&str]) -> Env {
-    start(tag, &PROTECTED_PODS, &protected_policies(), extra)
+    // Host steering: these check `guard` on the pods' host-side interfaces (in-pod steering's
+    // node paths are in e2e_inpod.rs).
+    let mut args = vec!["--steering", "host"];
+    args.extend_from_slice(extra);
+    start(tag, &PROTECTED_PODS, &protected_policies(), &args)
 }
 
 /// The node's own traffic into protected pods goes through the enforcer: judged, with only the

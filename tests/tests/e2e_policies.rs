@@ -6,8 +6,7 @@
 use std::time::{Duration, Instant};
 
 use nodeward_tests::e2e::{bearer, request_authn, sample, seen, start, Env};
-use nodeward_tests::eventually;
-use nodeward_tests::netns::NODE_ADDR;
+use nodeward_tests::{eventually, nodeward_bin};
 
 const DENIED: &str = "RBAC: access denied";
 
@@ -133,11 +132,12 @@ fn jwt_and_authorization_through_the_kernel_data_path() {
         got["headers"].get("authorization").is_none(),
         "the token was removed: {got}"
     );
+    // In-pod steering: the enforcer dials the app from inside the pod, over its loopback.
     assert!(
         got["peer"]
             .as_str()
             .unwrap_or_default()
-            .starts_with(&NODE_ADDR.to_string()),
+            .starts_with(&format!("{}:", env.pod("httpbin").ip)),
         "the pod was reached by the enforcer: {got}"
     );
     // 2. Plus ALLOW requestPrincipals: no token 403, demo.jwt 200.
@@ -165,8 +165,20 @@ fn jwt_and_authorization_through_the_kernel_data_path() {
     );
     assert!(steered > 0);
 
-    // A clean stop leaves no pins behind.
+    // A clean stop leaves the programs enforcing for the next agent; `nodeward uninstall`
+    // removes every pin.
     assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0");
+    assert!(env.pin_dir().exists(), "pins kept for the next agent");
+    let out = env.node.exec(
+        &env.node.netns,
+        &[
+            nodeward_bin().to_str().expect("utf-8"),
+            "uninstall",
+            "--bpf-pin-dir",
+            env.pin_dir().to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
     assert!(
         !env.pin_dir().exists(),
         "pins left in {}",
