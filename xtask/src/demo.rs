@@ -1,16 +1,20 @@
 //! `cargo xtask demo`: the README's main job. Sets up, builds, and starts a demo node like the
 //! end-to-end harness's: a `node` network namespace running the agent with its kernel data path
-//! (`nodeward run --policies examples/policies --workloads examples/workloads.yaml`), pod
-//! namespaces for the workloads of `examples/workloads.yaml` each running a real HTTP server,
+//! (`nodeward run --policies examples/policies --workloads examples/workloads.yaml`, in-pod
+//! steering), pod namespaces for the workloads of `examples/workloads.yaml` each running a real
+//! HTTP server behind a Service (kube-proxy's iptables rules: ClusterIP `10.96.0.<n>:8000`),
 //! and client pods. Each of Istio's reference scenarios is a real HTTP request (curl) from a
-//! client pod, steered by the kernel to the agent and answered by it or by the pod. Then the
-//! agent's `nodeward status`, a SIGTERM, and the node is taken down. Needs root.
+//! client pod to the Service, the way Istio's tasks reach `httpbin.foo:8000`, steered by the
+//! kernel inside the pod to the agent and answered by it or by the pod. Then the agent's
+//! `nodeward status`, a SIGTERM (the programs stay, enforcing `--failure-mode`), `nodeward
+//! uninstall`, and the node is taken down. Needs root.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use nodeward_tests::cluster::{install_services, service_ip, ProxyMode, Service};
 use nodeward_tests::netns::{pod_ip, Pod, TestNode};
 
 use crate::{setup, system};
@@ -165,23 +169,30 @@ pub fn run() -> Result<()> {
     let (nodeward, pod_server) = (target.join("nodeward"), target.join("nw-pod-server"));
 
     let bpffs_before = system::bpffs_mounted(system::BPFFS);
-    println!("==> building the demo node: a node namespace and pods on veths (10.200.0.0/24)");
+    println!("==> building the demo node: a node namespace and pods on veths (10.200.0.0/24), a Service per server (kube-proxy iptables rules, 10.96.0.0/16)");
     let mut node = TestNode::new("demo");
-    // The demo node's processes share a cgroup v2 of their own: the agent's fast path
-    // (`sock_ops`, on by default) attaches there, not to this machine's root cgroup.
-    let cgroup = node.use_cgroup();
     let mut pods = Vec::new();
+    let mut services = Vec::new();
     for (name, index) in PODS {
         let pod = node.add_pod(name, pod_ip(*index));
         if ![SLEEP, STRANGER].contains(name) {
             node.spawn(&pod.netns, &pod_server, &[&format!("{}:8000", pod.ip)]);
+            services.push(Service::new(
+                &format!("foo/{name}:http"),
+                service_ip(*index),
+                8000,
+                8000,
+                &[&pod],
+            ));
         }
         pods.push(pod);
     }
+    install_services(&node, ProxyMode::Iptables, &services);
+    let netns_dir = node.netns_dir().to_owned();
     let pin_dir = "/sys/fs/bpf/nodeward-demo";
     let policies = root.join("examples/policies");
     let workloads = root.join("examples/workloads.yaml");
-    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml (in the node namespace, data path and fast path on; --cgroup: the node's own)");
+    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml (in the node namespace, in-pod steering; --netns-dir: the demo pods' namespaces)");
     let node_ns = node.netns.clone();
     let agent = node.spawn(
         &node_ns,
@@ -194,13 +205,13 @@ pub fn run() -> Result<()> {
             workloads.to_str().context("workloads path is not UTF-8")?,
             "--bpf-pin-dir",
             pin_dir,
-            "--cgroup",
-            cgroup.to_str().context("cgroup path is not UTF-8")?,
+            "--netns-dir",
+            netns_dir.to_str().context("netns path is not UTF-8")?,
         ],
     );
     wait_ready(&node)?;
 
-    println!("\nIstio's reference scenarios: real requests from client pods, steered by the kernel to the agent:\n");
+    println!("\nIstio's reference scenarios: real requests from client pods to the Services, steered by the kernel in each pod to the agent:\n");
     println!(
         "{:<26} {:<36} {:>8} {:>4}  answer",
         "scenario", "request", "expected", "got"
@@ -233,10 +244,38 @@ pub fn run() -> Result<()> {
     );
     print!("{}", String::from_utf8_lossy(&status.stdout));
     let code = node.terminate(agent, Duration::from_secs(25));
-    println!("\nagent stopped with SIGTERM (exit {code:?}); removing the demo node");
+    println!("\nagent stopped with SIGTERM (exit {code:?}); its programs stay in the pods, enforcing --failure-mode closed until the next agent");
+    let (status, _) = ask(&node, &pods, &SCENARIOS[0], &root)?;
+    println!(
+        "  {} while no agent runs: {}",
+        SCENARIOS[0].request,
+        describe(status, "")
+    );
+    println!("==> nodeward uninstall --bpf-pin-dir {pin_dir}");
+    let uninstall = node.exec(
+        &node_ns,
+        &[
+            nodeward.to_str().context("binary path is not UTF-8")?,
+            "uninstall",
+            "--bpf-pin-dir",
+            pin_dir,
+        ],
+    );
+    print!("{}", String::from_utf8_lossy(&uninstall.stdout));
+    println!("removing the demo node");
     drop(node);
     if Path::new(pin_dir).exists() {
-        bail!("the agent left pins in {pin_dir}");
+        bail!("uninstall left pins in {pin_dir}");
+    }
+    if !uninstall.status.success() {
+        bail!(
+            "nodeward uninstall failed: {}",
+            String::from_utf8_lossy(&uninstall.stderr)
+        );
+    }
+    if status != 0 {
+        failed += 1;
+        println!("  <-- a request got an answer while no agent ran (failure mode closed)");
     }
     system::unmount_bpffs_we_caused(bpffs_before);
     if failed > 0 {
@@ -263,8 +302,11 @@ fn ask(node: &TestNode, pods: &[Pod], sc: &Scenario, root: &Path) -> Result<(u16
     };
     let header = token.map(|t| format!("Authorization: Bearer {t}"));
     let headers: Vec<&str> = header.iter().map(String::as_str).collect();
-    // --path-as-is: the request carries the path as written; the agent normalizes it.
-    let url = format!("http://{}:8000{}", to.ip, sc.path);
+    // The pod's Service (ClusterIP 10.96.0.<n>, as the demo installs them), as Istio's tasks
+    // call `httpbin.foo:8000`. --path-as-is: the request carries the path as written; the agent
+    // normalizes it.
+    let [_, _, _, index] = to.ip.octets();
+    let url = format!("http://{}:8000{}", service_ip(index), sc.path);
     let mut args = vec![
         "curl",
         "-s",

@@ -270,8 +270,9 @@ pub fn render(status: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "           listen {}, failure mode {}, root namespace {}, trust domain {}, path normalization {}",
+        "           listen {}, steering {}, failure mode {}, root namespace {}, trust domain {}, path normalization {}",
         c.listen,
+        c.steering.as_str(),
         c.failure_mode.as_str(),
         c.root_namespace,
         c.trust_domain,
@@ -389,7 +390,18 @@ fn render_counters(out: &mut String, k: &Counters) {
         count(&k.reloads, "ok"),
         count(&k.reloads, "error"),
     );
-    if !k.datapath.is_empty() {
+    if count(&k.datapath, "inpod_seen") != "0" {
+        let _ = writeln!(
+            out,
+            "in-pod:    steered {} new flows; dropped closed {}, unjudged {}, spoofed {}, malformed {}; passed open {}",
+            count(&k.datapath, "inpod_assigned_listener"),
+            count(&k.datapath, "inpod_dropped_failure_closed"),
+            count(&k.datapath, "inpod_dropped_unjudged"),
+            count(&k.datapath, "inpod_dropped_spoofed"),
+            count(&k.datapath, "inpod_dropped_malformed"),
+            count(&k.datapath, "inpod_passed_failure_open"),
+        );
+    } else if !k.datapath.is_empty() {
         let _ = writeln!(
             out,
             "datapath:  steered {} (new flows {}, established {}); dropped closed {}, guard dropped {} bypass; passed open {}",
