@@ -56,7 +56,7 @@ const AGENT_API_ACCESS: &[(&str, &str, &[&str])] = &[
 
 /// The capabilities the DaemonSet adds (deploy/README.md, "Capabilities", says why for each;
 /// `tests/tests/deploy_capabilities.rs` runs the agent with exactly these).
-const CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
+const CAPABILITIES: &[&str] = &["NET_ADMIN", "SYS_ADMIN"];
 
 const NAMESPACE: &str = "nodeward-system";
 
@@ -497,10 +497,8 @@ fn daemonset_has_exactly_the_capabilities_and_mounts_the_agent_needs() {
         .map(String::as_str)
         .collect();
     assert_eq!(added, CAPABILITIES.iter().copied().collect());
-    assert!(
-        !added.contains("SYS_ADMIN"),
-        "CAP_SYS_ADMIN is not needed (see deploy/README.md)"
-    );
+    // The API server refuses `allowPrivilegeEscalation: false` with CAP_SYS_ADMIN added.
+    assert_ne!(sc.allow_privilege_escalation, Some(false));
 
     // Mounts: the BPF filesystem (where the pins are) and the cgroup v2 root.
     let mounts = c.volume_mounts.clone().unwrap_or_default();
@@ -526,7 +524,18 @@ fn daemonset_has_exactly_the_capabilities_and_mounts_the_agent_needs() {
     let (cgroup, path) = host_path("/sys/fs/cgroup");
     assert_eq!(path, "/sys/fs/cgroup");
     assert_eq!(cgroup.read_only, Some(true));
+    // In-pod steering opens the pods' namespace files, including those of pods started later.
+    let (netns, path) = host_path("/run/netns");
+    assert_eq!(path, "/run/netns");
+    assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
+    assert_eq!(netns.read_only, Some(true));
     let config = config();
+    assert_eq!(config["NODEWARD_STEERING"], "in-pod");
+    assert_eq!(config["NODEWARD_NETNS_DIR"], "/run/netns");
+    assert_ne!(
+        config["NODEWARD_FAST_PATH"], "on",
+        "the fast path cannot run with in-pod steering"
+    );
     assert!(
         config["NODEWARD_BPF_PIN_DIR"].starts_with("/sys/fs/bpf/"),
         "the pin dir must be on the mounted bpffs"

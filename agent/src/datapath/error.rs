@@ -24,6 +24,14 @@ pub enum DatapathError {
         problem: &'static str,
     },
 
+    /// In-pod steering without `CAP_SYS_ADMIN`: it enters pods' network namespaces.
+    #[error(
+        "in-pod steering enters each pod's network namespace (setns(2)), which needs \
+         CAP_SYS_ADMIN; the agent does not have it (run as root, add SYS_ADMIN to the \
+         container's capabilities, or use --steering host)"
+    )]
+    NoSysAdmin,
+
     /// The kernel has no TCX (Linux < 6.6), which the datapath needs to pin its attachments.
     #[error(
         "the kernel is {found}; nodeward attaches its TC programs through TCX links, which need \

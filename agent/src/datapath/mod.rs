@@ -165,6 +165,9 @@ impl Datapath {
         // Everything that can be refused is checked before anything is created.
         config.validate()?;
         require_tcx()?;
+        if config.steering == Steering::InPod && !has_sys_admin() {
+            return Err(DatapathError::NoSysAdmin);
+        }
         if let Some(cgroup) = &config.fast_path {
             fastpath::check_cgroup(cgroup)?;
         }
@@ -645,6 +648,21 @@ fn current_netns() -> io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = fs::metadata("/proc/thread-self/ns/net")?;
     Ok((meta.dev(), meta.ino()))
+}
+
+/// Whether the process has `CAP_SYS_ADMIN` in its effective set (`CapEff` of
+/// `/proc/self/status`); unreadable counts as no.
+fn has_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 fn require_tcx() -> Result<(), DatapathError> {
