@@ -84,9 +84,6 @@ pub enum Error {
     /// The fast path without the data path it rides on.
     #[error("--fast-path on needs --datapath on: the fast path only carries connections the kernel data path steered")]
     FastPathWithoutDatapath,
-    /// The fast path with in-pod steering, which it cannot carry.
-    #[error("--fast-path on needs --steering host: the fast path pairs the node's listener with pods' sockets, and in-pod steering has no node listener in the flow")]
-    FastPathWithInPodSteering,
 }
 
 fn listen_hint(error: &std::io::Error) -> &'static str {
@@ -108,7 +105,6 @@ impl Error {
             self,
             Self::Config(_)
                 | Self::FastPathWithoutDatapath
-                | Self::FastPathWithInPodSteering
                 | Self::MissingInputs
                 | Self::Kubernetes(_)
         )
@@ -137,9 +133,7 @@ impl App {
             // `auto` without a data path is simply off.
             return Err(Error::FastPathWithoutDatapath);
         }
-        if config.fast_path == FastPathMode::On && config.steering == Steering::InPod {
-            return Err(Error::FastPathWithInPodSteering);
-        }
+
         if config.kubernetes.is_none() && (config.policies.is_empty() || config.workloads.is_none())
         {
             return Err(Error::MissingInputs);
@@ -592,14 +586,9 @@ fn datapath_config(config: &Config) -> Option<DatapathConfig> {
         listener_port: config.listen.port(),
         pin_dir: config.bpf_pin_dir.clone(),
         failure_mode: config.failure_mode,
-        // The fast path pairs sockets of the node's listener with pods'; in-pod listeners have
-        // none of its keys.
-        fast_path: match config.steering {
-            Steering::Host => fast_path_cgroup(config, crate::datapath::cgroup2_root, |p| {
-                crate::datapath::check_cgroup(p).is_ok()
-            }),
-            Steering::InPod => None,
-        },
+        fast_path: fast_path_cgroup(config, crate::datapath::cgroup2_root, |p| {
+            crate::datapath::check_cgroup(p).is_ok()
+        }),
         steering: config.steering,
         ..DatapathConfig::default()
     })
@@ -646,8 +635,13 @@ fn enforcer_config(config: &Config) -> EnforcerConfig {
         },
         path_normalization: config.path_normalization,
         drain_timeout: config.drain_timeout,
-        // The kernel's guard lets into a protected pod only what carries this mark.
-        upstream_mark: datapath_config(config).map_or(0, |d| d.upstream_mark),
+        // Host steering: the kernel's guard lets into a protected pod only what carries this
+        // mark. In-pod steering: the enforcer's sockets carry the in-pod mark (the fast path
+        // knows them by it).
+        upstream_mark: datapath_config(config).map_or(0, |d| match d.steering {
+            Steering::Host => d.upstream_mark,
+            Steering::InPod => d.inpod_mark,
+        }),
         ..EnforcerConfig::default()
     }
 }

@@ -24,8 +24,8 @@
 
 use aya_ebpf::{
     bindings::{
-        sk_action::SK_PASS, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        bpf_sock, sk_action::SK_PASS, BPF_F_INGRESS, BPF_NOEXIST,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
     },
     helpers::generated::bpf_get_netns_cookie,
     macros::{sk_msg, sock_ops},
@@ -39,7 +39,9 @@ use nodeward_common::{
     },
 };
 
-use crate::maps::{count, is_protected, node_netns_cookie, FAST_PATH_SOCKETS, OPENED_FLOWS};
+use crate::maps::{
+    config, count, is_protected, node_netns_cookie, FAST_PATH_SOCKETS, OPENED_FLOWS,
+};
 
 /// `AF_INET`.
 const AF_INET: u32 = 2;
@@ -69,6 +71,12 @@ pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
         remote_port: remote_port_network_order(ctx.remote_port()),
         side: SIDE_POD,
     };
+    let inpod_mark = config().inpod_mark;
+    if inpod_mark != 0 {
+        // SAFETY: `ctx.ops` is the context pointer the kernel passed to the program.
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        return inpod_sockops(&ctx, key, op, socket_mark(sk) == Some(inpod_mark));
+    }
     if !is_protected(key.local_addr, key.local_port)
         && !is_protected(key.remote_addr, key.remote_port)
     {
@@ -103,6 +111,56 @@ pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
     SOCK_OPS_DONE
 }
 
+/// In-pod steering (`CONFIG.inpod_mark` set): the enforcer's sockets are the ones carrying
+/// `inpod_mark` (the listeners' in the pods pass it to every accepted socket; the upstream
+/// sockets are given it), side [`SIDE_NODE`]; every other socket is a pod's, side [`SIDE_POD`],
+/// and joins only when its 4-tuple is in `OPENED_FLOWS`: written by `inpod` for the client end
+/// of a flow it assigned to the enforcer, and here for the application's end of an upstream
+/// connection the enforcer opened (on the pod's loopback its `ACTIVE_ESTABLISHED` comes before
+/// the application's `PASSIVE_ESTABLISHED`).
+#[inline]
+fn inpod_sockops(ctx: &SockOpsContext, key: SocketKey, op: u32, enforcer: bool) -> u32 {
+    if node_netns_cookie().is_none() {
+        return SOCK_OPS_DONE;
+    }
+    let key = if enforcer {
+        let key = SocketKey {
+            side: SIDE_NODE,
+            ..key
+        };
+        if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            // The enforcer's upstream connection: its other end is the application's socket.
+            let _ = OPENED_FLOWS.insert(key.peer(), 0, 0);
+        }
+        key
+    } else {
+        if OPENED_FLOWS.get_ptr(key).is_none() {
+            count(counter::FASTPATH_SOCKETS_UNSTEERED);
+            return SOCK_OPS_DONE;
+        }
+        let _ = OPENED_FLOWS.remove(key);
+        key
+    };
+    // SAFETY: `ctx.ops` is the context pointer the kernel passed to the program.
+    let ops = unsafe { &mut *ctx.ops };
+    match FAST_PATH_SOCKETS.update(key, ops, u64::from(BPF_NOEXIST)) {
+        Ok(()) => count(counter::FASTPATH_SOCKETS_ADDED),
+        Err(_) => count(counter::FASTPATH_SOCKETS_FAILED),
+    }
+    SOCK_OPS_DONE
+}
+
+/// A socket's own mark (`SO_MARK`); `None` without a socket.
+#[inline]
+fn socket_mark(sk: *mut bpf_sock) -> Option<u32> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null socket pointer from the context, a full socket in these programs;
+    // `mark` is one of its readable fields.
+    Some(unsafe { (*sk).mark })
+}
+
 /// Entry point of the `sk_msg` program. Always `SK_PASS`: either redirected to the peer socket
 /// (the helper's `SK_PASS` plus the redirect it recorded) or sent on the socket's own TCP path.
 #[sk_msg]
@@ -131,14 +189,20 @@ pub fn fastpath_msg(ctx: SkMsgContext) -> u32 {
         count(counter::FASTPATH_MSGS_PASSED);
         return SK_PASS;
     };
-    // SAFETY: the context pointer is the program's own.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let inpod_mark = config().inpod_mark;
+    let enforcer = if inpod_mark == 0 {
+        // SAFETY: the context pointer is the program's own.
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) == node }
+    } else {
+        // SAFETY: `ctx.msg` is the context pointer the kernel passed to the program.
+        socket_mark(unsafe { (*ctx.msg).__bindgen_anon_3.sk }) == Some(inpod_mark)
+    };
     let own = SocketKey {
         local_addr,
         remote_addr,
         local_port: local_port_network_order(local_port),
         remote_port: remote_port_network_order(remote_port),
-        side: if cookie == node { SIDE_NODE } else { SIDE_POD },
+        side: if enforcer { SIDE_NODE } else { SIDE_POD },
     };
     let verdict = FAST_PATH_SOCKETS.redirect_msg(&ctx, own.peer(), u64::from(BPF_F_INGRESS));
     if verdict == i64::from(SK_PASS) {

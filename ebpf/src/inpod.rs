@@ -54,7 +54,7 @@ use nodeward_ebpf::net::{
 };
 
 use crate::{
-    maps::{config, count, POD_ADDRESSES},
+    maps::{config, count, record_opened, POD_ADDRESSES},
     sock::Socket,
 };
 
@@ -125,6 +125,9 @@ fn verdict(reason: u32) -> i32 {
 #[inline]
 fn decide(ctx: &TcContext, segment: &mut Segment, config: &KernelConfig) -> u32 {
     if is_new_flow(segment.flags) {
+        // The 4-tuple as sent (the listener lookup below rewrites the port).
+        // SAFETY: an IPv4 segment's tuple holds its `ipv4` member.
+        let sent = (!segment.ipv6).then(|| unsafe { segment.tuple.__bindgen_anon_1.ipv4 });
         let listener = set_dport(segment, config.listener_port.to_be())
             .and_then(|()| segment.lookup(ctx))
             .filter(|sk| {
@@ -135,6 +138,10 @@ fn decide(ctx: &TcContext, segment: &mut Segment, config: &KernelConfig) -> u32 
         match listener {
             Some(listener) => {
                 if listener.assign(ctx).is_ok() {
+                    if let Some(v4) = sent {
+                        // The client's end may join the fast path (while it is on).
+                        record_opened(v4.saddr, v4.sport, v4.daddr, v4.dport);
+                    }
                     return reason::INPOD_STEER_LISTENER;
                 }
                 count(counter::ASSIGN_FAILED);

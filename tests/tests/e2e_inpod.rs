@@ -28,9 +28,14 @@ use test_case::test_case;
 const DENIED: (u16, &str) = (403, "RBAC: access denied");
 
 fn start_in_pod(tag: &str, policies: &str, extra: &[&str]) -> Env {
-    let node = TestNode::new(tag);
-    let dir = node.netns_dir().to_str().expect("utf-8").to_owned();
-    let mut args = vec!["--steering", "in-pod", "--netns-dir", &dir];
+    in_pod_on(TestNode::new(tag), policies, extra)
+}
+
+/// The agent on `node` with in-pod steering over the node's pods only (the harness passes
+/// `--netns-dir`) and the fast path on the node's own cgroup (never the machine's).
+fn in_pod_on(mut node: TestNode, policies: &str, extra: &[&str]) -> Env {
+    let cgroup = node.use_cgroup().to_str().expect("utf-8").to_owned();
+    let mut args = vec!["--steering", "in-pod", "--cgroup", &cgroup];
     args.extend_from_slice(extra);
     start_on(node, &PROTECTED_PODS, policies, &args)
 }
@@ -63,13 +68,7 @@ fn every_path_into_a_protected_pod_is_judged(cni: Cni, mode: ProxyMode) {
             index: 0,
         },
     );
-    let dir = node.netns_dir().to_str().expect("utf-8").to_owned();
-    let mut env = start_on(
-        node,
-        &PROTECTED_PODS,
-        &protected_policies(),
-        &["--steering", "in-pod", "--netns-dir", &dir],
-    );
+    let mut env = in_pod_on(node, &protected_policies(), &[]);
     let (web, require) = (env.pod("web").clone(), env.pod("require").clone());
     // The harness serves IPv4 only; the IPv6 servers (the enforcer dials the address the
     // client asked for).
@@ -151,6 +150,10 @@ fn every_path_into_a_protected_pod_is_judged(cni: Cni, mode: ProxyMode) {
         env.counter("inpod_assigned_listener") >= assigned + rows.len() as u64,
         "every row went through an in-pod listener"
     );
+    // The fast path carried the bytes of the flows to a pod's own address (client <-> enforcer
+    // in the pod, enforcer <-> app on the pod's loopback), with the answers above unchanged.
+    assert!(env.counter("fastpath_msgs_redirected") > 0, "{}", env.log());
+    assert!(env.counter("fastpath_sockets_added") >= 4);
 }
 
 fn cni_name(cni: Cni) -> &'static str {
@@ -408,14 +411,7 @@ fn traffic_from_other_nodes_and_outside_is_judged() {
         },
         2,
     );
-    let node = cluster.nodes.remove(0);
-    let dir = node.netns_dir().to_str().expect("utf-8").to_owned();
-    let env = start_on(
-        node,
-        &PROTECTED_PODS,
-        &protected_policies(),
-        &["--steering", "in-pod", "--netns-dir", &dir],
-    );
+    let env = in_pod_on(cluster.nodes.remove(0), &protected_policies(), &[]);
     let other = &mut cluster.nodes[0];
     let remote = other.add_pod("remote", Ipv4Addr::new(10, 200, 1, 30));
     let workloads = env.dir.join("workloads.yaml");

@@ -169,30 +169,15 @@ pub fn run() -> Result<()> {
     let (nodeward, pod_server) = (target.join("nodeward"), target.join("nw-pod-server"));
 
     let bpffs_before = system::bpffs_mounted(system::BPFFS);
-    println!("==> building the demo node: a node namespace and pods on veths (10.200.0.0/24), a Service per server (kube-proxy iptables rules, 10.96.0.0/16)");
-    let mut node = TestNode::new("demo");
-    let mut pods = Vec::new();
-    let mut services = Vec::new();
-    for (name, index) in PODS {
-        let pod = node.add_pod(name, pod_ip(*index));
-        if ![SLEEP, STRANGER].contains(name) {
-            node.spawn(&pod.netns, &pod_server, &[&format!("{}:8000", pod.ip)]);
-            services.push(Service::new(
-                &format!("foo/{name}:http"),
-                service_ip(*index),
-                8000,
-                8000,
-                &[&pod],
-            ));
-        }
-        pods.push(pod);
-    }
-    install_services(&node, ProxyMode::Iptables, &services);
+    let (mut node, pods) = demo_node(&pod_server);
     let netns_dir = node.netns_dir().to_owned();
+    // The demo node's processes share a cgroup v2 of their own: the agent's fast path
+    // (`sock_ops`, on by default) attaches there, not to this machine's root cgroup.
+    let cgroup = node.use_cgroup();
     let pin_dir = "/sys/fs/bpf/nodeward-demo";
     let policies = root.join("examples/policies");
     let workloads = root.join("examples/workloads.yaml");
-    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml (in the node namespace, in-pod steering; --netns-dir: the demo pods' namespaces)");
+    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml (in the node namespace, in-pod steering and the fast path; --netns-dir: the demo pods' namespaces, --cgroup: the node's own)");
     let node_ns = node.netns.clone();
     let agent = node.spawn(
         &node_ns,
@@ -207,6 +192,8 @@ pub fn run() -> Result<()> {
             pin_dir,
             "--netns-dir",
             netns_dir.to_str().context("netns path is not UTF-8")?,
+            "--cgroup",
+            cgroup.to_str().context("cgroup path is not UTF-8")?,
         ],
     );
     wait_ready(&node)?;
@@ -216,23 +203,7 @@ pub fn run() -> Result<()> {
         "{:<26} {:<36} {:>8} {:>4}  answer",
         "scenario", "request", "expected", "got"
     );
-    let mut failed = 0;
-    for sc in SCENARIOS {
-        let (status, body) = ask(&node, &pods, sc, &root)?;
-        let answer = describe(status, &body);
-        let mark = if status == sc.expected {
-            ""
-        } else {
-            "  <-- MISMATCH"
-        };
-        if !mark.is_empty() {
-            failed += 1;
-        }
-        println!(
-            "{:<26} {:<36} {:>8} {status:>4}  {answer}{mark}",
-            sc.name, sc.request, sc.expected
-        );
-    }
+    let mut failed = scenarios(&node, &pods, &root)?;
     println!("\n{} passed, {failed} failed", SCENARIOS.len() - failed);
     println!("\n==> nodeward status (in the node namespace)\n");
     let status = node.exec(
@@ -282,6 +253,53 @@ pub fn run() -> Result<()> {
         bail!("{failed} scenario(s) did not get Istio's answer");
     }
     Ok(())
+}
+
+/// The demo node: a pod per entry of [`PODS`], servers on 8000 with a Service each (ClusterIP
+/// `10.96.0.<n>:8000`, kube-proxy's iptables rules).
+fn demo_node(pod_server: &Path) -> (TestNode, Vec<Pod>) {
+    println!("==> building the demo node: a node namespace and pods on veths (10.200.0.0/24), a Service per server (kube-proxy iptables rules, 10.96.0.0/16)");
+    let mut node = TestNode::new("demo");
+    let mut pods = Vec::new();
+    let mut services = Vec::new();
+    for (name, index) in PODS {
+        let pod = node.add_pod(name, pod_ip(*index));
+        if ![SLEEP, STRANGER].contains(name) {
+            node.spawn(&pod.netns, pod_server, &[&format!("{}:8000", pod.ip)]);
+            services.push(Service::new(
+                &format!("foo/{name}:http"),
+                service_ip(*index),
+                8000,
+                8000,
+                &[&pod],
+            ));
+        }
+        pods.push(pod);
+    }
+    install_services(&node, ProxyMode::Iptables, &services);
+    (node, pods)
+}
+
+/// Runs and prints every scenario; how many did not get Istio's answer.
+fn scenarios(node: &TestNode, pods: &[Pod], root: &Path) -> Result<usize> {
+    let mut failed = 0;
+    for sc in SCENARIOS {
+        let (status, body) = ask(node, pods, sc, root)?;
+        let answer = describe(status, &body);
+        let mark = if status == sc.expected {
+            ""
+        } else {
+            "  <-- MISMATCH"
+        };
+        if !mark.is_empty() {
+            failed += 1;
+        }
+        println!(
+            "{:<26} {:<36} {:>8} {status:>4}  {answer}{mark}",
+            sc.name, sc.request, sc.expected
+        );
+    }
+    Ok(failed)
 }
 
 fn ask(node: &TestNode, pods: &[Pod], sc: &Scenario, root: &Path) -> Result<(u16, String)> {

@@ -124,8 +124,7 @@ pub struct RunArgs {
     /// NodePorts and hostPorts into protected pods are refused). `in-pod`: inside each protected
     /// pod's network namespace (found in `--netns-dir`), to a listener of the enforcer's opened
     /// there on the `--listen` port: every path after every NAT (ClusterIP, NodePort, hostPort,
-    /// the node itself, other nodes), IPv4 and IPv6, on any CNI. In-pod steering has no
-    /// same-node fast path.
+    /// the node itself, other nodes), IPv4 and IPv6, on any CNI.
     #[arg(long, env = "NODEWARD_STEERING", value_enum, default_value_t = Steering::InPod, value_name = "in-pod|host")]
     pub steering: Steering,
     /// In-pod steering: the directory of pods' network namespace files (`ip netns` and
@@ -350,21 +349,6 @@ mod tests {
         assert!(matches!(
             App::new(given),
             Err(app::Error::FastPathWithoutDatapath)
-        ));
-        // In-pod steering (the default) has no node listener for the fast path to pair.
-        let in_pod = config(&parse(&[
-            "--policies",
-            "/p",
-            "--workloads",
-            "/w",
-            "--fast-path",
-            "on",
-        ]))
-        .expect("config");
-        assert_eq!(in_pod.steering, Steering::InPod);
-        assert!(matches!(
-            App::new(in_pod),
-            Err(app::Error::FastPathWithInPodSteering)
         ));
     }
 }

@@ -243,6 +243,11 @@ impl Datapath {
             config,
         };
         let report = if datapath.config.steering == Steering::Host {
+            // In-pod attachments of an earlier run in in-pod mode would keep dropping new flows
+            // into the pods (no listener there any more): host steering takes over.
+            for pin in inpod::list_pins(&datapath.layout)? {
+                links::unpin(&pin)?;
+            }
             datapath.adopt_pinned_links()?;
             datapath.rescan(Strict::Yes)?
         } else {

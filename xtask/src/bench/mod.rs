@@ -92,8 +92,8 @@ pub struct Args {
     /// Requests per second of the fixed-rate run.
     #[arg(long, default_value_t = 1000)]
     rate: u32,
-    /// Only these rows (by key: direct, unprotected, enforced, enforced-nofast, haproxy,
-    /// enforced-cold).
+    /// Only these rows (by key: direct, unprotected, enforced, enforced-host, enforced-nofast,
+    /// haproxy, enforced-cold).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also record the agent/HAProxy with `perf record -g` during each closed loop
@@ -165,7 +165,7 @@ fn rows() -> Vec<Row> {
         },
         Row {
             key: "enforced",
-            title: "3. nodeward enforcing, same token (defaults: fast path on)",
+            title: "3. nodeward enforcing, same token (defaults: in-pod steering)",
             proxy: Proxy::Agent(AgentRow {
                 policies: Policies::Enforce,
                 extra_args: &[],
@@ -173,11 +173,20 @@ fn rows() -> Vec<Row> {
             tokens: Tokens::Same,
         },
         Row {
-            key: "enforced-nofast",
-            title: "3b. nodeward enforcing, same token, fast path off",
+            key: "enforced-host",
+            title: "3b. nodeward enforcing, same token, host steering + fast path",
             proxy: Proxy::Agent(AgentRow {
                 policies: Policies::Enforce,
-                extra_args: &["--fast-path", "off"],
+                extra_args: &["--steering", "host"],
+            }),
+            tokens: Tokens::Same,
+        },
+        Row {
+            key: "enforced-nofast",
+            title: "3c. nodeward enforcing, same token, host steering, fast path off",
+            proxy: Proxy::Agent(AgentRow {
+                policies: Policies::Enforce,
+                extra_args: &["--steering", "host", "--fast-path", "off"],
             }),
             tokens: Tokens::Same,
         },

@@ -363,6 +363,8 @@ impl<'a> Bench<'a> {
             PIN_DIR.into(),
             "--cgroup".into(),
             path_str(&self.cgroup)?.to_owned(),
+            "--netns-dir".into(),
+            path_str(self.node.netns_dir())?.to_owned(),
         ];
         command.extend(agent.extra_args.iter().map(|&a| a.to_owned()));
         println!("    nodeward {}", command.join(" "));
