@@ -590,6 +590,8 @@ fn datapath_config(config: &Config) -> Option<DatapathConfig> {
             crate::datapath::check_cgroup(p).is_ok()
         }),
         steering: config.steering,
+        steer_mark: config.steer_mark,
+        upstream_mark: config.upstream_mark,
         ..DatapathConfig::default()
     })
 }

@@ -107,6 +107,10 @@ pub struct Config {
     pub steering: Steering,
     /// In-pod steering: the directory of pods' network namespace files.
     pub netns_dir: PathBuf,
+    /// Host steering: the packet mark of steered packets (the policy-routing rule's).
+    pub steer_mark: u32,
+    /// Host steering: the mark of the enforcer's upstream sockets, which `guard` lets in.
+    pub upstream_mark: u32,
 }
 
 impl Default for Config {
@@ -134,6 +138,8 @@ impl Default for Config {
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/nodeward"),
             steering: Steering::InPod,
             netns_dir: PathBuf::from("/run/netns"),
+            steer_mark: crate::datapath::DEFAULT_STEER_MARK,
+            upstream_mark: crate::datapath::DEFAULT_UPSTREAM_MARK,
         }
     }
 }

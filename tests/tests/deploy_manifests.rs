@@ -532,10 +532,7 @@ fn daemonset_has_exactly_the_capabilities_and_mounts_the_agent_needs() {
     let config = config();
     assert_eq!(config["NODEWARD_STEERING"], "in-pod");
     assert_eq!(config["NODEWARD_NETNS_DIR"], "/run/netns");
-    assert_ne!(
-        config["NODEWARD_FAST_PATH"], "on",
-        "the fast path cannot run with in-pod steering"
-    );
+
     assert!(
         config["NODEWARD_BPF_PIN_DIR"].starts_with("/sys/fs/bpf/"),
         "the pin dir must be on the mounted bpffs"

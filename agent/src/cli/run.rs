@@ -127,6 +127,16 @@ pub struct RunArgs {
     /// the node itself, other nodes), IPv4 and IPv6, on any CNI.
     #[arg(long, env = "NODEWARD_STEERING", value_enum, default_value_t = Steering::InPod, value_name = "in-pod|host")]
     pub steering: Steering,
+    /// Host steering: the packet mark bits `steer` sets on steered packets, matched by the
+    /// agent's policy-routing rule. Choose bits nothing else on the node uses (kube-proxy 0x4000
+    /// and 0x8000, portmap 0x2000, Calico 0xffff0000, Cilium 0x0f00). Hex (0x...) or decimal.
+    #[arg(long, env = "NODEWARD_STEER_MARK", default_value = "0x10", value_parser = parse_mark, value_name = "BITS")]
+    pub steer_mark: u32,
+    /// Host steering: the mark bits of the enforcer's upstream sockets (`SO_MARK`); `guard` lets a
+    /// packet into a protected pod only when it and its sending socket carry them. Must share
+    /// no bit with --steer-mark.
+    #[arg(long, env = "NODEWARD_UPSTREAM_MARK", default_value = "0x20", value_parser = parse_mark, value_name = "BITS")]
+    pub upstream_mark: u32,
     /// In-pod steering: the directory of pods' network namespace files (`ip netns` and
     /// containerd keep them in /run/netns; the DaemonSet mounts the host's).
     #[arg(
@@ -253,7 +263,22 @@ pub fn config(args: &RunArgs) -> Result<Config, RunError> {
         bpf_pin_dir: args.bpf_pin_dir.clone(),
         steering: args.steering,
         netns_dir: args.netns_dir.clone(),
+        steer_mark: args.steer_mark,
+        upstream_mark: args.upstream_mark,
     })
+}
+
+/// A mark: `0x`-prefixed hexadecimal or decimal, not 0.
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("0 sets no bit".to_owned()),
+        Ok(mark) => Ok(mark),
+        Err(e) => Err(format!("not a 32-bit mark ({e})")),
+    }
 }
 
 /// `--node-name`, else `NODE_NAME`.
@@ -350,5 +375,22 @@ mod tests {
             App::new(given),
             Err(app::Error::FastPathWithoutDatapath)
         ));
+    }
+}
+
+#[cfg(test)]
+mod mark_tests {
+    use super::parse_mark;
+
+    #[test]
+    fn marks_parse_in_hex_or_decimal_and_never_zero() {
+        assert_eq!(parse_mark("0x10"), Ok(0x10));
+        assert_eq!(parse_mark("0X4000"), Ok(0x4000));
+        assert_eq!(parse_mark("32"), Ok(32));
+        assert!(parse_mark("0").is_err());
+        assert!(parse_mark("0x0").is_err());
+        assert!(parse_mark("0x1_0000_0000").is_err());
+        assert!(parse_mark("0x100000000").is_err());
+        assert!(parse_mark("ten").is_err());
     }
 }

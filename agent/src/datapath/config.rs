@@ -109,6 +109,10 @@ impl Steering {
     }
 }
 
+/// Default [`DatapathConfig::steer_mark`].
+pub const DEFAULT_STEER_MARK: u32 = 0x10;
+/// Default [`DatapathConfig::upstream_mark`].
+pub const DEFAULT_UPSTREAM_MARK: u32 = 0x20;
 /// Default [`DatapathConfig::inpod_mark`].
 pub const DEFAULT_INPOD_MARK: u32 = 0x4e57_0000;
 
@@ -122,11 +126,15 @@ pub struct DatapathConfig {
     pub failure_mode: FailureMode,
     /// Mark bits `steer` sets on steered packets; the policy-routing rule matches them. Must not
     /// be used by anything else on the node (kube-proxy uses 0x4000/0x8000, Calico 0xffff0000,
-    /// Cilium 0x0f00). Default 0x1000.
+    /// Cilium 0x0f00). Host steering only (`--steer-mark`). Default 0x10: outside kube-proxy's
+    /// 0x4000/0x8000, portmap's 0x2000, Calico's 0xffff0000 and Cilium's 0x0f00 magic values
+    /// (Cilium may use any bit for its identities: in-pod steering needs no packet mark).
     pub steer_mark: u32,
     /// Mark bits the enforcer sets (`SO_MARK`) on its upstream sockets; `guard` lets packets
     /// carrying all of them into protected pods. Must share no bit with `steer_mark`, and no
-    /// other component may set them on forwarded packets. Default 0x2000.
+    /// other component may set them on forwarded packets (guard also requires the sending
+    /// socket's own mark). Host steering only (`--upstream-mark`). Default 0x20, chosen as
+    /// `steer_mark` is.
     pub upstream_mark: u32,
     /// Routing table holding `local 0.0.0.0/0 dev lo`. Default 2700.
     pub route_table: u32,
@@ -161,8 +169,8 @@ impl Default for DatapathConfig {
         Self {
             listener_port: 15006,
             failure_mode: FailureMode::Closed,
-            steer_mark: 0x1000,
-            upstream_mark: 0x2000,
+            steer_mark: DEFAULT_STEER_MARK,
+            upstream_mark: DEFAULT_UPSTREAM_MARK,
             steering: Steering::Host,
             inpod_mark: DEFAULT_INPOD_MARK,
             route_table: 2700,

@@ -64,6 +64,7 @@ use nodeward_common::KernelConfig;
 pub use self::bpffs::on_bpffs;
 pub use self::config::{
     DatapathConfig, FailureMode, Steering, UnknownFailureMode, DEFAULT_INPOD_MARK,
+    DEFAULT_STEER_MARK, DEFAULT_UPSTREAM_MARK,
 };
 pub use self::counters::Counters;
 pub use self::error::DatapathError;
