@@ -19,7 +19,8 @@ use nodeward_tests::cluster::{
     Service,
 };
 use nodeward_tests::e2e::{
-    bearer, protected_policies, request_authn, sample, seen, start_on, Env, PROTECTED_PODS, SHORT,
+    add_probes, bearer, protected_policies, request_authn, sample, seen, start_on, Env,
+    PROTECTED_PODS, SHORT,
 };
 use nodeward_tests::netns::{in_netns, Cni, NodeOptions, TestNode};
 use nodeward_tests::{eventually, nodeward};
@@ -465,4 +466,33 @@ fn traffic_from_other_nodes_and_outside_is_judged() {
             env.log()
         );
     }
+}
+
+/// The kubelet's probes under in-pod steering: the node's request to a declared probe endpoint
+/// crosses the pod's interface like any other, is steered, and passes unjudged because it comes
+/// from a node address; the same request from a pod is judged.
+#[test]
+fn probes_from_the_node_pass_and_only_from_the_node() {
+    let env = start_in_pod("inpod-probe", &protected_policies(), &[]);
+    add_probes(&env);
+    let url = format!("http://{}:8000/healthz", env.pod("require").ip);
+    let (status, body) = get(&env, "node", &url, &[]);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(&env, "sleep", &url, &[]);
+    assert_eq!(
+        (status, body.as_str()),
+        DENIED,
+        "a pod gets no probe exemption"
+    );
+    let (status, body) = get(
+        &env,
+        "node",
+        &format!("http://{}:8000/", env.pod("require").ip),
+        &[],
+    );
+    assert_eq!(
+        (status, body.as_str()),
+        DENIED,
+        "only the probe path is exempt"
+    );
 }
