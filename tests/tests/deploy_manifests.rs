@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use nodeward_tests::{nodeward_bin, repo_root, TempDir};
@@ -205,6 +205,7 @@ fn every_manifest_parses_into_its_api_type_with_no_field_lost() {
             }
             ("apps/v1", "DaemonSet") => drop(parse_exact::<DaemonSet>(&origin, &doc)),
             ("apps/v1", "Deployment") => drop(parse_exact::<Deployment>(&origin, &doc)),
+            ("v1", "Service") => drop(parse_exact::<Service>(&origin, &doc)),
             ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
                 drop(parse_exact::<CustomResourceDefinition>(&origin, &doc));
             }
@@ -226,6 +227,7 @@ fn every_manifest_parses_into_its_api_type_with_no_field_lost() {
         "DaemonSet",
         "CustomResourceDefinition",
         "Deployment",
+        "Service",
         "AuthorizationPolicy",
         "RequestAuthentication",
     ] {

@@ -10,7 +10,8 @@
 //!    its pods;
 //! 5. runs Istio's reference scenarios with `kubectl exec` + curl from the `sleep` pod to each
 //!    httpbin pod's IP, and compares each status with Istio's;
-//! 6. uninstalls (`kubectl delete -k`) and checks that no node kept the agent's pins; deletes
+//! 6. uninstalls (`kubectl delete -k`, then `nodeward uninstall` on each node) and checks that
+//!    no node kept the agent's pins; deletes
 //!    the cluster unless `--keep`.
 //!
 //! Where Docker or kind are missing (these development machines: a docker CLI without a
@@ -30,8 +31,8 @@ const CLUSTER: &str = "nodeward";
 const CONTEXT: &str = "kind-nodeward";
 /// Where the agent pins (`NODEWARD_BPF_PIN_DIR` in `deploy/agent/configmap.yaml`).
 const PIN_DIR: &str = "/sys/fs/bpf/nodeward";
-/// Port of the sample httpbin pods (deploy/examples/workloads.yaml).
-const HTTPBIN_PORT: u16 = 8080;
+/// Port of the sample httpbin Services (deploy/examples/workloads.yaml).
+const SERVICE_PORT: u16 = 8000;
 /// Bound on every wait for the cluster.
 const WAIT: &str = "300s";
 
@@ -192,6 +193,9 @@ fn quick_start(root: &Path, image: &str, keep: bool) -> Result<()> {
     if created_root_namespace {
         run_cmd(kubectl(root).args(["delete", "namespace", "istio-system", "--wait=true"]))?;
     }
+    // A stopped agent leaves its programs in the pods on purpose (a rollout must not open a
+    // gap); `nodeward uninstall` on each node removes them, as deploy/README.md says.
+    uninstall_on_nodes(image)?;
     let leftovers = pins_left_on_nodes()?;
     if keep {
         println!("==> cluster `{CLUSTER}` kept (--keep); `kind delete cluster --name {CLUSTER}` removes it");
@@ -200,7 +204,7 @@ fn quick_start(root: &Path, image: &str, keep: bool) -> Result<()> {
     }
     if !leftovers.is_empty() {
         bail!(
-            "after uninstalling, nodes still hold {PIN_DIR}: {} (the agent did not clean up on SIGTERM)",
+            "after uninstalling, nodes still hold {PIN_DIR}: {} (`nodeward uninstall` did not remove it)",
             leftovers.join(", ")
         );
     }
@@ -307,6 +311,35 @@ fn mount_bpffs_on_nodes() -> Result<()> {
     Ok(())
 }
 
+/// Runs `nodeward uninstall` on every node, with the binary of the image (copied out of it).
+fn uninstall_on_nodes(image: &str) -> Result<()> {
+    let container = output(Command::new("docker").args(["create", image]))?;
+    let container = container.trim();
+    let copied = run_cmd(Command::new("docker").args([
+        "cp",
+        &format!("{container}:/usr/local/bin/nodeward"),
+        "target/kind-nodeward",
+    ]));
+    run_cmd(Command::new("docker").args(["rm", container]))?;
+    copied?;
+    for node in nodes()? {
+        run_cmd(Command::new("docker").args([
+            "cp",
+            "target/kind-nodeward",
+            &format!("{node}:/usr/local/bin/nodeward"),
+        ]))?;
+        run_cmd(Command::new("docker").args([
+            "exec",
+            &node,
+            "nodeward",
+            "uninstall",
+            "--bpf-pin-dir",
+            PIN_DIR,
+        ]))?;
+    }
+    Ok(())
+}
+
 /// Nodes on which the agent's pin directory still exists.
 fn pins_left_on_nodes() -> Result<Vec<String>> {
     let mut left = Vec::new();
@@ -338,16 +371,6 @@ fn scenarios(root: &Path) -> Result<usize> {
         "scenario", "request", "expected", "got"
     );
     for sc in SCENARIOS {
-        let ip = output(kubectl(root).args([
-            "get",
-            "pod",
-            "-n",
-            "foo",
-            "-l",
-            &format!("app={}", sc.app),
-            "-o",
-            "jsonpath={.items[0].status.podIP}",
-        ]))?;
         let token = match sc.token {
             None => None,
             Some(text) if text.starts_with("text:") => Some(text["text:".len()..].to_owned()),
@@ -358,7 +381,8 @@ fn scenarios(root: &Path) -> Result<usize> {
                     .to_owned(),
             ),
         };
-        let url = format!("http://{}:{HTTPBIN_PORT}{}", ip.trim(), sc.path);
+        // Through the app's Service, as Istio's tasks call `httpbin.foo:8000`.
+        let url = format!("http://{}.foo:{SERVICE_PORT}{}", sc.app, sc.path);
         let deadline = Instant::now() + Duration::from_secs(30);
         let got = loop {
             let got = ask(root, sc.method, &url, token.as_deref())?;
