@@ -34,7 +34,7 @@ use aya_ebpf::{
     bindings::{
         bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-        TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        TC_ACT_UNSPEC,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_skb_load_bytes_relative},
     macros::classifier,
@@ -56,6 +56,7 @@ use nodeward_ebpf::net::{
 use crate::{
     maps::{config, count, record_opened, POD_ADDRESSES},
     sock::Socket,
+    verdict::{ACT_OK, ACT_SHOT},
 };
 
 /// Offset of the source address in an IPv6 header (the destination follows it).
@@ -114,11 +115,11 @@ fn verdict(reason: u32) -> i32 {
     match reason::verdict(reason) {
         Some(Verdict::Steered) => {
             count(counter::STEERED);
-            TC_ACT_OK as i32
+            ACT_OK
         }
-        Some(Verdict::Dropped) => TC_ACT_SHOT as i32,
+        Some(Verdict::Dropped) => ACT_SHOT,
         // `inpod` never redirects; every code in use has a verdict.
-        Some(Verdict::NoOpinion | Verdict::RedirectedToNode) | None => TC_ACT_UNSPEC as i32,
+        Some(Verdict::NoOpinion | Verdict::RedirectedToNode) | None => TC_ACT_UNSPEC,
     }
 }
 
@@ -126,15 +127,18 @@ fn verdict(reason: u32) -> i32 {
 fn decide(ctx: &TcContext, segment: &mut Segment, config: &KernelConfig) -> u32 {
     if is_new_flow(segment.flags) {
         // The 4-tuple as sent (the listener lookup below rewrites the port).
-        // SAFETY: an IPv4 segment's tuple holds its `ipv4` member.
-        let sent = (!segment.ipv6).then(|| unsafe { segment.tuple.__bindgen_anon_1.ipv4 });
-        let listener = set_dport(segment, config.listener_port.to_be())
-            .and_then(|()| segment.lookup(ctx))
-            .filter(|sk| {
-                sk.state() == TCP_LISTEN
-                    && config.inpod_mark != 0
-                    && sk.mark() == Some(config.inpod_mark)
-            });
+        let sent = if segment.ipv6 {
+            None
+        } else {
+            // SAFETY: an IPv4 segment's tuple holds its `ipv4` member.
+            Some(unsafe { segment.tuple.__bindgen_anon_1.ipv4 })
+        };
+        set_dport(segment, config.listener_port.to_be());
+        let listener = segment.lookup(ctx).filter(|sk| {
+            sk.state() == TCP_LISTEN
+                && config.inpod_mark != 0
+                && sk.mark() == Some(config.inpod_mark)
+        });
         match listener {
             Some(listener) => {
                 if listener.assign(ctx).is_ok() {
@@ -196,16 +200,15 @@ fn accepted_here(ctx: &TcContext, segment: &mut Segment) -> bool {
         .is_some_and(|sk| sk.state() == TCP_LISTEN)
 }
 
-/// Replaces the tuple's destination port (network byte order). `Some(())`, to chain.
+/// Replaces the tuple's destination port (network byte order).
 #[inline]
-fn set_dport(segment: &mut Segment, port: u16) -> Option<()> {
+fn set_dport(segment: &mut Segment, port: u16) {
     // Writing a union's field is safe; the member written is the one the family uses.
     if segment.ipv6 {
         segment.tuple.__bindgen_anon_1.ipv6.dport = port;
     } else {
         segment.tuple.__bindgen_anon_1.ipv4.dport = port;
     }
-    Some(())
 }
 
 /// The packet's TCP segment, `None` when it is not TCP (or a later IPv4 fragment).

@@ -39,13 +39,13 @@ pub enum Program {
     clippy::unnecessary_cast,
     reason = "u32 in the BPF target's bindings, i32 in the host's"
 )]
-const ACT_OK: i32 = TC_ACT_OK as i32;
+pub const ACT_OK: i32 = TC_ACT_OK as i32;
 /// `TC_ACT_SHOT` as a program's return value.
 #[expect(
     clippy::unnecessary_cast,
     reason = "u32 in the BPF target's bindings, i32 in the host's"
 )]
-const ACT_SHOT: i32 = TC_ACT_SHOT as i32;
+pub const ACT_SHOT: i32 = TC_ACT_SHOT as i32;
 /// `TC_ACT_REDIRECT` as a program's return value.
 #[expect(
     clippy::unnecessary_cast,

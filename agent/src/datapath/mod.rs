@@ -21,9 +21,15 @@
 //! interface, `steer` on interfaces that appear, and the removal of attachments whose interface
 //! left.
 //!
+//! With [`Steering::InPod`] (the default) there is no policy routing and no `steer`/`guard`:
+//! [`Datapath::sync_pods`] attaches `inpod` inside each protected pod's namespace and
+//! `inpod_egress` inside every pod's (see `inpod.rs`), and the agent leaves them attached when
+//! it stops (`NodeDatapath::shutdown`), for the next agent or `nodeward uninstall`
+//! ([`Datapath::cleanup_leftovers`]).
+//!
 //! Lifecycle:
-//! - [`Datapath::shutdown`] (clean exit) removes every attachment, pin, rule and route it made;
-//!   the bpffs mount stays (other BPF users share it).
+//! - [`Datapath::shutdown`] (clean exit, host steering) removes every attachment, pin, rule and
+//!   route it made; the bpffs mount stays (other BPF users share it).
 //! - Dropping a [`Datapath`] without `shutdown` leaves everything in place, as a crash would:
 //!   the pinned links keep the programs attached and the maps in use, so enforcement continues
 //!   (with the enforcer's listener gone, per `failure_mode`).
