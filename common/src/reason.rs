@@ -129,7 +129,8 @@ pub const INPOD_PASS_FLOW: u32 = 25;
 /// enforcer never judged: it was opened before the pod was protected (before the agent started,
 /// while it was down with `failure_mode` open, or before a policy selected the pod). Never
 /// delivered; the connection stalls and the client opens a new one, which is judged. With
-/// `failure_mode` open such segments pass ([`INPOD_PASS_FLOW`]).
+/// `failure_mode` open such segments pass ([`INPOD_PASS_FLOW`]) only while the enforcer's
+/// listener is missing (no agent runs).
 pub const INPOD_DROP_UNJUDGED: u32 = 26;
 
 /// `inpod`, dropped: TCP into the pod that cannot be judged: the TCP header is cut short, or an

@@ -18,7 +18,8 @@
 //!    listener) whose local port has a listener (so it was accepted, not opened by the pod).
 //!    Such a connection predates the pod's protection (opened before the agent started, while
 //!    it was down failing open, or before a policy selected the pod) and is dropped
-//!    ([`reason::INPOD_DROP_UNJUDGED`]) unless `failure_mode` is open. Replies to the pod's own
+//!    ([`reason::INPOD_DROP_UNJUDGED`]); failing open, only once the enforcer's listener is
+//!    back. Replies to the pod's own
 //!    connections, request and TIME-WAIT sockets, and segments of no connection pass
 //!    ([`reason::INPOD_PASS_FLOW`]).
 //!
@@ -158,9 +159,6 @@ fn decide(ctx: &TcContext, segment: &mut Segment, config: &KernelConfig) -> u32 
             reason::INPOD_DROP_NO_LISTENER
         };
     }
-    if config.fails_open() {
-        return reason::INPOD_PASS_FLOW;
-    }
     let Some(sk) = segment.lookup(ctx) else {
         return reason::INPOD_PASS_FLOW;
     };
@@ -171,11 +169,22 @@ fn decide(ctx: &TcContext, segment: &mut Segment, config: &KernelConfig) -> u32 
         Some(mark) => sk.state() != TCP_LISTEN && mark != config.inpod_mark,
     };
     drop(sk);
-    if unjudged && accepted_here(ctx, segment) {
-        reason::INPOD_DROP_UNJUDGED
-    } else {
-        reason::INPOD_PASS_FLOW
+    if !unjudged || !accepted_here(ctx, segment) {
+        return reason::INPOD_PASS_FLOW;
     }
+    if config.fails_open() {
+        // Failing open, connections opened while no agent ran keep working while none runs;
+        // once the enforcer's listener is back they are cut off like any other.
+        // (`accepted_here` left the tuple's source zeroed: only a listener can match.)
+        set_dport(segment, config.listener_port.to_be());
+        let enforcer_up = segment
+            .lookup(ctx)
+            .is_some_and(|sk| sk.state() == TCP_LISTEN && sk.mark() == Some(config.inpod_mark));
+        if !enforcer_up {
+            return reason::INPOD_PASS_FLOW;
+        }
+    }
+    reason::INPOD_DROP_UNJUDGED
 }
 
 /// Whether a socket listens on the segment's destination port (address or wildcard): the

@@ -496,3 +496,49 @@ fn probes_from_the_node_pass_and_only_from_the_node() {
         "only the probe path is exempt"
     );
 }
+
+/// A connection opened while no agent ran (`--failure-mode open` let it reach the pod
+/// unjudged) carries no request past the enforcer once the next agent is up: its segments are
+/// dropped, and a new connection is judged.
+#[test]
+fn a_connection_opened_while_the_agent_was_down_is_not_delivered_after() {
+    let mut env = start_in_pod(
+        "inpod-gap",
+        &protected_policies(),
+        &["--failure-mode", "open"],
+    );
+    let web = env.pod("web").ip;
+    env.kill_agent();
+    let request = format!("GET /gap HTTP/1.1\r\nHost: {web}\r\n\r\n");
+    let mut stream = in_netns(&env.pod("stranger").netns, || {
+        TcpStream::connect((web, 8000)).expect("failing open: the pod is reached")
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut buf = [0_u8; 4096];
+    let n = stream.read(&mut buf).expect("the pod answers, unjudged");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    env.start_agent();
+    let url = format!("http://{web}:8000/");
+    assert_eq!(
+        get(&env, "stranger", &url, &[]).0,
+        403,
+        "new connections are judged"
+    );
+    let answer = match (stream.write_all(request.as_bytes()), stream.read(&mut buf)) {
+        (Ok(()), Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        _ => String::new(),
+    };
+    assert!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "a request on a connection from the agent's downtime reached the pod: {answer:?}"
+    );
+    assert!(env.counter("inpod_dropped_unjudged") > 0);
+}

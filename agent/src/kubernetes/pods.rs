@@ -146,6 +146,7 @@ pub fn local_workload(pod: &Pod) -> Result<Workload, NotSteered> {
             .unwrap_or_else(|| "default".to_owned()),
         service_account: service_account(pod),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ips: ips(pod).into_iter().filter(|other| *other != ip).collect(),
         ip,
         interface: None,
         probes: probes(pod),

@@ -131,7 +131,10 @@ impl Snapshot {
                 authz: authorization.for_workload(&w.namespace, &w.labels),
                 authn: authentication.for_workload(&w.namespace, &w.labels),
             };
-            by_ip.insert(w.ip, Arc::new(view));
+            let view = Arc::new(view);
+            for ip in w.addresses() {
+                by_ip.insert(ip, Arc::clone(&view));
+            }
         }
         Self {
             generation,
@@ -210,9 +213,10 @@ fn source_identities(
             p.service_account.as_str(),
         )
     });
-    let workloads = workloads
-        .iter()
-        .map(|w| (w.ip, w.namespace.as_str(), w.service_account.as_str()));
+    let workloads = workloads.iter().flat_map(|w| {
+        w.addresses()
+            .map(move |ip| (ip, w.namespace.as_str(), w.service_account.as_str()))
+    });
     // Workloads last: they win over a peer with the same address.
     for (ip, namespace, service_account) in peers.chain(workloads) {
         let identity = identities
@@ -261,5 +265,48 @@ impl StateStore {
     /// Swaps in a new snapshot atomically.
     pub fn publish(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dual_stack_pod_is_one_workload_by_either_address() {
+        let v4: IpAddr = "10.0.0.12".parse().unwrap();
+        let v6: IpAddr = "fd00::12".parse().unwrap();
+        let workload = Arc::new(Workload {
+            name: "web".into(),
+            namespace: "foo".into(),
+            service_account: "web".into(),
+            labels: BTreeMap::new(),
+            ip: v4,
+            ips: vec![v6],
+            interface: None,
+            probes: Vec::new(),
+            ports: Vec::new(),
+        });
+        let snapshot = Snapshot::build(
+            1,
+            "cluster.local",
+            "istio-system",
+            vec![workload],
+            PolicySet::default(),
+            AuthnSet::default(),
+            Vec::new(),
+        );
+        for ip in [v4, v6] {
+            assert_eq!(
+                snapshot.destination(ip).map(|v| v.id.to_string()),
+                Some("foo/web".to_owned()),
+                "{ip}"
+            );
+            assert_eq!(
+                snapshot.source(ip).map(|s| s.principal.as_str()),
+                Some("cluster.local/ns/foo/sa/web"),
+                "{ip}"
+            );
+        }
     }
 }

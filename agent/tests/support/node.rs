@@ -161,6 +161,7 @@ pub fn workload(name: &str, ip: &str, labels: &[(&str, &str)]) -> Arc<Workload> 
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect::<BTreeMap<_, _>>(),
         ip: ip.parse().expect("ip"),
+        ips: Vec::new(),
         interface: None,
         probes: Vec::new(),
         ports: Vec::new(),

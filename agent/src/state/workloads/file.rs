@@ -217,11 +217,20 @@ pub fn parse_workloads(file: &Path, text: &str) -> Result<WorkloadsLoad, Workloa
             }
         };
         let id = workload.id();
-        if let Some((first, first_id)) = by_ip.get(&workload.ip) {
+        let taken = workload
+            .addresses()
+            .enumerate()
+            .find_map(|(i, ip)| by_ip.get(&ip).map(|first| (i, ip, first)));
+        if let Some((i, ip, (first, first_id))) = taken {
+            let field = if i == 0 {
+                "ip".to_owned()
+            } else {
+                format!("ips[{}]", i - 1)
+            };
             out.errors.push(fail(
-                "ip",
+                &field,
                 WorkloadProblem::DuplicateIp {
-                    ip: workload.ip,
+                    ip,
                     index: *first,
                     entry: first_id.clone(),
                 },
@@ -238,7 +247,9 @@ pub fn parse_workloads(file: &Path, text: &str) -> Result<WorkloadsLoad, Workloa
             ));
             continue;
         }
-        by_ip.insert(workload.ip, (index, id.clone()));
+        for ip in workload.addresses() {
+            by_ip.insert(ip, (index, id.clone()));
+        }
         by_name.insert(id, index);
         out.workloads.push(workload);
     }
@@ -254,6 +265,7 @@ struct RawEntry {
     service_account: Option<String>,
     labels: Option<BTreeMap<String, String>>,
     ip: Option<String>,
+    ips: Option<Vec<String>>,
     interface: Option<String>,
     probes: Option<Vec<RawProbe>>,
     ports: Option<Vec<RawPort>>,
@@ -361,6 +373,8 @@ fn entry(value: &serde_yaml::Value) -> Result<Workload, Vec<(String, WorkloadPro
         }
     });
 
+    let ips = other_ips(raw.ips.unwrap_or_default(), ip, &mut problems);
+
     match (name, namespace, ip) {
         (Some(name), Some(namespace), Some(ip)) if problems.is_empty() => Ok(Workload {
             name,
@@ -368,12 +382,36 @@ fn entry(value: &serde_yaml::Value) -> Result<Workload, Vec<(String, WorkloadPro
             service_account,
             labels,
             ip,
+            ips,
             interface: raw.interface,
             probes,
             ports,
         }),
         _ => Err(problems),
     }
+}
+
+/// The `ips` of an entry checked: the addresses other than `primary`, a problem (with its
+/// field) for each bad one.
+fn other_ips(
+    written: Vec<String>,
+    primary: Option<IpAddr>,
+    problems: &mut Vec<(String, WorkloadProblem)>,
+) -> Vec<IpAddr> {
+    let mut ips = Vec::new();
+    for (i, text) in written.into_iter().enumerate() {
+        let field = format!("ips[{i}]");
+        match text.parse::<IpAddr>().map(normalize_ip) {
+            Err(_) => problems.push((field, WorkloadProblem::Ip(text))),
+            Ok(other) if !unicast(other) => {
+                problems.push((field, WorkloadProblem::NotUnicast(other)));
+            }
+            // The primary address repeated, as Kubernetes' podIPs lists it: nothing to add.
+            Ok(other) if Some(other) == primary || ips.contains(&other) => {}
+            Ok(other) => ips.push(other),
+        }
+    }
+    ips
 }
 
 /// The `probes` of an entry checked: the valid ones, and a problem (with its field) for each
@@ -498,6 +536,7 @@ mod tests {
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .collect(),
                 ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 12)),
+                ips: vec![],
                 interface: Some("veth-httpbin".into()),
                 probes: vec![],
                 ports: vec![],
@@ -680,6 +719,31 @@ mod tests {
             one(BASE).workloads[0].ports.is_empty(),
             "ports default to none"
         );
+    }
+
+    #[test]
+    fn a_dual_stack_pod_lists_its_other_address() {
+        // As Kubernetes' status.podIPs: the primary may be repeated; one per family.
+        let load = one(&format!("{BASE}, ips: [10.0.0.12, \"fd00::12\"]"));
+        assert_eq!(load.errors, vec![]);
+        let w = &load.workloads[0];
+        assert_eq!(w.ips, vec!["fd00::12".parse::<IpAddr>().unwrap()]);
+        assert_eq!(w.addresses().count(), 2);
+        // Another entry cannot take it.
+        let load = parse(
+            "workloads:\n- {name: a, namespace: foo, ip: 10.0.0.1, ips: [\"fd00::1\"]}\n- {name: b, namespace: foo, ip: 10.0.0.2, ips: [\"fd00::1\"]}\n",
+        );
+        assert_eq!(load.workloads.len(), 1);
+        assert_eq!(load.errors[0].field, "ips[0]", "{}", load.errors[0]);
+    }
+
+    #[test_case("ips: [nope]", "ips[0]" ; "not an address")]
+    #[test_case("ips: [\"fd00::1\", 224.0.0.1]", "ips[1]" ; "not unicast")]
+    fn other_address_problems(fields: &str, field: &str) {
+        let load = one(&format!("{BASE}, {fields}"));
+        assert!(load.workloads.is_empty());
+        assert_eq!(load.errors.len(), 1, "{:?}", load.errors);
+        assert_eq!(load.errors[0].field, field, "{}", load.errors[0]);
     }
 
     #[test_case("ports: [{port: 0, protocol: HTTP}]", "ports[0].port", "port must be 1 to 65535" ; "port 0")]

@@ -7,6 +7,7 @@
 //!     serviceAccount: httpbin      # default "default"
 //!     labels: {app: httpbin, version: v1}
 //!     ip: 10.0.0.12                # IPv4 or IPv6 (required)
+//!     ips: [fd00::12]              # its other addresses (a dual-stack pod's), optional
 //!     interface: veth-httpbin      # host-side interface of the pod; optional
 //!     probes:                      # optional: the kubelet's probe endpoints (see below)
 //!       - {port: 8080, path: /healthz}   # HTTP: GET of exactly this path
@@ -74,6 +75,11 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// The pod's address; IPv4-mapped IPv6 addresses are stored as IPv4.
     pub ip: IpAddr,
+    /// The pod's other addresses (a dual-stack pod's other family: Kubernetes' `podIPs`
+    /// beyond `podIP`; standalone: the file's `ips`). They name the same workload as
+    /// destination and source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
     /// The host-side interface of the pod, when the file names it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
@@ -250,6 +256,11 @@ pub enum ProbeProblem {
 }
 
 impl Workload {
+    /// Every address of the pod, the primary first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.ip).chain(self.ips.iter().copied())
+    }
+
     /// `namespace/name`, the way errors, logs and metrics name a workload.
     #[must_use]
     pub fn id(&self) -> String {
