@@ -608,7 +608,7 @@ fn status_summarizes_the_live_state() {
         &format!("agent:     {} READY", agent.admin),
         "[+]config generation 1",
         "config:    generation 1, loaded ",
-        &format!("listen {}, failure mode open, root namespace istio-system, trust domain cluster.local", agent.listen),
+        &format!("listen {}, steering in-pod, failure mode open, root namespace istio-system, trust domain cluster.local", agent.listen),
         "errors:    none",
         "workloads: 5 (5 protected)",
         "foo/httpbin-get          10.200.0.13     sa httpbin      protected   jwt foo/jwt-example[0]; DENY istio-system/deny-admin; ALLOW foo/get-only",
