@@ -542,3 +542,29 @@ fn a_connection_opened_while_the_agent_was_down_is_not_delivered_after() {
     );
     assert!(env.counter("inpod_dropped_unjudged") > 0);
 }
+
+/// The enforcer's own port is never forwarded: a client steered to a protected pod's port 15006,
+/// and the pod's app dialing the listener in its namespace directly, would otherwise be sent to
+/// that same listener again, in a loop. Both are closed, counted, and the agent keeps serving.
+#[test]
+fn the_enforcers_own_port_is_refused_not_looped() {
+    let env = start_in_pod("inpod-loop", &protected_policies(), &[]);
+    let web = env.pod("web").ip;
+    let metric = "nodeward_refused_total{reason=\"enforcer_port\"}";
+    let before = env.agent().metric(metric);
+    let (status, _) = get(&env, "sleep", &format!("http://{web}:15006/"), &[]);
+    assert_eq!(status, 0, "closed without an answer");
+    let (status, _) = get(&env, "web", "http://127.0.0.1:15006/", &[]);
+    assert_eq!(status, 0, "closed without an answer");
+    assert!(
+        eventually(Duration::from_secs(3), || env.agent().metric(metric)
+            >= before + 2),
+        "both refused as the enforcer's port\n{}",
+        env.log()
+    );
+    // Still serving.
+    assert_eq!(
+        get(&env, "sleep", &format!("http://{web}:8000/"), &[]).0,
+        200
+    );
+}

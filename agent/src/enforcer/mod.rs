@@ -268,6 +268,10 @@ impl Enforcer {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
+        // A connection addressed to the enforcer's own port (a pod dialing its listener
+        // directly, or a client steered to that port) would be forwarded to that same port:
+        // to the listener again, a loop. It is refused.
+        let own_port = listener.local_addr().map(|a| a.port()).ok();
         loop {
             let accepted = tokio::select! {
                 () = stop_accepting.cancelled() => break,
@@ -296,6 +300,16 @@ impl Enforcer {
                     continue;
                 }
             };
+            if Some(original_dst.port()) == own_port {
+                tracing::debug!(%peer, dst = %original_dst, "connection to the enforcer's own port refused");
+                self.metrics
+                    .refused
+                    .get_or_create(&ReasonLabels {
+                        reason: "enforcer_port",
+                    })
+                    .inc();
+                continue;
+            }
             let info = ConnectionInfo {
                 peer: unmapped(peer),
                 original_dst: unmapped(original_dst),
