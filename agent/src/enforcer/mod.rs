@@ -300,7 +300,9 @@ impl Enforcer {
                     continue;
                 }
             };
-            if Some(original_dst.port()) == own_port {
+            // Only for a pod's listener: the node's listener also takes direct connections
+            // (`--datapath off`), whose destination is its own port by design.
+            if pod.is_some() && Some(original_dst.port()) == own_port {
                 tracing::debug!(%peer, dst = %original_dst, "connection to the enforcer's own port refused");
                 self.metrics
                     .refused
