@@ -29,15 +29,14 @@
 //! ([`reason::INPOD_PASS_NOT_TCP`]); TCP that cannot be judged is dropped
 //! ([`reason::INPOD_DROP_MALFORMED`]).
 
-use core::{ffi::c_void, mem::MaybeUninit};
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-        TC_ACT_UNSPEC,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, TC_ACT_UNSPEC,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_skb_load_bytes_relative},
+    helpers::generated::bpf_get_netns_cookie,
     macros::classifier,
     programs::TcContext,
 };
@@ -280,28 +279,11 @@ fn segment(ctx: &TcContext) -> Result<Option<Segment>, Unreadable> {
     }))
 }
 
-/// Reads a `T` (raw, network byte order) at `offset` from the start of the network header.
+/// Reads a `T` (raw, network byte order) at `offset` from the start of the network header
+/// (`packet::load`, shared with `steer` and `guard`).
 #[inline]
 fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Unreadable> {
-    let mut value = MaybeUninit::<T>::uninit();
-    // SAFETY: the helper writes at most `size_of::<T>()` bytes into `value`, which has room for
-    // exactly that many, and reports through its return value whether it wrote them all.
-    let ret = unsafe {
-        bpf_skb_load_bytes_relative(
-            ctx.skb.skb as *const c_void,
-            offset as u32,
-            value.as_mut_ptr().cast::<c_void>(),
-            size_of::<T>() as u32,
-            BPF_HDR_START_NET,
-        )
-    };
-    if ret == 0 {
-        // SAFETY: a zero return means every byte was written; the `T`s read here are integers
-        // and arrays of integers, valid for every bit pattern.
-        Ok(unsafe { value.assume_init() })
-    } else {
-        Err(Unreadable)
-    }
+    crate::packet::load(ctx, offset).map_err(|_| Unreadable)
 }
 
 /// `inpod_egress`: TC egress on a pod's interfaces, inside its namespace (every pod the agent

@@ -124,7 +124,7 @@ pub fn classify(ctx: &TcContext) -> Result<Target, Malformed> {
 
 /// Reads a `T` (raw, network byte order) at `offset` from the start of the network header.
 #[inline]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
+pub fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
     let mut value = MaybeUninit::<T>::uninit();
     // SAFETY: the helper writes at most `size_of::<T>()` bytes into `value`, which has room for
     // exactly that many, and reports through its return value whether it wrote them all.

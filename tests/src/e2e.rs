@@ -162,6 +162,22 @@ impl Env {
         self.agent = Some(agent);
     }
 
+    /// `nodeward uninstall --bpf-pin-dir <the agent's>` in the node's namespace (no agent
+    /// running); its output.
+    #[must_use]
+    pub fn uninstall(&self) -> std::process::Output {
+        let pin_dir = self.pin_dir();
+        self.node.exec(
+            &self.node.netns,
+            &[
+                nodeward_bin().to_str().expect("utf-8"),
+                "uninstall",
+                "--bpf-pin-dir",
+                pin_dir.to_str().expect("utf-8"),
+            ],
+        )
+    }
+
     /// SIGKILL: a crash, the data path's pins stay.
     pub fn kill_agent(&mut self) {
         if let Some(agent) = &mut self.agent {

@@ -265,15 +265,7 @@ fn the_data_path_outlives_the_agent_until_uninstall() {
     assert_eq!(env.stop_agent(), Some(0));
 
     let pin_dir = env.pin_dir();
-    let out = env.node.exec(
-        &env.node.netns,
-        &[
-            nodeward_tests::nodeward_bin().to_str().expect("utf-8"),
-            "uninstall",
-            "--bpf-pin-dir",
-            pin_dir.to_str().expect("utf-8"),
-        ],
-    );
+    let out = env.uninstall();
     assert!(out.status.success(), "uninstall: {out:?}");
     assert!(!pin_dir.exists(), "uninstall removed the pin directory");
     // Nothing is left in the pod: the server answers directly (no enforcer, no token check).

@@ -5,7 +5,6 @@
 
 use nodeward_tests::e2e::{bearer, request_authn, sample, seen, start};
 use nodeward_tests::netns::PREFIX;
-use nodeward_tests::nodeward_bin;
 use test_case::test_case;
 
 /// What a request to a protected pod gets while the agent is down, per `--failure-mode`.
@@ -63,15 +62,7 @@ fn crash_and_restart(mode: &str, while_down: WhileDown) {
     // `nodeward uninstall` removes them.
     assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0\n{}", env.log());
     assert!(env.pin_dir().exists(), "SIGTERM keeps the pins");
-    let out = env.node.exec(
-        &env.node.netns,
-        &[
-            nodeward_bin().to_str().expect("utf-8"),
-            "uninstall",
-            "--bpf-pin-dir",
-            env.pin_dir().to_str().expect("utf-8"),
-        ],
-    );
+    let out = env.uninstall();
     assert!(out.status.success(), "{out:?}");
     assert!(
         !env.pin_dir().exists(),

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use nodeward_tests::e2e::{bearer, request_authn, sample, seen, start, Env};
-use nodeward_tests::{eventually, nodeward_bin};
+use nodeward_tests::eventually;
 
 const DENIED: &str = "RBAC: access denied";
 
@@ -169,15 +169,7 @@ fn jwt_and_authorization_through_the_kernel_data_path() {
     // removes every pin.
     assert_eq!(env.stop_agent(), Some(0), "SIGTERM: exit 0");
     assert!(env.pin_dir().exists(), "pins kept for the next agent");
-    let out = env.node.exec(
-        &env.node.netns,
-        &[
-            nodeward_bin().to_str().expect("utf-8"),
-            "uninstall",
-            "--bpf-pin-dir",
-            env.pin_dir().to_str().expect("utf-8"),
-        ],
-    );
+    let out = env.uninstall();
     assert!(out.status.success(), "{out:?}");
     assert!(
         !env.pin_dir().exists(),
