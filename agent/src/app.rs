@@ -494,6 +494,7 @@ fn start_state(
     let standalone_config = StandaloneConfig {
         root_namespace: config.root_namespace.clone(),
         trust_domain: config.trust_domain.clone(),
+        mesh_config: config.mesh_config.clone(),
         ..StandaloneConfig::new(config.policies.clone(), workloads)
     };
     let standalone = Standalone::start(

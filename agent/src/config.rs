@@ -72,6 +72,11 @@ pub struct Config {
     /// Standalone mode: the registry of pods, watched. Serialized as `""` when absent.
     #[serde(with = "empty_path")]
     pub workloads: Option<PathBuf>,
+    /// Standalone mode: Istio's `MeshConfig` (`extensionProviders` for CUSTOM policies),
+    /// watched. Serialized as `""` when absent. (Kubernetes mode reads the `mesh` key of
+    /// `ConfigMap` `istio` in the root namespace.)
+    #[serde(with = "empty_path")]
+    pub mesh_config: Option<PathBuf>,
     /// Kubernetes mode; `None` in standalone mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesInfo>,
@@ -125,6 +130,7 @@ impl Default for Config {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             policies: Vec::new(),
             workloads: None,
+            mesh_config: None,
             kubernetes: None,
             path_normalization: Normalization::Base,
             drain_timeout: Duration::from_secs(20),

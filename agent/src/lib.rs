@@ -16,6 +16,7 @@ pub mod config;
 pub mod datapath;
 pub mod decision;
 pub mod enforcer;
+pub mod extauthz;
 pub mod inpod;
 pub mod kubernetes;
 pub mod metrics;

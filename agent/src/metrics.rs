@@ -64,6 +64,20 @@ pub struct JwksLabels {
     pub result: &'static str,
 }
 
+/// Labels of an external authorizer's check: the provider's name and `allowed`, `denied` or
+/// `error`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: String,
+    pub result: &'static str,
+}
+
+/// Labels with one `provider`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderNameLabels {
+    pub provider: String,
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
@@ -84,6 +98,16 @@ pub struct Metrics {
     pub config_errors: Gauge,
     /// JWKS fetches, by issuer, URI and result.
     pub jwks_fetches: Family<JwksLabels, Counter>,
+    /// External authorizer checks (CUSTOM policies), by provider and result.
+    pub extauthz_checks: Family<ProviderLabels, Counter>,
+    /// Time of each external authorizer check, by provider, seconds.
+    pub extauthz_seconds: Family<ProviderNameLabels, Histogram>,
+}
+
+fn extauthz_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1e-4, 2.0, 16,
+    ))
 }
 
 impl Default for Metrics {
@@ -147,6 +171,20 @@ impl Metrics {
             "JWKS fetches by issuer, URI and result",
             jwks_fetches.clone(),
         );
+        let extauthz_checks = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "extauthz_checks",
+            "External authorizer checks (CUSTOM policies) by provider and result",
+            extauthz_checks.clone(),
+        );
+        // 100 µs .. ~3.3 s.
+        let extauthz_seconds =
+            Family::<ProviderNameLabels, Histogram>::new_with_constructor(extauthz_buckets);
+        registry.register(
+            "extauthz_check_seconds",
+            "Time of each external authorizer check, by provider",
+            extauthz_seconds.clone(),
+        );
         Self {
             registry,
             requests,
@@ -157,7 +195,24 @@ impl Metrics {
             reloads,
             config_errors,
             jwks_fetches,
+            extauthz_checks,
+            extauthz_seconds,
         }
+    }
+
+    /// Counts one external authorizer check.
+    pub fn extauthz(&self, result: &crate::extauthz::CheckResult) {
+        self.extauthz_checks
+            .get_or_create(&ProviderLabels {
+                provider: result.provider.clone(),
+                result: result.label(),
+            })
+            .inc();
+        self.extauthz_seconds
+            .get_or_create(&ProviderNameLabels {
+                provider: result.provider.clone(),
+            })
+            .observe(result.elapsed.as_secs_f64());
     }
 
     /// Registers a collector or metric owned elsewhere (JWKS ages, datapath counters).

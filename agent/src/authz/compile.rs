@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::matcher::{IpSet, PathSet, RequestPrincipalSet, StringSet, TrustDomainSet};
+use crate::extauthz::mesh::{Entry, MeshProviders, ProviderConfig};
 use crate::policy::attribute::{parse_port, Attribute};
 use crate::policy::model::{Condition, Operation, Source};
 use crate::policy::{scope, validate};
@@ -430,6 +431,67 @@ pub struct WorkloadPolicies {
     pub dry_run: Vec<Arc<CompiledPolicy>>,
     /// Policies in scope by namespace that use `targetRef(s)`: reported as not applying.
     pub targeted: Vec<Arc<CompiledPolicy>>,
+    /// The external authorizer the CUSTOM policies name, resolved against the `MeshConfig`.
+    pub provider: CustomProvider,
+}
+
+/// The external authorizer of a workload's CUSTOM policies.
+#[derive(Debug, Clone, Default)]
+pub enum CustomProvider {
+    /// No CUSTOM policy selects the workload.
+    #[default]
+    None,
+    /// The one provider the CUSTOM policies name, ready to be called.
+    Ready(Arc<ProviderConfig>),
+    /// The provider cannot be called: CUSTOM policies deny what their rules match (Istio
+    /// generates DENY rules "-deny-due-to-bad-CUSTOM-action"). Says why.
+    Invalid(String),
+}
+
+impl CustomProvider {
+    /// Istio's `getExtAuthz` for one workload: the providers named by its CUSTOM policies
+    /// must all be the same one, defined in the `MeshConfig` and valid. (A dry-run CUSTOM policy
+    /// never loads: validation refuses the annotation on CUSTOM.)
+    fn resolve(policies: &[&Arc<CompiledPolicy>], mesh: &MeshProviders) -> Self {
+        let mut names: Vec<&str> = policies
+            .iter()
+            .map(|p| p.provider.as_deref().unwrap_or_default())
+            .collect();
+        let Some(first) = names.first().copied() else {
+            return Self::None;
+        };
+        names.sort_unstable();
+        names.dedup();
+        if names.len() > 1 {
+            return Self::Invalid(format!(
+                "only 1 provider can be used per workload, found multiple providers: {names:?}"
+            ));
+        }
+        match mesh.providers.get(first) {
+            Some(Entry::Ready(config)) => Self::Ready(Arc::new(config.clone())),
+            Some(Entry::Invalid(errors)) => Self::Invalid(format!(
+                "found errors in provider {first}: {}",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+            None => Self::Invalid(format!(
+                "available providers are {:?} but found {first:?}",
+                mesh.providers.keys().collect::<Vec<_>>()
+            )),
+        }
+    }
+
+    /// The provider's name, when one is resolved.
+    #[must_use]
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Self::Ready(p) => Some(&p.name),
+            _ => None,
+        }
+    }
 }
 
 impl WorkloadPolicies {
@@ -458,6 +520,8 @@ impl WorkloadPolicies {
 pub struct PolicySet {
     root_namespace: String,
     by_namespace: HashMap<String, Vec<Arc<CompiledPolicy>>>,
+    /// The `MeshConfig`'s `ext_authz` providers, for CUSTOM policies.
+    providers: Arc<MeshProviders>,
 }
 
 impl PolicySet {
@@ -480,7 +544,21 @@ impl PolicySet {
         Self {
             root_namespace: root_namespace.to_owned(),
             by_namespace,
+            providers: Arc::default(),
         }
+    }
+
+    /// The set with the `MeshConfig`'s `ext_authz` providers, which CUSTOM policies call.
+    #[must_use]
+    pub fn with_providers(mut self, providers: Arc<MeshProviders>) -> Self {
+        self.providers = providers;
+        self
+    }
+
+    /// The `MeshConfig`'s `ext_authz` providers in force.
+    #[must_use]
+    pub fn providers(&self) -> &MeshProviders {
+        &self.providers
     }
 
     #[must_use]
@@ -533,6 +611,8 @@ impl PolicySet {
             };
             list.push(policy.clone());
         }
+        let custom: Vec<&Arc<CompiledPolicy>> = out.custom.iter().collect();
+        out.provider = CustomProvider::resolve(&custom, &self.providers);
         out
     }
 }

@@ -1,18 +1,27 @@
 //! Evaluation: a request against the policies of its destination workload, in Istio's order.
 //!
 //! Istio's spec: "CUSTOM, DENY and ALLOW actions for the same workload are evaluated in that
-//! order: if any CUSTOM policy matches the request, evaluate the CUSTOM policy (denied here:
-//! no external authorizer yet); if any DENY policy matches the request, deny the request; if
-//! there are no ALLOW policies for the workload, allow the request; if any of the ALLOW
-//! policies match the request, allow the request; deny the request." AUDIT only marks.
+//! order: if any CUSTOM policy matches the request, evaluate the CUSTOM policy; if any DENY
+//! policy matches the request, deny the request; if there are no ALLOW policies for the
+//! workload, allow the request; if any of the ALLOW policies match the request, allow the
+//! request; deny the request." AUDIT only marks.
+//!
+//! Evaluating the CUSTOM policy means asking its external authorizer, which this synchronous
+//! evaluation cannot do: a matching CUSTOM policy gives [`Reason::CustomCheck`], the caller asks
+//! the provider (`crate::extauthz`) and, when it allows, evaluates again with
+//! [`WorkloadPolicies::evaluate_after_custom`] (DENY and ALLOW, over the request as the
+//! provider left it, as Envoy's RBAC filters run after its `ext_authz` filter).
 
 use std::borrow::Cow;
 use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::compile::{Clause, CompiledPolicy, CompiledRule, Field, Matcher, WorkloadPolicies};
+use super::compile::{
+    Clause, CompiledPolicy, CompiledRule, CustomProvider, Field, Matcher, WorkloadPolicies,
+};
 use crate::authn::AuthInfo;
+use crate::extauthz::mesh::Kind;
 use crate::policy::attribute::{Attribute, HeaderKey};
 use crate::policy::Action;
 
@@ -60,9 +69,12 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
-    /// A CUSTOM policy matched; external authorizers are not supported, so the request is
-    /// denied (fail closed).
-    CustomNotSupported,
+    /// A CUSTOM policy matched: its provider decides (not final; `allow` is false until the
+    /// provider answers).
+    CustomCheck,
+    /// A CUSTOM policy matched and its provider cannot be called (undefined, invalid, or
+    /// several providers for one workload): denied, as Istio's generated DENY rules do.
+    CustomProviderInvalid,
     /// A DENY policy matched.
     DeniedByPolicy,
     /// No ALLOW policy applies to the workload.
@@ -109,6 +121,9 @@ pub struct Decision {
     pub decided_by: Option<PolicyMatch>,
     /// The provider of the CUSTOM policy that matched.
     pub provider: Option<String>,
+    /// Why the CUSTOM policy's provider cannot be called ([`Reason::CustomProviderInvalid`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_problem: Option<String>,
     /// AUDIT policies that matched.
     pub audit: Vec<String>,
     /// Dry-run policies and whether they matched.
@@ -139,10 +154,15 @@ impl Decision {
             )
         });
         match self.reason {
-            Reason::CustomNotSupported => format!(
-                "denied: {} matched; its external authorizer {:?} cannot be called (CUSTOM is not supported yet), so the request is denied (fail closed)",
+            Reason::CustomCheck => format!(
+                "{} matched: its external authorizer {:?} decides",
                 by.unwrap_or_default(),
                 self.provider.as_deref().unwrap_or_default()
+            ),
+            Reason::CustomProviderInvalid => format!(
+                "denied: {} matched and its external authorizer cannot be called ({}), so the request is denied",
+                by.unwrap_or_default(),
+                self.provider_problem.as_deref().unwrap_or_default()
             ),
             Reason::DeniedByPolicy => format!("denied by {}", by.unwrap_or_default()),
             Reason::NoAllowPolicies => "allowed: no ALLOW policy applies to the workload".into(),
@@ -403,9 +423,19 @@ fn first_matching(
 }
 
 impl WorkloadPolicies {
-    /// Decides one request.
+    /// Decides one request, CUSTOM first.
     #[must_use]
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
+        self.evaluate_from(req, true)
+    }
+
+    /// DENY then ALLOW: the rest of the evaluation once the CUSTOM policy's provider allowed.
+    #[must_use]
+    pub fn evaluate_after_custom(&self, req: &Request<'_>) -> Decision {
+        self.evaluate_from(req, false)
+    }
+
+    fn evaluate_from(&self, req: &Request<'_>, custom: bool) -> Decision {
         let audit = self
             .audit
             .iter()
@@ -418,17 +448,33 @@ impl WorkloadPolicies {
             reason,
             decided_by,
             provider,
+            provider_problem: None,
             audit,
             dry_run,
             shadow,
         };
-        if let Some(m) = first_matching(&self.custom, req) {
-            let provider = self
-                .custom
-                .iter()
-                .find(|p| p.id == m.policy)
-                .and_then(|p| p.provider.clone());
-            return decide(false, Reason::CustomNotSupported, Some(m), provider);
+        if let Some(m) = custom.then(|| first_matching(&self.custom, req)).flatten() {
+            match &self.provider {
+                CustomProvider::Ready(p) => {
+                    // Istio: "ignored CUSTOM action with HTTP provider on TCP filter chain".
+                    let ignored = req.http.is_none() && matches!(p.kind, Kind::Http(_));
+                    if !ignored {
+                        let name = Some(p.name.clone());
+                        return decide(false, Reason::CustomCheck, Some(m), name);
+                    }
+                }
+                CustomProvider::Invalid(why) => {
+                    let mut d = decide(false, Reason::CustomProviderInvalid, Some(m), None);
+                    d.provider_problem = Some(why.clone());
+                    return d;
+                }
+                // Unreachable: a CUSTOM policy in the list resolves a provider or a reason.
+                CustomProvider::None => {
+                    let mut d = decide(false, Reason::CustomProviderInvalid, Some(m), None);
+                    d.provider_problem = Some("no provider resolved".into());
+                    return d;
+                }
+            }
         }
         if let Some(m) = first_matching(&self.deny, req) {
             return decide(false, Reason::DeniedByPolicy, Some(m), None);

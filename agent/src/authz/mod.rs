@@ -13,7 +13,7 @@ pub mod path;
 
 /// Made by authentication; named here too because requests carry it.
 pub use crate::authn::AuthInfo;
-pub use compile::{CompiledPolicy, PolicySet, WorkloadPolicies};
+pub use compile::{CompiledPolicy, CustomProvider, PolicySet, WorkloadPolicies};
 pub use eval::{Decision, Http, Peer, Reason, Request, DENIED_BODY};
 #[cfg(test)]
 mod tests;

@@ -108,7 +108,18 @@ fn compile(yaml: &str) -> PolicySet {
 }
 
 fn decide_in(yaml: &str, namespace: &str, labels: &[(&str, &str)], r: &R) -> Decision {
-    let set = compile(yaml);
+    evaluate(&compile(yaml), namespace, labels, r, true)
+}
+
+/// Evaluates `r` against the policies `set` gives the workload; `custom: false` is the
+/// evaluation after an allowing provider (DENY and ALLOW only).
+fn evaluate(
+    set: &PolicySet,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    r: &R,
+    custom: bool,
+) -> Decision {
     let labels: BTreeMap<String, String> = labels
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -155,7 +166,11 @@ fn decide_in(yaml: &str, namespace: &str, labels: &[(&str, &str)], r: &R) -> Dec
             auth: auth.as_ref(),
         }),
     };
-    policies.evaluate(&req)
+    if custom {
+        policies.evaluate(&req)
+    } else {
+        policies.evaluate_after_custom(&req)
+    }
 }
 
 /// Status for foo/httpbin (labels app=httpbin, version=v1).
@@ -194,20 +209,95 @@ fn applicability_and_order(yaml: &str, expected: u16) {
     assert_eq!(status(yaml, &get("/")), expected);
 }
 
+/// A CUSTOM policy in foo for app=httpbin naming `provider`, for requests to `/ext*`.
+fn custom(name: &str, provider: &str) -> String {
+    deny("[{to: [{operation: {paths: [/ext*]}}]}]")
+        .replace("name: p", &format!("name: {name}"))
+        .replace(
+            "action: DENY",
+            &format!("action: CUSTOM\n  provider: {{name: {provider}}}"),
+        )
+}
+
+/// The `MeshConfig` of Istio's ext-authz task: one gRPC and one HTTP provider, and one whose
+/// port is invalid.
+const MESH: &str = "extensionProviders:\n- name: grpc\n  envoyExtAuthzGrpc: {service: ext-authz.foo.svc.cluster.local, port: 9000}\n- name: http\n  envoyExtAuthzHttp: {service: ext-authz.foo.svc.cluster.local, port: 8000}\n- name: broken\n  envoyExtAuthzGrpc: {service: ext-authz.foo.svc.cluster.local, port: 0}\n";
+
+fn with_mesh(yaml: &str) -> PolicySet {
+    let mesh = crate::extauthz::MeshProviders::parse("mesh", MESH).expect("mesh");
+    compile(yaml).with_providers(std::sync::Arc::new(mesh))
+}
+
+const HTTPBIN: &[(&str, &str)] = &[("app", "httpbin")];
+
 #[test]
-fn custom_policy_that_matches_is_denied_fail_closed() {
-    let yaml = deny("[{to: [{operation: {paths: [/ext*]}}]}]").replace(
-        "action: DENY",
-        "action: CUSTOM\n  provider: {name: my-authz}",
-    );
-    let d = decide_in(&yaml, "foo", &[("app", "httpbin")], &get("/ext/a"));
+fn a_matching_custom_policy_hands_the_request_to_its_provider() {
+    let set = with_mesh(&custom("c", "grpc"));
+    let d = evaluate(&set, "foo", HTTPBIN, &get("/ext/a"), true);
     assert_eq!(
         (d.allow, d.reason, d.provider.as_deref()),
-        (false, Reason::CustomNotSupported, Some("my-authz"))
+        (false, Reason::CustomCheck, Some("grpc"))
     );
-    assert!(d.describe().contains("fail closed"), "{}", d.describe());
-    // CUSTOM runs before DENY/ALLOW; a CUSTOM policy that does not match lets evaluation go on.
-    assert!(decide_in(&yaml, "foo", &[("app", "httpbin")], &get("/other")).allow);
+    // Istio: only requests the CUSTOM rules match go to the provider; others go on.
+    let d = evaluate(&set, "foo", HTTPBIN, &get("/other"), true);
+    assert_eq!((d.allow, d.reason), (true, Reason::NoAllowPolicies));
+}
+
+#[test]
+fn after_an_allowing_provider_deny_then_allow_still_apply() {
+    // Envoy's RBAC filters run after ext_authz: a DENY policy still denies.
+    let yaml = format!(
+        "{}---\n{}",
+        custom("c", "grpc"),
+        deny("[{to: [{operation: {paths: [/ext/x]}}]}]").replace("name: p", "name: d")
+    );
+    let set = with_mesh(&yaml);
+    let d = evaluate(&set, "foo", HTTPBIN, &get("/ext/x"), false);
+    assert_eq!((d.allow, d.reason), (false, Reason::DeniedByPolicy));
+    let d = evaluate(&set, "foo", HTTPBIN, &get("/ext/y"), false);
+    assert_eq!((d.allow, d.reason), (true, Reason::NoAllowPolicies));
+}
+
+// Istio's builder (`getExtAuthz`): "available providers are ... but found", "found errors in
+// provider", "only 1 provider can be used per workload": the CUSTOM rules become DENY rules.
+#[test_case(&custom("c", "undefined"), "available providers are" ; "an undefined provider")]
+#[test_case(&custom("c", "broken"), "found errors in provider broken" ; "an invalid provider")]
+#[test_case(&format!("{}---\n{}", custom("a", "grpc"), custom("b", "http")), "only 1 provider" ; "two providers for one workload")]
+fn a_custom_policy_whose_provider_cannot_be_called_denies_what_it_matches(yaml: &str, why: &str) {
+    let set = with_mesh(yaml);
+    let d = evaluate(&set, "foo", HTTPBIN, &get("/ext/a"), true);
+    assert_eq!((d.allow, d.reason), (false, Reason::CustomProviderInvalid));
+    let problem = d.provider_problem.clone().unwrap_or_default();
+    assert!(problem.contains(why), "{problem}");
+    assert!(d.describe().contains(why), "{}", d.describe());
+    assert!(evaluate(&set, "foo", HTTPBIN, &get("/other"), true).allow);
+}
+
+#[test]
+fn dry_run_does_not_apply_to_custom() {
+    // Istio's validation: the dry-run annotation is refused on a CUSTOM policy, naming it.
+    let yaml = custom("c", "grpc").replace(
+        "name: c, namespace: foo",
+        "name: c, namespace: foo, annotations: {istio.io/dry-run: \"true\"}",
+    );
+    let loaded = load_str(Path::new("test.yaml"), &yaml);
+    let error = loaded
+        .errors
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(error.contains("istio.io/dry-run"), "{error}");
+    assert!(loaded.authorization_policies.is_empty());
+}
+
+#[test_case("grpc", Reason::CustomCheck ; "a gRPC provider checks TCP connections (Envoy's network ext_authz)")]
+#[test_case("http", Reason::NoAllowPolicies ; "an HTTP provider is ignored on TCP, as Istio's builder does")]
+#[test_case("undefined", Reason::CustomProviderInvalid ; "an undefined provider denies TCP too")]
+fn custom_on_tcp(provider: &str, reason: Reason) {
+    // Paths are HTTP-only: ignored in a CUSTOM rule on TCP, so the rule matches the connection.
+    let set = with_mesh(&custom("c", provider));
+    let d = evaluate(&set, "foo", HTTPBIN, &get("/").tcp(), true);
+    assert_eq!(d.reason, reason);
 }
 
 #[test]

@@ -50,6 +50,16 @@ pub struct RunArgs {
         conflicts_with = "kubernetes"
     )]
     pub workloads: Option<PathBuf>,
+    /// Istio's `MeshConfig` YAML (as in the `mesh` key of `ConfigMap` `istio`): its
+    /// `extensionProviders` (`envoyExtAuthzHttp`, `envoyExtAuthzGrpc`) are the external
+    /// authorizers CUSTOM policies call. Watched. Kubernetes mode reads the `ConfigMap` instead.
+    #[arg(
+        long,
+        env = "NODEWARD_MESH_CONFIG",
+        value_name = "FILE",
+        conflicts_with = "kubernetes"
+    )]
+    pub mesh_config: Option<PathBuf>,
     /// Kubernetes mode: pods and policies come from the API server (watched) instead of
     /// `--policies`/`--workloads`.
     #[arg(long, env = "NODEWARD_KUBERNETES")]
@@ -247,6 +257,7 @@ pub fn config(args: &RunArgs) -> Result<Config, RunError> {
         trust_domain: args.trust_domain.clone(),
         policies: args.policies.iter().map(|p| absolute(p)).collect(),
         workloads: args.workloads.as_deref().map(absolute),
+        mesh_config: args.mesh_config.as_deref().map(absolute),
         kubernetes,
         path_normalization: args.path_normalization,
         drain_timeout: args.drain_timeout,

@@ -10,7 +10,11 @@
 //! 5. path normalization (Istio's mesh setting): an invalid path: 400;
 //! 6. the kubelet's probes from the node ([`probe`]): forwarded unjudged;
 //! 7. JWT authentication (Envoy's `jwt_authn`): 401 (403 for audiences);
-//! 8. authorization (Envoy's RBAC, Istio's CUSTOM/DENY/ALLOW order): 403;
+//! 8. authorization (Istio's CUSTOM/DENY/ALLOW order): a matching CUSTOM policy leaves the
+//!    verdict waiting for its provider ([`HttpVerdict::custom`], denied until resolved); the
+//!    caller asks the provider (`crate::extauthz`) and hands the answer to [`after_custom`],
+//!    which answers with the provider's denial or `statusOnError`, or goes on with DENY and
+//!    ALLOW (Envoy's RBAC) over the request as the provider changed it: 403;
 //! 9. forwarded, with the rewrite of [`HttpVerdict::rewrite`].
 //!
 //! A TCP connection ([`decide_tcp`]) is judged once with Istio's TCP semantics.
@@ -22,14 +26,19 @@ pub mod upgrade;
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
-use http::{header, HeaderMap, Method, StatusCode, Version};
+use std::sync::Arc;
+
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 use crate::authn::cache::TokenCache;
 use crate::authn::rules::{rewrite, JwtRules, Keys};
 use crate::authn::{www_authenticate, JwtError, Outcome, RequestParts};
 use crate::authz::explain::{explain, Explanation};
 use crate::authz::path::{normalize, Normalization, NormalizedPath};
-use crate::authz::{AuthInfo, Decision, Http, Peer, Request, WorkloadPolicies, DENIED_BODY};
+use crate::authz::{
+    AuthInfo, CustomProvider, Decision, Http, Peer, Request, WorkloadPolicies, DENIED_BODY,
+};
+use crate::extauthz::{CheckResult, Outcome as CheckOutcome, ProviderConfig};
 use crate::state::workloads::Probe;
 use probe::{Attempt, NodeAddresses};
 use upgrade::Upgrade;
@@ -46,8 +55,21 @@ pub enum Reason {
     DeniedByPolicy,
     /// ALLOW policies apply and none matched.
     NoAllowMatched,
-    /// A CUSTOM policy matched; external authorizers are not supported: denied.
-    CustomNotSupported,
+    /// A CUSTOM policy matched: its provider decides (denied until it has answered).
+    CustomCheck,
+    /// A CUSTOM policy matched and its provider is undefined, invalid or one of several:
+    /// denied (Istio's "deny-due-to-bad-CUSTOM-action").
+    CustomProviderInvalid,
+    /// The CUSTOM policy's provider denied: its status, headers and body.
+    DeniedByProvider,
+    /// The provider could not be asked (timeout, connection, 5xx, RPC error) and `failOpen`
+    /// is off: `statusOnError`.
+    ProviderError,
+    /// The body the provider wants exceeds `maxRequestBytes` without `allowPartialMessage`:
+    /// 413 (Envoy's buffer limit).
+    PayloadTooLarge,
+    /// The body read for the provider broke its framing or never came: 400.
+    MalformedBody,
     /// One of the workload's probe endpoints, from the node: not judged.
     Probe,
     /// No workload has the destination address: 503.
@@ -75,7 +97,12 @@ impl Reason {
             Self::NoAllowPolicies => "no_allow_policies",
             Self::DeniedByPolicy => "denied_by_policy",
             Self::NoAllowMatched => "no_allow_matched",
-            Self::CustomNotSupported => "custom_not_supported",
+            Self::CustomCheck => "custom_check",
+            Self::CustomProviderInvalid => "custom_provider_invalid",
+            Self::DeniedByProvider => "denied_by_provider",
+            Self::ProviderError => "provider_error",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::MalformedBody => "malformed_body",
             Self::Probe => "probe",
             Self::UnknownDestination => "unknown_destination",
             Self::ContentLengthConflict => "content_length_conflict",
@@ -103,6 +130,7 @@ impl Reason {
             Self::ConnectRefused => Some("connect_refused"),
             Self::BadHost => Some("bad_host"),
             Self::BadPath => Some("bad_path"),
+            Self::MalformedBody => Some("malformed_body"),
             _ => None,
         }
     }
@@ -110,7 +138,8 @@ impl Reason {
     fn of_authz(reason: crate::authz::Reason) -> Self {
         use crate::authz::Reason as R;
         match reason {
-            R::CustomNotSupported => Self::CustomNotSupported,
+            R::CustomCheck => Self::CustomCheck,
+            R::CustomProviderInvalid => Self::CustomProviderInvalid,
             R::DeniedByPolicy => Self::DeniedByPolicy,
             R::NoAllowPolicies => Self::NoAllowPolicies,
             R::AllowedByPolicy => Self::AllowedByPolicy,
@@ -181,6 +210,8 @@ pub struct Answer {
     pub body: Cow<'static, str>,
     /// `WWW-Authenticate` of a 401.
     pub www_authenticate: Option<String>,
+    /// Headers for the client (a provider's denial).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The connection ends after the answer (its framing can no longer be trusted).
     pub close: bool,
 }
@@ -205,6 +236,22 @@ pub struct HttpVerdict {
     pub policy: Option<String>,
     /// The request principal (`iss/sub`) the request was judged with.
     pub principal: Option<String>,
+    /// A CUSTOM policy matched: its provider must be asked ([`after_custom`]). Until then the
+    /// verdict denies (fail closed).
+    pub custom: Option<CustomCall>,
+    /// The provider's answer, once asked.
+    pub check: Option<CheckResult>,
+    /// Headers for the client's response, whatever it is (an allowing provider's
+    /// `headersToDownstreamOnAllow` / `response_headers_to_add`).
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// The provider a matching CUSTOM policy names.
+#[derive(Debug, Clone)]
+pub struct CustomCall {
+    pub provider: Arc<ProviderConfig>,
+    /// The CUSTOM policy that matched.
+    pub policy: String,
 }
 
 impl HttpVerdict {
@@ -220,6 +267,9 @@ impl HttpVerdict {
             explanation: None,
             policy: None,
             principal: None,
+            custom: None,
+            check: None,
+            response_headers: Vec::new(),
         }
     }
 
@@ -235,6 +285,7 @@ impl HttpVerdict {
             status,
             body: body.into(),
             www_authenticate: None,
+            headers: Vec::new(),
             close,
         });
         self
@@ -340,6 +391,7 @@ pub fn decide_http(req: &HttpRequest<'_>, judge: &Judge<'_>) -> HttpVerdict {
             status,
             body: error.body().into(),
             www_authenticate: www,
+            headers: Vec::new(),
             close: false,
         });
         verdict.path = Some(path);
@@ -348,12 +400,28 @@ pub fn decide_http(req: &HttpRequest<'_>, judge: &Judge<'_>) -> HttpVerdict {
         return verdict;
     }
 
-    // Authorization. The identity is borrowed from the verified token (shared with the cache).
-    {
-        let auth = match &outcome {
+    verdict.path = Some(path);
+    verdict.authn = Some(outcome);
+    verdict.authority = authority;
+    authorize(verdict, destination, req, judge, true)
+}
+
+/// Step 8 over a verdict that passed authentication: CUSTOM first when `custom`, then DENY
+/// and ALLOW. The identity is borrowed from the verified token (shared with the cache).
+fn authorize(
+    mut verdict: HttpVerdict,
+    destination: Destination<'_>,
+    req: &HttpRequest<'_>,
+    judge: &Judge<'_>,
+    custom: bool,
+) -> HttpVerdict {
+    let decision = {
+        let outcome = verdict.authn.as_ref().unwrap_or(&Outcome::NoToken);
+        let auth = match outcome {
             Outcome::Authenticated(a) => Some(&a.verified.auth),
             _ => judge.assumed,
         };
+        let path = verdict.path.as_ref();
         let request = Request {
             source: judge.source,
             destination_ip: judge.destination_ip,
@@ -361,33 +429,101 @@ pub fn decide_http(req: &HttpRequest<'_>, judge: &Judge<'_>) -> HttpVerdict {
             sni: None,
             http: Some(Http {
                 method: req.method.as_str(),
-                path: &path.path,
-                query: path.query.as_deref(),
-                host,
+                path: path.map_or("/", |p| p.path.as_str()),
+                query: path.and_then(|p| p.query.as_deref()),
+                host: verdict.authority.as_deref().unwrap_or_default(),
                 headers: req.headers,
                 auth,
             }),
         };
-        let decision = destination.policies.evaluate(&request);
+        let decision = if custom {
+            destination.policies.evaluate(&request)
+        } else {
+            destination.policies.evaluate_after_custom(&request)
+        };
         verdict.explanation = judge
             .explain
             .then(|| explain(destination.policies, &request));
         verdict.principal = auth.map(AuthInfo::principal);
-        verdict.policy = decision.decided_by.as_ref().map(|m| m.policy.clone());
-        verdict.reason = Reason::of_authz(decision.reason);
-        if !decision.allow {
-            verdict.answer = Some(Answer {
-                status: StatusCode::FORBIDDEN,
-                body: DENIED_BODY.into(),
-                www_authenticate: None,
-                close: false,
+        decision
+    };
+    verdict.policy = decision.decided_by.as_ref().map(|m| m.policy.clone());
+    verdict.reason = Reason::of_authz(decision.reason);
+    verdict.answer = (!decision.allow).then(|| Answer {
+        status: StatusCode::FORBIDDEN,
+        body: DENIED_BODY.into(),
+        www_authenticate: None,
+        headers: Vec::new(),
+        close: false,
+    });
+    if decision.reason == crate::authz::Reason::CustomCheck {
+        if let (CustomProvider::Ready(provider), Some(policy)) =
+            (&destination.policies.provider, verdict.policy.clone())
+        {
+            verdict.custom = Some(CustomCall {
+                provider: provider.clone(),
+                policy,
             });
         }
-        verdict.decision = Some(decision);
     }
-    verdict.path = Some(path);
-    verdict.authn = Some(outcome);
-    verdict.authority = authority;
+    verdict.decision = Some(decision);
+    verdict
+}
+
+/// Step 8 after the CUSTOM policy's provider answered `result`: its denial or `statusOnError`
+/// answers; an allow (or a failure with `failOpen`) goes on with DENY and ALLOW. `req` carries
+/// the headers as the provider left them (the caller applied [`crate::extauthz::Allowed`]),
+/// and the query changes are applied here to the judged path.
+#[must_use]
+pub fn after_custom(
+    mut verdict: HttpVerdict,
+    req: &HttpRequest<'_>,
+    judge: &Judge<'_>,
+    result: CheckResult,
+) -> HttpVerdict {
+    verdict.custom = None;
+    let answer = |status, body: Cow<'static, str>, headers| Answer {
+        status,
+        body,
+        www_authenticate: None,
+        headers,
+        close: false,
+    };
+    match (&result.outcome, result.failure()) {
+        (
+            CheckOutcome::Denied {
+                status,
+                headers,
+                body,
+            },
+            _,
+        ) => {
+            verdict.reason = Reason::DeniedByProvider;
+            verdict.answer = Some(answer(
+                *status,
+                String::from_utf8_lossy(body).into_owned().into(),
+                headers.clone(),
+            ));
+        }
+        (CheckOutcome::Error(_), Some(Some(status))) => {
+            verdict.reason = Reason::ProviderError;
+            verdict.answer = Some(answer(status, Cow::Borrowed(""), Vec::new()));
+        }
+        (outcome, _) => {
+            if let CheckOutcome::Allowed(allowed) = outcome {
+                verdict.response_headers.clone_from(&allowed.downstream_add);
+                if let Some(path) = verdict.path.as_mut() {
+                    if let Some(query) = allowed.apply_query(path.query.as_deref()) {
+                        path.query = query;
+                    }
+                }
+            }
+            if let Some(destination) = judge.destination {
+                verdict = authorize(verdict, destination, req, judge, false);
+            }
+        }
+    }
+    verdict.check = Some(result);
     verdict
 }
 
@@ -467,6 +603,11 @@ pub struct TcpVerdict {
     /// Authorization, when it ran.
     pub decision: Option<Decision>,
     pub explanation: Option<Explanation>,
+    /// A CUSTOM policy matched and its (gRPC) provider must be asked ([`tcp_after_custom`]);
+    /// until then the connection is refused.
+    pub custom: Option<CustomCall>,
+    /// The provider's answer, once asked.
+    pub check: Option<CheckResult>,
 }
 
 /// Judges a connection that is not HTTP, with Istio's TCP semantics: an ALLOW rule that needs
@@ -480,6 +621,8 @@ pub fn decide_tcp(sni: Option<&str>, judge: &Judge<'_>) -> TcpVerdict {
             policy: None,
             decision: None,
             explanation: None,
+            custom: None,
+            check: None,
         };
     };
     if let (None, Some(node), Some(peer)) = (sni, judge.node, judge.source.ip) {
@@ -496,6 +639,8 @@ pub fn decide_tcp(sni: Option<&str>, judge: &Judge<'_>) -> TcpVerdict {
                 policy: None,
                 decision: None,
                 explanation: None,
+                custom: None,
+                check: None,
             };
         }
     }
@@ -506,14 +651,78 @@ pub fn decide_tcp(sni: Option<&str>, judge: &Judge<'_>) -> TcpVerdict {
         sni,
         http: None,
     };
-    let decision = destination.policies.evaluate(&request);
+    tcp_authorize(destination, &request, judge, true)
+}
+
+fn tcp_authorize(
+    destination: Destination<'_>,
+    request: &Request<'_>,
+    judge: &Judge<'_>,
+    custom: bool,
+) -> TcpVerdict {
+    let decision = if custom {
+        destination.policies.evaluate(request)
+    } else {
+        destination.policies.evaluate_after_custom(request)
+    };
+    let policy = decision.decided_by.as_ref().map(|m| m.policy.clone());
+    let custom = match (&decision.reason, &destination.policies.provider, &policy) {
+        (crate::authz::Reason::CustomCheck, CustomProvider::Ready(p), Some(policy)) => {
+            Some(CustomCall {
+                provider: p.clone(),
+                policy: policy.clone(),
+            })
+        }
+        _ => None,
+    };
     TcpVerdict {
         allow: decision.allow,
         reason: Reason::of_authz(decision.reason),
-        policy: decision.decided_by.as_ref().map(|m| m.policy.clone()),
+        policy,
         explanation: judge
             .explain
-            .then(|| explain(destination.policies, &request)),
+            .then(|| explain(destination.policies, request)),
         decision: Some(decision),
+        custom,
+        check: None,
     }
+}
+
+/// A TCP connection's verdict after the CUSTOM policy's provider answered (Envoy's network
+/// `ext_authz` filter: OK goes on to RBAC, a denial or a failure without `failOpen` closes).
+#[must_use]
+pub fn tcp_after_custom(
+    mut verdict: TcpVerdict,
+    sni: Option<&str>,
+    judge: &Judge<'_>,
+    result: CheckResult,
+) -> TcpVerdict {
+    verdict.custom = None;
+    let go_on = match (&result.outcome, result.failure()) {
+        (CheckOutcome::Denied { .. }, _) => {
+            verdict.reason = Reason::DeniedByProvider;
+            false
+        }
+        (CheckOutcome::Error(_), Some(Some(_))) => {
+            verdict.reason = Reason::ProviderError;
+            false
+        }
+        _ => true,
+    };
+    if go_on {
+        if let Some(destination) = judge.destination {
+            let request = Request {
+                source: judge.source,
+                destination_ip: judge.destination_ip,
+                destination_port: judge.destination_port,
+                sni,
+                http: None,
+            };
+            verdict = tcp_authorize(destination, &request, judge, false);
+        }
+    } else {
+        verdict.allow = false;
+    }
+    verdict.check = Some(result);
+    verdict
 }

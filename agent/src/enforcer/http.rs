@@ -24,7 +24,11 @@ use super::upstream::Watched;
 use super::{ConnectionInfo, Enforcer};
 use crate::authn::token::unix_now;
 use crate::decision::upgrade::Upgrade;
-use crate::decision::{decide_http, Answer, Destination, HttpRequest, Judge, Reason};
+use crate::decision::{
+    after_custom, decide_http, Answer, CustomCall, Destination, HttpRequest, HttpVerdict, Judge,
+    Reason,
+};
+use crate::extauthz::{CheckInput, HttpInput, Outcome as CheckOutcome};
 use crate::metrics::{ReasonLabels, RequestLabels, SharedLabel};
 use crate::state::{Snapshot, WorkloadView};
 
@@ -139,8 +143,56 @@ struct Judged {
     principal: Option<String>,
 }
 
+/// The request as the decision sees it (`method` and `uri` are the request's, held apart so
+/// that the request itself can change afterwards).
+fn described<'a>(
+    method: &'a hyper::Method,
+    uri: &'a hyper::Uri,
+    req: &'a Request<Incoming>,
+    h2: bool,
+    conflict: bool,
+) -> HttpRequest<'a> {
+    HttpRequest {
+        method,
+        version: req.version(),
+        h2,
+        target: uri
+            .path_and_query()
+            .map_or("/", hyper::http::uri::PathAndQuery::as_str),
+        uri_authority: uri.authority().map(hyper::http::uri::Authority::as_str),
+        headers: req.headers(),
+        framing_conflict: conflict,
+    }
+}
+
+/// Reads the body until it ends or holds more than `limit` bytes: the bytes read, and whether
+/// the body ended. `Err`: the body broke its framing.
+async fn gather(body: &mut Incoming, limit: usize) -> Result<(Bytes, bool), ()> {
+    let mut buf = bytes::BytesMut::new();
+    while buf.len() <= limit {
+        match body.frame().await {
+            None => return Ok((buf.freeze(), true)),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Some(Err(_)) => return Err(()),
+        }
+    }
+    Ok((buf.freeze(), hyper::body::Body::is_end_stream(body)))
+}
+
 fn answer(answer: &Answer) -> Response<Body> {
     let mut res = full(answer.status, answer.body.clone().into_owned());
+    let mut replaced = std::collections::HashSet::new();
+    for (name, value) in &answer.headers {
+        if replaced.insert(name.clone()) {
+            res.headers_mut().insert(name.clone(), value.clone());
+        } else {
+            res.headers_mut().append(name.clone(), value.clone());
+        }
+    }
     if let Some(v) = answer
         .www_authenticate
         .as_deref()
@@ -172,20 +224,28 @@ impl Enforcer {
         let workload_id = view
             .as_ref()
             .map_or_else(super::no_workload, |w| w.id.clone());
-        let mut verdict = {
-            let request = HttpRequest {
-                method: &method,
-                version: req.version(),
-                h2,
-                target: uri
-                    .path_and_query()
-                    .map_or("/", hyper::http::uri::PathAndQuery::as_str),
-                uri_authority: uri.authority().map(hyper::http::uri::Authority::as_str),
-                headers: req.headers(),
-                framing_conflict: conflict,
-            };
-            decide_http(&request, &self.judge(&snapshot, view.as_deref(), info))
-        };
+        let mut verdict = decide_http(
+            &described(&method, &uri, &req, h2, conflict),
+            &self.judge(&snapshot, view.as_deref(), info),
+        );
+        // The body bytes read for an external authorizer, sent to the pod ahead of the rest.
+        let mut read_ahead = None;
+        if let Some(call) = verdict.custom.clone() {
+            let asked = self
+                .ask_provider(
+                    &mut req,
+                    verdict,
+                    &call,
+                    &snapshot,
+                    view.as_deref(),
+                    info,
+                    h2,
+                    conflict,
+                )
+                .await;
+            verdict = asked.0;
+            read_ahead = asked.1;
+        }
         if let Some(reason) = verdict.reason.refusal() {
             self.metrics
                 .refused
@@ -203,7 +263,9 @@ impl Enforcer {
             policy: verdict.policy.take(),
             principal: verdict.principal.take(),
         };
-        let response = match (&verdict.answer, view.as_deref()) {
+        let response_headers = std::mem::take(&mut verdict.response_headers);
+        let check = verdict.check.take();
+        let mut response = match (&verdict.answer, view.as_deref()) {
             (Some(refused), _) => answer(refused),
             (None, Some(view)) => {
                 // What was judged is what the pod receives.
@@ -213,7 +275,16 @@ impl Enforcer {
                 strip_hop_by_hop(req.headers_mut(), upgrade);
                 let host = verdict.authority.as_deref().unwrap_or_default();
                 let (response, forwarded) = self
-                    .forward(req, info, h2, upgrade, host, &path_and_query, judged)
+                    .forward(
+                        req,
+                        read_ahead,
+                        info,
+                        h2,
+                        upgrade,
+                        host,
+                        &path_and_query,
+                        judged,
+                    )
                     .await;
                 judged = forwarded;
                 response
@@ -230,7 +301,35 @@ impl Enforcer {
             }
         };
         drop(snapshot);
-        let elapsed = started.elapsed();
+        // An allowing provider's headers for the client, on whatever answer it gets (Envoy adds
+        // them as the response passes its ext_authz filter).
+        for (name, value) in response_headers {
+            response.headers_mut().append(name, value);
+        }
+        self.account(
+            &workload_id,
+            &judged,
+            &method,
+            &uri,
+            info,
+            check.as_ref(),
+            started.elapsed(),
+        );
+        response
+    }
+
+    /// Counts and logs one judged request (the access log line).
+    #[expect(clippy::too_many_arguments, reason = "every field of the access log")]
+    fn account(
+        &self,
+        workload_id: &Arc<str>,
+        judged: &Judged,
+        method: &hyper::Method,
+        uri: &hyper::Uri,
+        info: ConnectionInfo,
+        check: Option<&crate::extauthz::CheckResult>,
+        elapsed: std::time::Duration,
+    ) {
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -252,9 +351,139 @@ impl Enforcer {
             reason = %judged.reason,
             policy = judged.policy.as_deref().unwrap_or("-"),
             principal = judged.principal.as_deref().unwrap_or("-"),
+            provider = check.as_ref().map_or("-", |c| c.provider.as_str()),
+            provider_result = check.as_ref().map_or("-", |c| c.label()),
+            provider_us = check
+                .as_ref()
+                .map_or(0, |c| u64::try_from(c.elapsed.as_micros()).unwrap_or(u64::MAX)),
             latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         );
-        response
+    }
+
+    /// Reads the body a provider wants (`includeRequestBodyInCheck`) as Envoy buffers it: up
+    /// to `maxRequestBytes`; beyond, 413 unless `allowPartialMessage`. Returns the body for the
+    /// check (and whether it is partial) and every byte read, or the client's answer.
+    async fn read_for_check(
+        &self,
+        req: &mut Request<Incoming>,
+        settings: &crate::extauthz::mesh::RequestBody,
+    ) -> Result<((Bytes, bool), Bytes), (Reason, Answer)> {
+        let limit = usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX);
+        let gathered = tokio::time::timeout(
+            self.config.limits.idle_timeout,
+            gather(req.body_mut(), limit),
+        )
+        .await;
+        let refuse = |reason, status, body: &'static str| {
+            Err((
+                reason,
+                Answer {
+                    status,
+                    body: body.into(),
+                    www_authenticate: None,
+                    headers: Vec::new(),
+                    close: true,
+                },
+            ))
+        };
+        let Ok(Ok((all, ended))) = gathered else {
+            return refuse(
+                Reason::MalformedBody,
+                StatusCode::BAD_REQUEST,
+                "Bad Request: the body could not be read\n",
+            );
+        };
+        let partial = !ended || all.len() > limit;
+        if partial && !settings.allow_partial_message {
+            // Envoy: 413 before the check, whatever `failOpen` says.
+            return refuse(
+                Reason::PayloadTooLarge,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Payload Too Large",
+            );
+        }
+        Ok(((all.slice(..all.len().min(limit)), partial), all))
+    }
+
+    /// Asks the provider of the CUSTOM policy that matched (reading the body first when it
+    /// wants it) and finishes the decision with its answer. Returns the verdict and the body
+    /// bytes already read, which go to the pod ahead of the rest.
+    #[expect(clippy::too_many_arguments, reason = "the request and its context")]
+    async fn ask_provider(
+        &self,
+        req: &mut Request<Incoming>,
+        mut verdict: HttpVerdict,
+        call: &CustomCall,
+        snapshot: &Snapshot,
+        view: Option<&WorkloadView>,
+        info: ConnectionInfo,
+        h2: bool,
+        conflict: bool,
+    ) -> (HttpVerdict, Option<Bytes>) {
+        let provider = &call.provider;
+        let (check_body, read_ahead) = match &provider.body {
+            None => (None, None),
+            Some(settings) => match self.read_for_check(req, settings).await {
+                Ok((check, all)) => (Some(check), Some(all)),
+                Err(answer) => {
+                    verdict.custom = None;
+                    verdict.reason = answer.0;
+                    verdict.answer = Some(answer.1);
+                    return (verdict, None);
+                }
+            },
+        };
+        let target = verdict.path.as_ref().map_or_else(
+            || "/".to_owned(),
+            |p| match &p.query {
+                Some(q) => format!("{}?{q}", p.path),
+                None => p.path.clone(),
+            },
+        );
+        let size = match &check_body {
+            Some((b, false)) => i64::try_from(b.len()).unwrap_or(-1),
+            _ => req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(-1),
+        };
+        let protocol = match (h2, req.version()) {
+            (true, _) => "HTTP/2",
+            (false, hyper::Version::HTTP_10) => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        let destination_principal = view.map(|v| snapshot.principal_of(&v.workload));
+        let result = {
+            let input = CheckInput {
+                source: info.peer,
+                source_principal: snapshot
+                    .source(info.peer.ip())
+                    .map(|s| s.principal.as_str()),
+                destination: info.original_dst,
+                destination_principal: destination_principal.as_deref(),
+                http: Some(HttpInput {
+                    method: req.method().as_str(),
+                    path: &target,
+                    host: verdict.authority.as_deref().unwrap_or_default(),
+                    headers: req.headers(),
+                    protocol,
+                    body: check_body.as_ref().map(|(b, partial)| (b, *partial)),
+                    size,
+                }),
+            };
+            self.extauthz.check(provider, &input).await
+        };
+        self.metrics.extauthz(&result);
+        super::log_check(&result, info);
+        if let CheckOutcome::Allowed(allowed) = &result.outcome {
+            allowed.apply(req.headers_mut());
+        }
+        let uri = req.uri().clone();
+        let method = req.method().clone();
+        let judge = self.judge(snapshot, view, info);
+        let request = described(&method, &uri, req, h2, conflict);
+        (after_custom(verdict, &request, &judge, result), read_ahead)
     }
 
     /// The decision's inputs for a connection into the workload `view` (if any).
@@ -287,6 +516,7 @@ impl Enforcer {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
+        read_ahead: Option<Bytes>,
         info: ConnectionInfo,
         h2: bool,
         upgrade: bool,
@@ -296,7 +526,7 @@ impl Enforcer {
     ) -> (Response<Body>, Judged) {
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let (body, body_failed) = Watched::new(body);
+        let (body, body_failed) = Watched::new(body, read_ahead);
         let mut req = Request::from_parts(parts, body);
         let result = if h2 {
             let scheme = req.uri().scheme_str().unwrap_or("http").to_owned();

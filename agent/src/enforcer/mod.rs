@@ -98,6 +98,22 @@ pub struct Enforcer {
     pub(crate) upstream: Upstream,
     /// The node's own addresses, for the probe exemption ([`probe`]).
     pub(crate) node: crate::decision::probe::NodeAddresses,
+    /// Calls the external authorizers of CUSTOM policies.
+    pub(crate) extauthz: crate::extauthz::Client,
+}
+
+/// Logs a failed external authorizer check (the access log line carries every result).
+fn log_check(result: &crate::extauthz::CheckResult, info: ConnectionInfo) {
+    if let crate::extauthz::Outcome::Error(e) = &result.outcome {
+        tracing::warn!(
+            provider = %result.provider,
+            source = %info.peer,
+            destination = %info.original_dst,
+            fail_open = result.fail_open,
+            error = %e,
+            "external authorizer check failed"
+        );
+    }
 }
 
 /// One accepted connection as the enforcer sees it.
@@ -153,6 +169,7 @@ impl Enforcer {
             config,
             upstream,
             node: crate::decision::probe::NodeAddresses::default(),
+            extauthz: crate::extauthz::Client::new(),
         })
     }
 

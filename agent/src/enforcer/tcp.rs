@@ -20,11 +20,12 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnectionInfo, Enforcer};
-use crate::decision::decide_tcp;
+use crate::decision::{decide_tcp, tcp_after_custom};
+use crate::extauthz::CheckInput;
 use crate::metrics::{RequestLabels, SharedLabel};
 
 /// Whether an allowed TCP connection goes on, after it was judged, counted and logged.
-fn authorize(
+async fn authorize(
     enforcer: &Enforcer,
     info: ConnectionInfo,
     sni: Option<&str>,
@@ -36,11 +37,29 @@ fn authorize(
     let workload_id = view
         .as_ref()
         .map_or_else(super::no_workload, |w| w.id.clone());
-    let verdict = decide_tcp(sni, &enforcer.judge(&snapshot, view.as_deref(), info));
+    let mut verdict = decide_tcp(sni, &enforcer.judge(&snapshot, view.as_deref(), info));
     enforcer
         .metrics
         .decision_seconds
         .observe(started.elapsed().as_secs_f64());
+    if let Some(call) = verdict.custom.clone() {
+        // Envoy's network ext_authz filter: a gRPC check with the peers only.
+        let destination_principal = view.as_deref().map(|v| snapshot.principal_of(&v.workload));
+        let input = CheckInput {
+            source: info.peer,
+            source_principal: snapshot
+                .source(info.peer.ip())
+                .map(|s| s.principal.as_str()),
+            destination: info.original_dst,
+            destination_principal: destination_principal.as_deref(),
+            http: None,
+        };
+        let result = enforcer.extauthz.check(&call.provider, &input).await;
+        enforcer.metrics.extauthz(&result);
+        super::log_check(&result, info);
+        let judge = enforcer.judge(&snapshot, view.as_deref(), info);
+        verdict = tcp_after_custom(verdict, sni, &judge, result);
+    }
     let decision = if verdict.allow { "allow" } else { "deny" };
     enforcer
         .metrics
@@ -67,6 +86,8 @@ fn authorize(
         decision,
         reason = %verdict.reason,
         policy = verdict.policy.as_deref().unwrap_or("-"),
+        provider = verdict.check.as_ref().map_or("-", |c| c.provider.as_str()),
+        provider_result = verdict.check.as_ref().map_or("-", |c| c.label()),
         latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
     );
     verdict.allow
@@ -91,7 +112,7 @@ pub(super) async fn serve(
     sni: Option<String>,
     shutdown: CancellationToken,
 ) {
-    if !authorize(&enforcer, info, sni.as_deref(), false) {
+    if !authorize(&enforcer, info, sni.as_deref(), false).await {
         return; // dropping the stream closes it
     }
     let connect = super::upstream::connect(info.original_dst, enforcer.upstream.dial()).await;
@@ -157,7 +178,7 @@ pub(super) async fn serve_server_first(
     info: ConnectionInfo,
     shutdown: CancellationToken,
 ) {
-    if !authorize(&enforcer, info, None, true) {
+    if !authorize(&enforcer, info, None, true).await {
         return;
     }
     splice(stream, upstream, shutdown).await;

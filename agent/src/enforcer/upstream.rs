@@ -59,17 +59,22 @@ pub enum UpstreamError {
 /// was the request's, not the pod's.
 #[derive(Debug)]
 pub struct Watched {
+    /// Bytes of the body read before forwarding began (for an external authorizer), sent
+    /// first.
+    ahead: Option<bytes::Bytes>,
     inner: Incoming,
     failed: Arc<AtomicBool>,
 }
 
 impl Watched {
-    /// The body, and the flag set when reading it fails.
+    /// The body (after `ahead`, the bytes of it already read), and the flag set when reading
+    /// it fails.
     #[must_use]
-    pub fn new(inner: Incoming) -> (Self, Arc<AtomicBool>) {
+    pub fn new(inner: Incoming, ahead: Option<bytes::Bytes>) -> (Self, Arc<AtomicBool>) {
         let failed = Arc::new(AtomicBool::new(false));
         (
             Self {
+                ahead: ahead.filter(|b| !b.is_empty()),
                 inner,
                 failed: failed.clone(),
             },
@@ -86,6 +91,9 @@ impl hyper::body::Body for Watched {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(ahead) = self.ahead.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(ahead))));
+        }
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Err(_))) = &polled {
             self.failed.store(true, Ordering::Relaxed);
@@ -94,11 +102,18 @@ impl hyper::body::Body for Watched {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ahead.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        let ahead = self.ahead.as_ref().map_or(0, |b| b.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = hyper::body::SizeHint::new();
+        hint.set_lower(inner.lower() + ahead);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + ahead);
+        }
+        hint
     }
 }
 

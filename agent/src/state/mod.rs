@@ -150,6 +150,16 @@ impl Snapshot {
         }
     }
 
+    /// A workload's principal, `<trust-domain>/ns/<ns>/sa/<sa>` (the destination of an
+    /// external authorizer's check).
+    #[must_use]
+    pub fn principal_of(&self, w: &Workload) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, w.namespace, w.service_account
+        )
+    }
+
     /// An empty snapshot: nothing known, nothing protected.
     #[must_use]
     pub fn empty(trust_domain: &str, root_namespace: &str) -> Self {

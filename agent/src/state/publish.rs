@@ -10,6 +10,7 @@ use tracing::info;
 use super::{PodIdentity, Snapshot, StateStore, Workload};
 use crate::authn::AuthnSet;
 use crate::authz::PolicySet;
+use crate::extauthz::MeshProviders;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::policy::{AuthorizationPolicy, RequestAuthentication};
 
@@ -28,6 +29,8 @@ pub struct Inputs {
     pub workloads: Vec<Workload>,
     /// Pods known only as sources (Kubernetes: every pod of the cluster).
     pub peers: Vec<PodIdentity>,
+    /// The `MeshConfig`'s `ext_authz` providers in force (CUSTOM policies call them).
+    pub mesh: Arc<MeshProviders>,
     /// Problems with the inputs right now, as [`Snapshot::errors`].
     pub errors: Vec<String>,
 }
@@ -146,7 +149,7 @@ impl Publisher {
             root,
             inputs.workloads.iter().cloned().map(Arc::new).collect(),
             &inputs.peers,
-            PolicySet::compile(&inputs.authz, root),
+            PolicySet::compile(&inputs.authz, root).with_providers(inputs.mesh.clone()),
             AuthnSet::compile(&inputs.authn, root),
             inputs.errors.clone(),
         );

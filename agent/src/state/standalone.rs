@@ -53,6 +53,7 @@ use super::workloads::{
 };
 use super::StateStore;
 use super::DEFAULT_TRUST_DOMAIN;
+use crate::extauthz::{MeshError, MeshProviders};
 use crate::metrics::Metrics;
 use crate::policy::{
     load_str, AuthorizationPolicy, LoadError, RequestAuthentication, DEFAULT_ROOT_NAMESPACE,
@@ -74,6 +75,8 @@ pub struct StandaloneConfig {
     pub policies: Vec<PathBuf>,
     /// The workloads file ([`super::workloads`]).
     pub workloads: PathBuf,
+    /// Istio's `MeshConfig` (`--mesh-config`): its `extensionProviders` serve CUSTOM policies.
+    pub mesh_config: Option<PathBuf>,
     pub root_namespace: String,
     pub trust_domain: String,
     /// Quiet time after the last file event before a reload.
@@ -89,6 +92,7 @@ impl StandaloneConfig {
         Self {
             policies,
             workloads,
+            mesh_config: None,
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             debounce: DEFAULT_DEBOUNCE,
@@ -112,6 +116,10 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    /// The `--mesh-config` file cannot be read or is no `MeshConfig`; starting without its
+    /// providers would deny every request CUSTOM policies match.
+    #[error("{0}; check --mesh-config")]
+    MeshConfig(#[source] MeshError),
 }
 
 /// What started a reload.
@@ -141,6 +149,8 @@ pub struct Standalone {
     files: BTreeMap<PathBuf, FileContent>,
     /// The registry in force.
     workloads: Vec<Workload>,
+    /// The `MeshConfig`'s providers in force (last good).
+    mesh: Arc<MeshProviders>,
 }
 
 impl fmt::Debug for Standalone {
@@ -169,7 +179,15 @@ impl Standalone {
             workloads: absolute(&config.workloads),
             ..config
         };
+        let config = StandaloneConfig {
+            mesh_config: config.mesh_config.as_deref().map(absolute),
+            ..config
+        };
         let registry = load_workloads(&config.workloads).map_err(StartError::Workloads)?;
+        let mesh = match &config.mesh_config {
+            Some(path) => MeshProviders::load(path).map_err(StartError::MeshConfig)?,
+            None => MeshProviders::default(),
+        };
         let mut scan = scan(&config.policies);
         if let Some(at) = scan
             .failed
@@ -191,6 +209,7 @@ impl Standalone {
             publisher,
             files: BTreeMap::new(),
             workloads: Vec::new(),
+            mesh: Arc::new(mesh),
         };
         this.reload_from(Trigger::Start, scan, Ok(registry));
         Ok(this)
@@ -277,6 +296,7 @@ impl Standalone {
             .files
             .iter()
             .chain(std::iter::once(&self.config.workloads))
+            .chain(self.config.mesh_config.as_ref())
             .filter_map(|file| std::fs::metadata(file).and_then(|m| m.modified()).ok())
             // A time in the future (clock skew) tells nothing: not recent.
             .any(|written| {
@@ -307,6 +327,7 @@ impl Standalone {
         let mut issues = Vec::new();
         let removed = self.apply_policies(scan, &mut issues);
         self.apply_workloads(registry, &mut issues);
+        self.apply_mesh(trigger, &mut issues);
         let inputs = Inputs {
             authz: self
                 .files
@@ -320,6 +341,7 @@ impl Standalone {
                 .collect(),
             workloads: self.workloads.clone(),
             peers: Vec::new(),
+            mesh: self.mesh.clone(),
             errors: issues.iter().map(Issue::message).collect(),
         };
         let files = self.files.len();
@@ -403,6 +425,30 @@ impl Standalone {
         removed
     }
 
+    /// Brings the `MeshConfig`'s providers up to date (the start already read them); a file that
+    /// cannot be read or parsed leaves the last good providers serving.
+    fn apply_mesh(&mut self, trigger: Trigger, issues: &mut Vec<Issue>) {
+        let Some(path) = &self.config.mesh_config else {
+            return;
+        };
+        if trigger != Trigger::Start {
+            match MeshProviders::load(path) {
+                Ok(mesh) => {
+                    if *self.mesh != mesh {
+                        self.mesh = Arc::new(mesh);
+                    }
+                }
+                Err(error) => issues.push(Issue::MeshFile { error }),
+            }
+        }
+        for problem in self.mesh.problems() {
+            issues.push(Issue::MeshProvider {
+                path: path.clone(),
+                problem,
+            });
+        }
+    }
+
     /// Brings the registry in force up to date.
     fn apply_workloads(
         &mut self,
@@ -466,6 +512,10 @@ enum Issue {
     WorkloadsFile { error: WorkloadsFileError },
     /// One workload entry is invalid.
     Workload { error: WorkloadError, kept: bool },
+    /// The `--mesh-config` file cannot be read or is no `MeshConfig`.
+    MeshFile { error: MeshError },
+    /// One extension provider of the `MeshConfig` is invalid.
+    MeshProvider { path: PathBuf, problem: String },
 }
 
 const FILE_KEPT: &str =
@@ -491,6 +541,13 @@ impl Issue {
             Self::WorkloadsFile { error } => {
                 format!("{error}; the last good registry keeps serving")
             }
+            Self::MeshFile { error } => {
+                format!("{error}; the last good extension providers keep serving")
+            }
+            Self::MeshProvider { path, problem } => format!(
+                "{}: {problem}; CUSTOM policies naming it deny the requests they match",
+                path.display()
+            ),
             Self::Workload { error, kept } => format!(
                 "{error}; {}",
                 if *kept {
@@ -542,6 +599,14 @@ impl Issue {
                 };
                 warn!(file = %path.display(), "{message}");
             }
+            Self::MeshFile { error } => {
+                let file = match error {
+                    MeshError::Read { path, .. } => path.clone(),
+                    MeshError::Parse { origin, .. } => origin.clone(),
+                };
+                warn!(file = %file, "{message}");
+            }
+            Self::MeshProvider { path, .. } => warn!(file = %path.display(), "{message}"),
             Self::Workload { error, kept } => warn!(
                 file = %error.file.display(),
                 index = error.index,
@@ -657,6 +722,7 @@ impl WatchTargets {
         let (trees, mut files): (Vec<PathBuf>, Vec<PathBuf>) =
             config.policies.iter().cloned().partition(|p| p.is_dir());
         files.push(config.workloads.clone());
+        files.extend(config.mesh_config.clone());
         Self { trees, files }
     }
 
