@@ -213,7 +213,7 @@ fn datapath_log(admin: &Admin, body: &[u8]) -> Response<Body> {
     }
 }
 
-async fn handle(admin: &Admin, request: hyper::Request<Incoming>) -> Response<Body> {
+async fn handle(admin: &Arc<Admin>, request: hyper::Request<Incoming>) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let body = if parts.method == Method::POST {
         match Limited::new(body, MAX_BODY_BYTES).collect().await {
@@ -229,7 +229,22 @@ async fn handle(admin: &Admin, request: hyper::Request<Incoming>) -> Response<Bo
     } else {
         Bytes::new()
     };
-    route(admin, &parts.method, parts.uri.path(), &body)
+    let path = parts.uri.path();
+    if parts.method == Method::POST && admin.endpoints.iter().any(|e| e.path == path) {
+        // An added endpoint may wait (`POST /check` asks external authorizers): off this
+        // current-thread runtime, so `/healthz` and `/readyz` keep answering meanwhile.
+        let admin = Arc::clone(admin);
+        let path = path.to_owned();
+        return tokio::task::spawn_blocking(move || route(&admin, &Method::POST, &path, &body))
+            .await
+            .unwrap_or_else(|_| {
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the endpoint failed (panicked)\n",
+                )
+            });
+    }
+    route(admin, &parts.method, path, &body)
 }
 
 /// Serves admin requests on `listener` until `shutdown`, then gives open connections

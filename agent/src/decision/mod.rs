@@ -244,6 +244,8 @@ pub struct HttpVerdict {
     /// Headers for the client's response, whatever it is (an allowing provider's
     /// `headersToDownstreamOnAllow` / `response_headers_to_add`).
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Whether authentication's rewrite ([`HttpVerdict::rewrite_authn`]) is done.
+    pub authn_rewritten: bool,
 }
 
 /// The provider a matching CUSTOM policy names.
@@ -270,6 +272,7 @@ impl HttpVerdict {
             custom: None,
             check: None,
             response_headers: Vec::new(),
+            authn_rewritten: false,
         }
     }
 
@@ -303,23 +306,37 @@ impl HttpVerdict {
         self.answer.as_ref().map_or(200, |a| a.status.as_u16())
     }
 
-    /// Rewrites an allowed request's headers for the pod (client copies of JWT output headers
-    /// removed, tokens removed unless `forwardOriginalToken`, output headers set, exactly the
-    /// judged authority) and returns its path and query: what was judged is what the pod
-    /// receives.
-    pub fn rewrite(&self, rules: &JwtRules, headers: &mut HeaderMap, h2: bool) -> String {
-        let path = self.path.as_ref();
+    /// Authentication's rewrite of the request, once: client copies of JWT output headers
+    /// removed, tokens removed unless `forwardOriginalToken` (from headers, cookies and the
+    /// judged query), output headers set. Envoy's `jwt_authn` filter does this before
+    /// `ext_authz`, so an external authorizer sees the request as the pod will, and a header
+    /// the authorizer sets is not undone afterwards.
+    pub fn rewrite_authn(&mut self, rules: &JwtRules, headers: &mut HeaderMap) {
+        if std::mem::replace(&mut self.authn_rewritten, true) {
+            return;
+        }
         let query = rewrite(
             rules,
             self.authn.as_ref().unwrap_or(&Outcome::NoToken),
             headers,
-            path.and_then(|p| p.query.as_deref()),
+            self.path.as_ref().and_then(|p| p.query.as_deref()),
         );
+        if let Some(path) = self.path.as_mut() {
+            path.query = query;
+        }
+    }
+
+    /// Rewrites an allowed request's headers for the pod (authentication's rewrite, if not done
+    /// yet, and exactly the judged authority) and returns its path and query: what was judged
+    /// is what the pod receives.
+    pub fn rewrite(&mut self, rules: &JwtRules, headers: &mut HeaderMap, h2: bool) -> String {
+        self.rewrite_authn(rules, headers);
         authority::set(headers, h2, self.authority.as_deref());
-        let path = path.map_or("/", |p| p.path.as_str());
-        match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_owned(),
+        let path = self.path.as_ref();
+        let path_str = path.map_or("/", |p| p.path.as_str());
+        match path.and_then(|p| p.query.as_deref()) {
+            Some(q) => format!("{path_str}?{q}"),
+            None => path_str.to_owned(),
         }
     }
 }

@@ -433,6 +433,11 @@ impl Enforcer {
                 }
             },
         };
+        // Envoy's jwt_authn runs before ext_authz: the provider never sees a verified token
+        // that is not forwarded, and sees the output headers.
+        if let Some(view) = view {
+            verdict.rewrite_authn(&view.authn, req.headers_mut());
+        }
         let target = verdict.path.as_ref().map_or_else(
             || "/".to_owned(),
             |p| match &p.query {

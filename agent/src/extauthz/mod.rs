@@ -297,3 +297,125 @@ fn encode_query_component(s: &str) -> String {
     }
     out
 }
+
+/// A check as `nodeward check` shows it (JSON, and one line of text).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    pub provider: String,
+    /// `allowed`, `denied` or `error`.
+    pub result: &'static str,
+    pub elapsed_ms: f64,
+    /// A denial's status and body.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Headers for the client (a denial's, or an allow's `headersToDownstreamOnAllow`).
+    pub headers_to_client: Vec<String>,
+    /// Headers set or appended on the request to the pod.
+    pub headers_to_upstream: Vec<String>,
+    pub headers_removed: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// With an error: whether `failOpen` let the request go on.
+    pub fail_open: bool,
+}
+
+fn lines(headers: &[(HeaderName, HeaderValue)]) -> Vec<String> {
+    headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {}", String::from_utf8_lossy(v.as_bytes())))
+        .collect()
+}
+
+impl CheckResult {
+    #[must_use]
+    pub fn report(&self) -> CheckReport {
+        let mut r = CheckReport {
+            provider: self.provider.clone(),
+            result: self.label(),
+            elapsed_ms: self.elapsed.as_secs_f64() * 1000.0,
+            status: None,
+            body: None,
+            headers_to_client: Vec::new(),
+            headers_to_upstream: Vec::new(),
+            headers_removed: Vec::new(),
+            error: None,
+            fail_open: self.fail_open,
+        };
+        match &self.outcome {
+            Outcome::Allowed(a) => {
+                r.headers_to_client = lines(&a.downstream_add);
+                r.headers_to_upstream = lines(&a.upstream_set);
+                r.headers_to_upstream.extend(lines(&a.upstream_append));
+                r.headers_to_upstream
+                    .extend(lines(&a.upstream_add_if_absent));
+                r.headers_removed = a.upstream_remove.iter().map(ToString::to_string).collect();
+            }
+            Outcome::Denied {
+                status,
+                headers,
+                body,
+            } => {
+                r.status = Some(status.as_u16());
+                r.body = Some(String::from_utf8_lossy(body).into_owned());
+                r.headers_to_client = lines(headers);
+            }
+            Outcome::Error(e) => r.error = Some(e.clone()),
+        }
+        r
+    }
+
+    /// One line: what the provider said and how long it took.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let ms = self.elapsed.as_secs_f64() * 1000.0;
+        match &self.outcome {
+            Outcome::Allowed(_) => format!("provider {} allowed ({ms:.1} ms)", self.provider),
+            Outcome::Denied { status, .. } => format!(
+                "provider {} denied with {} ({ms:.1} ms)",
+                self.provider,
+                status.as_u16()
+            ),
+            Outcome::Error(e) => format!(
+                "provider {} failed: {e} ({ms:.1} ms); {}",
+                self.provider,
+                match self.failure() {
+                    Some(Some(status)) => format!("failOpen is off: {}", status.as_u16()),
+                    _ => "failOpen: the request goes on".to_owned(),
+                }
+            ),
+        }
+    }
+
+    /// Asks from code that may or may not run inside a runtime (`nodeward check`, the agent's
+    /// `POST /check`): the call runs on a thread of its own, with its own runtime.
+    #[must_use]
+    pub fn blocking(client: &Client, provider: &ProviderConfig, input: &CheckInput<'_>) -> Self {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(rt) => rt.block_on(client.check(provider, input)),
+                    Err(e) => Self {
+                        provider: provider.name.clone(),
+                        outcome: Outcome::Error(format!("cannot start a runtime: {e}")),
+                        elapsed: Duration::ZERO,
+                        fail_open: provider.fail_open,
+                        status_on_error: provider.status_on_error,
+                    },
+                }
+            })
+            .join()
+            .unwrap_or_else(|_| Self {
+                provider: provider.name.clone(),
+                outcome: Outcome::Error("the check panicked".into()),
+                elapsed: Duration::ZERO,
+                fail_open: provider.fail_open,
+                status_on_error: provider.status_on_error,
+            })
+        })
+    }
+}

@@ -9,6 +9,9 @@
 //! fetched on demand) or the agent's live snapshot, JWKS store and token cache. The agent's
 //! `POST /check` runs the same function and returns the same rendering, so `check --admin`
 //! prints exactly what the file-based check would for the same policies.
+//!
+//! A matching CUSTOM policy's provider (`--mesh-config`, or the agent's) is asked for real,
+//! as the enforcer asks it; its answer is shown (`provider` in JSON).
 
 mod keys;
 mod render;
@@ -26,6 +29,7 @@ use crate::admin::client::{self, ClientError};
 use crate::authn::AuthnSet;
 use crate::authz::path::Normalization;
 use crate::authz::PolicySet;
+use crate::extauthz::MeshProviders;
 use crate::policy::{load_paths, DEFAULT_ROOT_NAMESPACE};
 
 pub use render::AuthnReport;
@@ -111,6 +115,11 @@ pub struct CheckArgs {
     /// --admin: the agent's].
     #[arg(long, value_enum)]
     pub path_normalization: Option<Normalization>,
+    /// Istio's `MeshConfig` (YAML, as `nodeward run --mesh-config` takes it): its
+    /// `extensionProviders` answer CUSTOM policies, and are asked for real. Not with --admin
+    /// (the agent's are used).
+    #[arg(long, value_name = "FILE", conflicts_with = "admin")]
+    pub mesh_config: Option<PathBuf>,
     /// Evaluate with the valid objects when some are invalid (as the daemon does), instead of
     /// exiting 2. Not with --admin (the agent always does).
     #[arg(long, conflicts_with = "admin")]
@@ -160,6 +169,9 @@ pub enum CheckError {
     /// One or more policy files or objects could not be used.
     #[error("{0} policy error(s); fix them or pass --skip-invalid to evaluate without them")]
     Policies(usize),
+    /// `--mesh-config` cannot be read or is no `MeshConfig`.
+    #[error("--mesh-config: {0}")]
+    Mesh(#[from] crate::extauthz::MeshError),
     /// `--claims` is not a JSON object.
     #[error("--claims: not a JSON object: {0}")]
     Claims(String),
@@ -248,7 +260,15 @@ pub fn check(args: &CheckArgs) -> Result<Checked, CheckError> {
         .root_namespace
         .as_deref()
         .unwrap_or(DEFAULT_ROOT_NAMESPACE);
-    let policy_set = PolicySet::compile(&loaded.authorization_policies, root);
+    let mesh = match &args.mesh_config {
+        Some(path) => MeshProviders::load(path)?,
+        None => MeshProviders::default(),
+    };
+    for problem in mesh.problems() {
+        eprintln!("notice: {problem} (CUSTOM policies naming it deny)");
+    }
+    let policy_set = PolicySet::compile(&loaded.authorization_policies, root)
+        .with_providers(std::sync::Arc::new(mesh));
     let jwt_set = AuthnSet::compile(&loaded.request_authentications, root);
     decide(
         &CheckRequest::from_args(args),

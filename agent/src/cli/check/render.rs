@@ -63,6 +63,7 @@ pub(super) fn render_json(
         },
         "policies": explanation.policies,
         "not_applied": explanation.not_applied,
+        "provider": judged.check.as_ref().map(crate::extauthz::CheckResult::report),
     });
     serde_json::to_string_pretty(&value).unwrap_or_default()
 }
@@ -153,6 +154,9 @@ pub(super) fn render_text(
             );
         }
     }
+    if let Some(check) = &judged.check {
+        render_check(&mut out, check);
+    }
     if let Some(error) = authn.error {
         let _ = write!(
             out,
@@ -169,6 +173,24 @@ pub(super) fn render_text(
         judged.describe(authn)
     );
     out
+}
+
+/// The external authorizer's answer: one line, then what it changes.
+fn render_check(out: &mut String, check: &crate::extauthz::CheckResult) {
+    let _ = writeln!(out, "provider:  {}", check.describe());
+    let report = check.report();
+    for line in &report.headers_to_upstream {
+        let _ = writeln!(out, "  to the pod: {line}");
+    }
+    for name in &report.headers_removed {
+        let _ = writeln!(out, "  removed: {name}");
+    }
+    for line in &report.headers_to_client {
+        let _ = writeln!(out, "  to the client: {line}");
+    }
+    if let Some(body) = report.body.filter(|b| !b.is_empty()) {
+        let _ = writeln!(out, "  body: {}", body.trim_end());
+    }
 }
 
 /// Each applied policy, each rule, each clause with its outcome.

@@ -2,7 +2,7 @@
 //! the enforcer's own decision (`crate::decision`) on it, rendered by [`super::render`].
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
@@ -18,8 +18,10 @@ use crate::authz::path::Normalization;
 use crate::authz::{AuthInfo, Decision, Peer, PolicySet};
 use crate::decision::probe::NodeAddresses;
 use crate::decision::{
-    decide_http, decide_tcp, Destination, HttpRequest, HttpVerdict, Judge, Reason, TcpVerdict,
+    after_custom, decide_http, decide_tcp, tcp_after_custom, CustomCall, Destination, HttpRequest,
+    HttpVerdict, Judge, Reason, TcpVerdict,
 };
+use crate::extauthz::{CheckInput, CheckResult, HttpInput, Outcome as CheckOutcome};
 use crate::state::workloads::Probe;
 use crate::state::Snapshot;
 
@@ -246,6 +248,8 @@ pub(super) struct Judgement {
     pub(super) path: Option<String>,
     /// `WWW-Authenticate` of a 401, as the enforcer sends it.
     pub(super) www_authenticate: Option<String>,
+    /// The external authorizer's answer, when a CUSTOM policy matched and it was asked.
+    pub(super) check: Option<CheckResult>,
 }
 
 impl Judgement {
@@ -263,6 +267,7 @@ impl Judgement {
             explanation: verdict.explanation,
             authn: verdict.authn,
             path: verdict.path.map(|p| p.path),
+            check: verdict.check,
         }
     }
 
@@ -277,6 +282,7 @@ impl Judgement {
             authn: None,
             path: None,
             www_authenticate: None,
+            check: verdict.check,
         }
     }
 
@@ -291,12 +297,15 @@ impl Judgement {
                 .unwrap_or_default();
             return format!("authentication failed: {e}{rule}");
         }
-        match (&self.decision, self.reason) {
-            (Some(decision), _) => decision.describe(),
-            (None, Reason::Probe) => {
+        match (&self.decision, self.reason, &self.check) {
+            (_, Reason::DeniedByProvider | Reason::ProviderError, Some(check)) => {
+                format!("CUSTOM: {}", check.describe())
+            }
+            (Some(decision), _, _) => decision.describe(),
+            (None, Reason::Probe, _) => {
                 "probe: one of the workload's probe endpoints, from the node; not judged".into()
             }
-            (None, reason) => format!(
+            (None, reason, _) => format!(
                 "{reason}: {}",
                 self.body.as_deref().unwrap_or_default().trim_end()
             ),
@@ -353,13 +362,7 @@ pub fn decide(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Checked, CheckE
     let rules = jwt_set.for_workload(&namespace, &labels);
     let probes = live_probes(req, inputs);
     let normalization = normalization(req, inputs)?;
-    let mut headers = http::HeaderMap::new();
-    for text in &req.headers {
-        let (name, value) = parse_header(text).map_err(CheckError::Header)?;
-        headers.append(name, value);
-    }
-    let method = http::Method::from_bytes(req.method.as_bytes())
-        .map_err(|_| CheckError::Method(req.method.clone()))?;
+    let (method, headers) = method_and_headers(req)?;
     let what_if = auth_info(req)?;
     let source = source(req, inputs);
     let raw_query = req
@@ -399,8 +402,14 @@ pub fn decide(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Checked, CheckE
         assumed: what_if.as_ref(),
         explain: true,
     };
+    let asking = Asking::new(req, &source, inputs);
     let judged = if req.tcp {
-        Judgement::of_tcp(decide_tcp(req.sni.as_deref(), &judge))
+        let mut verdict = decide_tcp(req.sni.as_deref(), &judge);
+        if let Some(call) = verdict.custom.take() {
+            let result = asking.ask(&call, None);
+            verdict = tcp_after_custom(verdict, req.sni.as_deref(), &judge, result);
+        }
+        Judgement::of_tcp(verdict)
     } else {
         // A described request without a host is judged with an empty authority.
         let uri_authority = req
@@ -416,7 +425,11 @@ pub fn decide(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Checked, CheckE
             headers: &headers,
             framing_conflict: false,
         };
-        Judgement::of_http(decide_http(&request, &judge))
+        let mut verdict = decide_http(&request, &judge);
+        if let Some(call) = verdict.custom.clone() {
+            verdict = asking.ask_http(verdict, &call, &rules, &request, &judge);
+        }
+        Judgement::of_http(verdict)
     };
     let mut authn = authn_report(req, &rules, judged.authn.as_ref(), jwks);
     authn.www_authenticate.clone_from(&judged.www_authenticate);
@@ -439,6 +452,107 @@ pub fn decide(req: &CheckRequest, inputs: &Inputs<'_>) -> Result<Checked, CheckE
         output,
         allowed: judged.allowed,
     })
+}
+
+/// The described request's method and headers.
+fn method_and_headers(req: &CheckRequest) -> Result<(http::Method, http::HeaderMap), CheckError> {
+    let mut headers = http::HeaderMap::new();
+    for text in &req.headers {
+        let (name, value) = parse_header(text).map_err(CheckError::Header)?;
+        headers.append(name, value);
+    }
+    let method = http::Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| CheckError::Method(req.method.clone()))?;
+    Ok((method, headers))
+}
+
+/// Who asks an external authorizer, as the enforcer would describe the connection.
+struct Asking<'a> {
+    source: SocketAddr,
+    source_principal: Option<&'a str>,
+    destination: SocketAddr,
+    destination_principal: Option<String>,
+}
+
+impl<'a> Asking<'a> {
+    fn new(req: &CheckRequest, source: &'a Source, inputs: &Inputs<'_>) -> Self {
+        Self {
+            source: SocketAddr::new(req.source_ip.unwrap_or(Ipv4Addr::UNSPECIFIED.into()), 0),
+            source_principal: source.principal.as_deref(),
+            destination: SocketAddr::new(
+                req.dest_ip.unwrap_or(Ipv4Addr::UNSPECIFIED.into()),
+                req.port,
+            ),
+            destination_principal: destination_principal(req, inputs),
+        }
+    }
+
+    /// Asks `call`'s provider for real (a fresh client, on a thread of its own: `check` is
+    /// synchronous, and the agent's `POST /check` runs off its admin runtime).
+    fn ask(&self, call: &CustomCall, http: Option<HttpInput<'_>>) -> CheckResult {
+        let input = CheckInput {
+            source: self.source,
+            source_principal: self.source_principal,
+            destination: self.destination,
+            destination_principal: self.destination_principal.as_deref(),
+            http,
+        };
+        CheckResult::blocking(&crate::extauthz::Client::new(), &call.provider, &input)
+    }
+}
+
+impl Asking<'_> {
+    /// Asks for an HTTP request as the enforcer does: after authentication's rewrite (the
+    /// token the pod would not get is not sent), with the provider's headers applied before
+    /// DENY/ALLOW.
+    fn ask_http(
+        &self,
+        mut verdict: HttpVerdict,
+        call: &CustomCall,
+        rules: &JwtRules,
+        request: &HttpRequest<'_>,
+        judge: &Judge<'_>,
+    ) -> HttpVerdict {
+        let mut headers = request.headers.clone();
+        verdict.rewrite_authn(rules, &mut headers);
+        let target = verdict.path.as_ref().map_or_else(
+            || "/".to_owned(),
+            |p| match &p.query {
+                Some(q) => format!("{}?{q}", p.path),
+                None => p.path.clone(),
+            },
+        );
+        let empty = bytes::Bytes::new();
+        let http = HttpInput {
+            method: request.method.as_str(),
+            path: &target,
+            host: verdict.authority.as_deref().unwrap_or_default(),
+            headers: &headers,
+            protocol: "HTTP/1.1",
+            // A described request has no body: an empty one when the provider wants it.
+            body: call.provider.body.as_ref().map(|_| (&empty, false)),
+            size: 0,
+        };
+        let result = self.ask(call, Some(http));
+        if let CheckOutcome::Allowed(allowed) = &result.outcome {
+            allowed.apply(&mut headers);
+        }
+        let request = HttpRequest {
+            headers: &headers,
+            ..*request
+        };
+        after_custom(verdict, &request, judge, result)
+    }
+}
+
+/// The destination workload's principal, known only from the live registry.
+fn destination_principal(req: &CheckRequest, inputs: &Inputs<'_>) -> Option<String> {
+    match (inputs, req.dest_ip) {
+        (Inputs::Live { snapshot, .. }, Some(ip)) => snapshot
+            .destination(ip)
+            .map(|view| snapshot.principal_of(&view.workload)),
+        _ => None,
+    }
 }
 
 fn auth_info(req: &CheckRequest) -> Result<Option<AuthInfo>, CheckError> {
