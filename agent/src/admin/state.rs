@@ -38,6 +38,67 @@ pub struct DebugState {
     /// The same-node fast path; absent with `--datapath off` (and from older agents).
     #[serde(default, rename = "fastPath", skip_serializing_if = "Option::is_none")]
     pub fast_path: Option<FastPathStatus>,
+    /// `MeshConfig`'s `ext_authz` providers, which CUSTOM policies call.
+    #[serde(default)]
+    pub providers: Vec<ProviderState>,
+}
+
+/// One `extensionProviders` entry: where it is and how it fails, or why it cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderState {
+    pub name: String,
+    /// `envoyExtAuthzHttp` or `envoyExtAuthzGrpc`; absent when invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_on_error: Option<u16>,
+    /// Why it is refused (CUSTOM policies naming it deny).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+fn provider_states(mesh: &crate::extauthz::MeshProviders) -> Vec<ProviderState> {
+    use crate::extauthz::mesh::Entry;
+    mesh.providers
+        .iter()
+        .map(|(name, entry)| match entry {
+            Entry::Ready(p) => ProviderState {
+                name: name.clone(),
+                kind: Some(
+                    match p.kind {
+                        crate::extauthz::Kind::Http(_) => "envoyExtAuthzHttp",
+                        crate::extauthz::Kind::Grpc => "envoyExtAuthzGrpc",
+                    }
+                    .to_owned(),
+                ),
+                service: Some(if p.host.contains(':') {
+                    format!("[{}]:{}", p.host, p.port)
+                } else {
+                    format!("{}:{}", p.host, p.port)
+                }),
+                timeout: Some(humantime::format_duration(p.timeout).to_string()),
+                fail_open: p.fail_open,
+                status_on_error: Some(p.status_on_error.as_u16()),
+                errors: Vec::new(),
+            },
+            Entry::Invalid(errors) => ProviderState {
+                name: name.clone(),
+                kind: None,
+                service: None,
+                timeout: None,
+                fail_open: false,
+                status_on_error: None,
+                errors: errors.iter().map(ToString::to_string).collect(),
+            },
+        })
+        .collect()
 }
 
 /// The same-node fast path (`--fast-path`), as the data path runs it.
@@ -323,5 +384,6 @@ pub fn debug_state(admin: &Admin) -> DebugState {
                 cgroup: f.cgroup,
                 sockets: f.sockets,
             }),
+        providers: provider_states(snapshot.authz.providers()),
     }
 }

@@ -355,6 +355,33 @@ fn render_registry(out: &mut String, s: &DebugState) {
             p.file
         );
     }
+    if !s.providers.is_empty() {
+        let _ = writeln!(out, "providers: {}", s.providers.len());
+    }
+    for p in &s.providers {
+        if p.errors.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {}  {} {}  timeout {}  {}",
+                p.name,
+                p.kind.as_deref().unwrap_or_default(),
+                p.service.as_deref().unwrap_or_default(),
+                p.timeout.as_deref().unwrap_or_default(),
+                if p.fail_open {
+                    "failOpen".to_owned()
+                } else {
+                    format!("statusOnError {}", p.status_on_error.unwrap_or(403))
+                }
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  {}  INVALID (CUSTOM policies naming it deny): {}",
+                p.name,
+                p.errors.join("; ")
+            );
+        }
+    }
     let _ = writeln!(out, "issuers:   {}", s.issuers.len());
     for i in &s.issuers {
         let kids = if i.kids.is_empty() {
