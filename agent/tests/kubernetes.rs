@@ -3,8 +3,9 @@
 //! against `ApiStandIn`, an in-process stand-in for the API server (no real API server can run
 //! on the test machines; see `kubernetes_support` for what it cannot prove): adds, updates,
 //! deletes, invalid objects (Events, last valid version kept), 500s, 410 Gone, the server
-//! going away and coming back, the `v1beta1` fallback, and the port protocols that Services
-//! declare for the pods they select.
+//! going away and coming back, the `v1beta1` fallback, the port protocols that Services
+//! declare for the pods they select, and Istio's `MeshConfig` from `ConfigMap` `istio` of the
+//! root namespace (the extension providers CUSTOM policies call).
 
 mod kubernetes_support;
 
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use nodeward::authz::CustomProvider;
 use nodeward::kubernetes::health::{self, Health};
 use nodeward::kubernetes::pods::{self, NotSteered};
 use nodeward::kubernetes::policies::{self, Policy};
@@ -27,7 +29,7 @@ use nodeward::state::{Snapshot, StateStore};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use kubernetes_support::{ApiStandIn, AUTHN, AUTHZ, PODS, SERVICES};
+use kubernetes_support::{ApiStandIn, AUTHN, AUTHZ, CONFIGMAPS, PODS, SERVICES};
 
 const NODE: &str = "node-a";
 /// Every wait is bounded by this.
@@ -1019,5 +1021,367 @@ async fn nothing_is_published_before_the_services_are_listed() {
         "the first snapshot already has the Services"
     );
     assert_eq!(declared(&first, "10.244.1.7").len(), 4);
+    source.stop().await;
+}
+
+/// `ConfigMap` `istio` as Istio's chart installs it (labels of `istio-discovery`, the
+/// `meshNetworks` key beside `mesh`), in `namespace`, with `mesh` as its `mesh` key.
+fn istio_config_map(namespace: &str, mesh: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "istio",
+            "namespace": namespace,
+            "uid": format!("cm-{namespace}-istio"),
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {
+                "app.kubernetes.io/managed-by": "Helm",
+                "app.kubernetes.io/name": "istiod",
+                "install.operator.istio.io/owning-resource": "unknown",
+                "istio.io/rev": "default",
+                "operator.istio.io/component": "Pilot",
+                "release": "istio"
+            },
+            "annotations": {"meta.helm.sh/release-name": "istiod", "meta.helm.sh/release-namespace": "istio-system"}
+        },
+        "data": {"mesh": mesh, "meshNetworks": "networks: {}"}
+    })
+}
+
+/// Istio's default profile: the `mesh` key istio/istio renders for it
+/// (operator/cmd/mesh/testdata/manifest-generate/output/pilot_default.golden.yaml, whose input
+/// sets `rootNamespace: istio-control`; nodeward takes its root namespace from its own flag).
+const ISTIO_DEFAULT_MESH: &str = "defaultConfig:
+  discoveryAddress: istiod.istio-system.svc:15012
+defaultProviders:
+  metrics:
+  - prometheus
+enablePrometheusMerge: true
+rootNamespace: istio-control
+trustDomain: cluster.local";
+
+/// Istio's demo profile as `istio-discovery` renders it (its `mesh` template merged with
+/// manifests/helm-profiles/demo.yaml's `meshConfig`, keys sorted by `toYaml`): tracing and
+/// access-log providers, no `ext_authz` one.
+const ISTIO_DEMO_MESH: &str = "accessLogFile: /dev/stdout
+defaultConfig:
+  discoveryAddress: istiod.istio-system.svc:15012
+defaultProviders:
+  metrics:
+  - prometheus
+enablePrometheusMerge: true
+extensionProviders:
+- envoyOtelAls:
+    port: 4317
+    service: opentelemetry-collector.observability.svc.cluster.local
+  name: otel
+- name: skywalking
+  skywalking:
+    port: 11800
+    service: tracing.istio-system.svc.cluster.local
+- name: otel-tracing
+  opentelemetry:
+    port: 4317
+    service: opentelemetry-collector.observability.svc.cluster.local
+- name: jaeger
+  opentelemetry:
+    port: 4317
+    service: jaeger-collector.istio-system.svc.cluster.local
+rootNamespace: istio-system
+trustDomain: cluster.local";
+
+/// The demo profile's mesh after Istio's external authorization task
+/// (istio.io/latest/docs/tasks/security/authorization/authz-custom/) added the sample's two
+/// providers with `kubectl edit configmap istio -n istio-system` (quoted ports as the task
+/// writes them).
+fn ext_authz_task_mesh() -> String {
+    ISTIO_DEMO_MESH.replace(
+        "extensionProviders:\n",
+        "extensionProviders:
+- name: \"sample-ext-authz-grpc\"
+  envoyExtAuthzGrpc:
+    service: \"ext-authz.foo.svc.cluster.local\"
+    port: \"9000\"
+- name: \"sample-ext-authz-http\"
+  envoyExtAuthzHttp:
+    service: \"ext-authz.foo.svc.cluster.local\"
+    port: \"8000\"
+    includeRequestHeadersInCheck: [\"x-ext-authz\"]
+",
+    )
+}
+
+/// A CUSTOM policy on httpbin naming `provider`.
+fn custom_policy(provider: &str) -> Value {
+    authz(
+        "foo",
+        "ext-authz",
+        &json!({"selector": {"matchLabels": {"app": "httpbin"}}, "action": "CUSTOM",
+                "provider": {"name": provider}, "rules": [{"to": [{"operation": {"paths": ["/headers"]}}]}]}),
+    )
+}
+
+/// What httpbin's CUSTOM policies resolve to: `Ok(provider name)` or `Err(why it denies)`.
+fn custom_provider(snapshot: &Snapshot) -> Result<String, String> {
+    let view = snapshot
+        .destination(ip("10.244.1.7"))
+        .expect("httpbin is a destination");
+    match &view.authz.provider {
+        CustomProvider::Ready(provider) => Ok(provider.name.clone()),
+        CustomProvider::Invalid(why) => Err(why.clone()),
+        CustomProvider::None => Err("no CUSTOM policy".into()),
+    }
+}
+
+/// The extension providers in force: (`ext_authz` ones, ignored ones), by name.
+fn providers(snapshot: &Snapshot) -> (Vec<String>, Vec<String>) {
+    let mesh = snapshot.authz.providers();
+    (
+        mesh.providers.keys().cloned().collect(),
+        mesh.ignored.clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_policies_call_the_providers_of_the_istio_config_map() {
+    let api = ApiStandIn::start(&["v1", "v1beta1"]);
+    seed(&api);
+    api.apply(custom_policy("sample-ext-authz-grpc"));
+    // The same ConfigMap in another namespace is not the MeshConfig.
+    api.apply(istio_config_map("foo", &ext_authz_task_mesh()));
+    let source = Source::start(&api);
+
+    let first = source
+        .until("the initial lists", |s| !s.workloads.is_empty())
+        .await;
+    assert_eq!(
+        custom_provider(&first),
+        Err("available providers are [] but found \"sample-ext-authz-grpc\"".into()),
+        "no ConfigMap in the root namespace: Istio's undefined provider, CUSTOM denies"
+    );
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    let (ready, report) = source.readiness.report();
+    assert!(ready, "{report}");
+    assert!(
+        report.contains("[+]kubernetes-meshconfig synced, watching"),
+        "{report}"
+    );
+
+    // Created: the providers serve.
+    api.apply(istio_config_map("istio-system", &ext_authz_task_mesh()));
+    let snapshot = source
+        .until("the providers of istio-system/istio", |s| {
+            custom_provider(s).is_ok()
+        })
+        .await;
+    assert_eq!(
+        custom_provider(&snapshot),
+        Ok("sample-ext-authz-grpc".into())
+    );
+    assert_eq!(
+        providers(&snapshot).0,
+        ["sample-ext-authz-grpc", "sample-ext-authz-http"]
+    );
+    assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
+
+    // Deleted: Istio's default MeshConfig, no providers; the one in foo still does not count.
+    api.delete(CONFIGMAPS, "istio-system", "istio");
+    let snapshot = source
+        .until("the providers gone", |s| providers(s).0.is_empty())
+        .await;
+    assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
+    assert_eq!(
+        custom_provider(&snapshot),
+        Err("available providers are [] but found \"sample-ext-authz-grpc\"".into())
+    );
+
+    // The agent asked for that one object of the root namespace only.
+    let asked: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("configmaps"))
+        .collect();
+    assert!(!asked.is_empty());
+    for request in &asked {
+        assert!(
+            request.starts_with("GET /api/v1/namespaces/istio-system/configmaps?")
+                && request.contains("fieldSelector=metadata.name%3Distio"),
+            "{asked:?}"
+        );
+    }
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_mesh_config_edit_keeps_the_last_good_providers_and_is_reported() {
+    let api = ApiStandIn::start(&["v1", "v1beta1"]);
+    seed(&api);
+    api.apply(custom_policy("sample-ext-authz-grpc"));
+    api.apply(istio_config_map("istio-system", &ext_authz_task_mesh()));
+    let source = Source::start(&api);
+    source
+        .until("the providers of istio-system/istio", |s| {
+            custom_provider(s) == Ok("sample-ext-authz-grpc".into())
+        })
+        .await;
+
+    // A bad edit (not a MeshConfig): reported once as an Event on the ConfigMap, the last good
+    // providers keep serving.
+    api.apply(istio_config_map(
+        "istio-system",
+        "extensionProviders:\n- name: sample-ext-authz-grpc\n  envoyExtAuthzGrpc: {service: [",
+    ));
+    let snapshot = source
+        .until("the bad edit reported", |s| !s.errors.is_empty())
+        .await;
+    assert_eq!(
+        custom_provider(&snapshot),
+        Ok("sample-ext-authz-grpc".into()),
+        "the last good providers keep serving"
+    );
+    assert_eq!(snapshot.errors.len(), 1, "{:?}", snapshot.errors);
+    assert!(
+        snapshot.errors[0].starts_with("ConfigMap istio-system/istio key mesh: not a MeshConfig: ")
+            && snapshot.errors[0].ends_with("; the last good extension providers keep serving"),
+        "{:?}",
+        snapshot.errors
+    );
+    let events = wait_events(&api, 1).await;
+    let event = &events[0];
+    assert_eq!(event["reason"], "InvalidMeshConfig");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["kind"], "ConfigMap");
+    assert_eq!(event["regarding"]["namespace"], "istio-system");
+    assert_eq!(event["regarding"]["name"], "istio");
+    assert_eq!(event["regarding"]["uid"], "cm-istio-system-istio");
+    assert!(
+        event["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("not a MeshConfig")),
+        "{event}"
+    );
+
+    // An edit that parses with one invalid provider: it is listed (as standalone mode lists
+    // it), the valid ones serve.
+    let mesh = ext_authz_task_mesh().replace(
+        "- name: skywalking",
+        "- name: broken\n  envoyExtAuthzHttp: {service: ext-authz.foo.svc.cluster.local, port: 8000, timeout: soon}\n- name: skywalking",
+    );
+    api.apply(istio_config_map("istio-system", &mesh));
+    let snapshot = source
+        .until("the invalid provider listed", |s| {
+            s.errors.len() == 1 && s.errors[0].contains("\"broken\"")
+        })
+        .await;
+    assert!(
+        snapshot.errors[0].starts_with(
+            "ConfigMap istio-system/istio key mesh: extension provider \"broken\": extensionProviders["
+        ) && snapshot.errors[0].contains("envoyExtAuthzHttp.timeout")
+            && snapshot.errors[0]
+                .ends_with("; CUSTOM policies naming it deny the requests they match"),
+        "{:?}",
+        snapshot.errors
+    );
+    assert_eq!(
+        custom_provider(&snapshot),
+        Ok("sample-ext-authz-grpc".into())
+    );
+    let events = wait_events(&api, 2).await;
+    assert_eq!(events[1]["reason"], "InvalidMeshConfig");
+
+    // A policy naming the invalid provider denies, saying why.
+    api.apply(custom_policy("broken"));
+    let snapshot = source
+        .until("the CUSTOM policy on the invalid provider", |s| {
+            custom_provider(s).is_err_and(|why| why.contains("broken"))
+        })
+        .await;
+    assert!(
+        custom_provider(&snapshot)
+            .is_err_and(|why| why.starts_with("found errors in provider broken: ")),
+        "{:?}",
+        custom_provider(&snapshot)
+    );
+
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_own_mesh_config_values_parse() {
+    let api = ApiStandIn::start(&["v1", "v1beta1"]);
+    seed(&api);
+    let source = Source::start(&api);
+    source
+        .until("the initial lists", |s| !s.workloads.is_empty())
+        .await;
+    let rows: [(&str, String, &[&str], &[&str]); 3] = [
+        (
+            "Istio's default profile: no extension providers",
+            ISTIO_DEFAULT_MESH.to_owned(),
+            &[],
+            &[],
+        ),
+        (
+            "the demo profile: tracing and access-log providers, none of them ext_authz",
+            ISTIO_DEMO_MESH.to_owned(),
+            &[],
+            &["otel", "skywalking", "otel-tracing", "jaeger"],
+        ),
+        (
+            "the demo profile with the ext-authz task's providers",
+            ext_authz_task_mesh(),
+            &["sample-ext-authz-grpc", "sample-ext-authz-http"],
+            &["otel", "skywalking", "otel-tracing", "jaeger"],
+        ),
+    ];
+    // From the last row back, so that every row changes what is in force.
+    for (why, mesh, ext_authz, ignored) in rows.iter().rev() {
+        api.apply(istio_config_map("istio-system", mesh));
+        let snapshot = source
+            .until(why, |s| {
+                let (names, others) = providers(s);
+                names == *ext_authz && others == *ignored
+            })
+            .await;
+        assert!(snapshot.errors.is_empty(), "{why}: {:?}", snapshot.errors);
+    }
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_mesh_config_neither_blocks_readiness_nor_publishing() {
+    let api = ApiStandIn::start(&["v1", "v1beta1"]);
+    seed(&api);
+    api.apply(custom_policy("sample-ext-authz-grpc"));
+    api.apply(istio_config_map("istio-system", &ext_authz_task_mesh()));
+    // As when RBAC does not let the agent read the ConfigMap: every list fails.
+    api.withhold(CONFIGMAPS);
+    let source = Source::start(&api);
+    let first = source
+        .until("a snapshot without the MeshConfig", |s| {
+            !s.workloads.is_empty()
+        })
+        .await;
+    assert_eq!(
+        custom_provider(&first),
+        Err("available providers are [] but found \"sample-ext-authz-grpc\"".into()),
+        "without the MeshConfig CUSTOM policies deny"
+    );
+    let (ready, report) = source.readiness.report();
+    assert!(ready, "{report}");
+    assert!(
+        report.contains("[+]kubernetes-meshconfig initial list failing")
+            && report.contains("(not required; until it succeeds no extension provider is defined: CUSTOM policies deny the requests they match)"),
+        "{report}"
+    );
+
+    // Once it can be read, its providers serve.
+    api.release(CONFIGMAPS);
+    source
+        .until("the providers once the list succeeds", |s| {
+            custom_provider(s) == Ok("sample-ext-authz-grpc".into())
+        })
+        .await;
     source.stop().await;
 }

@@ -22,15 +22,17 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use nodeward_tests::{nodeward_bin, repo_root, TempDir};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 
-/// What the agent's Kubernetes mode reads and writes (API group,
-/// resource, verbs). RBAC must grant exactly this, nothing more.
+/// What the agent's Kubernetes mode reads and writes in every namespace (API group,
+/// resource, verbs): the ClusterRole must grant exactly this, nothing more.
 ///
 /// The agent also discovers the `security.istio.io` group (GET /apis/security.istio.io): the
 /// built-in `system:discovery` ClusterRole grants discovery to every authenticated client, so
@@ -53,6 +55,13 @@ const AGENT_API_ACCESS: &[(&str, &str, &[&str])] = &[
     // events.k8s.io/v1 Events about the objects the agent judges.
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
+
+/// What it reads in the root namespace only (API group, resource, the one object's name,
+/// verbs): Istio's `MeshConfig`, ConfigMap `istio`, listed and watched with the field selector
+/// `metadata.name=istio` (agent/src/kubernetes/mesh.rs), which lets `resourceNames` apply to a
+/// list or watch. A Role in that namespace must grant exactly this.
+const AGENT_ROOT_NAMESPACE_ACCESS: &[(&str, &str, &str, &[&str])] =
+    &[("", "configmaps", "istio", &["list", "watch"])];
 
 /// The capabilities the DaemonSet adds (deploy/README.md, "Capabilities", says why for each;
 /// `tests/tests/deploy_capabilities.rs` runs the agent with exactly these).
@@ -203,6 +212,10 @@ fn every_manifest_parses_into_its_api_type_with_no_field_lost() {
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 drop(parse_exact::<ClusterRoleBinding>(&origin, &doc));
             }
+            ("rbac.authorization.k8s.io/v1", "Role") => drop(parse_exact::<Role>(&origin, &doc)),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                drop(parse_exact::<RoleBinding>(&origin, &doc));
+            }
             ("apps/v1", "DaemonSet") => drop(parse_exact::<DaemonSet>(&origin, &doc)),
             ("apps/v1", "Deployment") => drop(parse_exact::<Deployment>(&origin, &doc)),
             ("v1", "Service") => drop(parse_exact::<Service>(&origin, &doc)),
@@ -223,6 +236,8 @@ fn every_manifest_parses_into_its_api_type_with_no_field_lost() {
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "ConfigMap",
         "DaemonSet",
         "CustomResourceDefinition",
@@ -296,53 +311,88 @@ fn kustomizations_name_existing_files_and_every_manifest() {
     assert!(agent.iter().all(|r| !r.contains("crd")), "{agent:?}");
 }
 
-#[test]
-fn rbac_grants_exactly_what_the_agent_uses() {
-    let role: ClusterRole = parse_exact("ClusterRole nodeward", &object("ClusterRole", "nodeward"));
+/// Every (group, resource, name or "", verb) a rule grants; wildcards refused.
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String, String)> {
     let mut granted = BTreeSet::new();
-    for rule in role.rules.as_deref().unwrap_or_default() {
+    for rule in rules {
         assert!(
             rule.non_resource_urls.is_none(),
             "discovery is granted by system:discovery; no nonResourceURLs: {rule:?}"
         );
-        assert!(
-            rule.resource_names.is_none(),
-            "the agent watches whole collections: {rule:?}"
-        );
+        let names = rule
+            .resource_names
+            .clone()
+            .unwrap_or_else(|| vec![String::new()]);
         for group in rule.api_groups.as_deref().unwrap_or_default() {
             for resource in rule.resources.as_deref().unwrap_or_default() {
-                for verb in &rule.verbs {
-                    assert!(
-                        group != "*" && resource != "*" && verb != "*",
-                        "wildcards grant more than the agent uses: {rule:?}"
-                    );
-                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                for name in &names {
+                    for verb in &rule.verbs {
+                        assert!(
+                            group != "*" && resource != "*" && verb != "*",
+                            "wildcards grant more than the agent uses: {rule:?}"
+                        );
+                        granted.insert((
+                            group.clone(),
+                            resource.clone(),
+                            name.clone(),
+                            verb.clone(),
+                        ));
+                    }
                 }
             }
         }
     }
-    let needed: BTreeSet<(String, String, String)> = AGENT_API_ACCESS
+    granted
+}
+
+fn assert_exactly(
+    what: &str,
+    granted: &BTreeSet<(String, String, String, String)>,
+    needed: &BTreeSet<(String, String, String, String)>,
+) {
+    let missing: Vec<_> = needed.difference(granted).collect();
+    let extra: Vec<_> = granted.difference(needed).collect();
+    assert!(
+        missing.is_empty(),
+        "{what}: the agent needs, RBAC lacks: {missing:?}"
+    );
+    assert!(
+        extra.is_empty(),
+        "{what}: RBAC grants what the agent does not use: {extra:?}"
+    );
+}
+
+/// The ServiceAccount of the DaemonSet, as a binding's subjects must name it.
+fn assert_binds_the_agent(subjects: Option<Vec<Subject>>) {
+    let subjects = subjects.unwrap_or_default();
+    assert_eq!(subjects.len(), 1, "{subjects:?}");
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(subjects[0].name, "nodeward");
+    assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_agent_uses() {
+    let role: ClusterRole = parse_exact("ClusterRole nodeward", &object("ClusterRole", "nodeward"));
+    let rules = role.rules.unwrap_or_default();
+    assert!(
+        rules.iter().all(|r| r.resource_names.is_none()),
+        "the agent watches whole collections cluster-wide: {rules:?}"
+    );
+    let needed = AGENT_API_ACCESS
         .iter()
         .flat_map(|(group, resource, verbs)| {
             verbs.iter().map(|verb| {
                 (
                     (*group).to_owned(),
                     (*resource).to_owned(),
+                    String::new(),
                     (*verb).to_owned(),
                 )
             })
         })
         .collect();
-    let missing: Vec<_> = needed.difference(&granted).collect();
-    let extra: Vec<_> = granted.difference(&needed).collect();
-    assert!(
-        missing.is_empty(),
-        "the agent needs, RBAC lacks: {missing:?}"
-    );
-    assert!(
-        extra.is_empty(),
-        "RBAC grants what the agent does not use: {extra:?}"
-    );
+    assert_exactly("ClusterRole nodeward", &grants(&rules), &needed);
 
     let binding: ClusterRoleBinding = parse_exact(
         "ClusterRoleBinding nodeward",
@@ -350,11 +400,7 @@ fn rbac_grants_exactly_what_the_agent_uses() {
     );
     assert_eq!(binding.role_ref.kind, "ClusterRole");
     assert_eq!(binding.role_ref.name, "nodeward");
-    let subjects = binding.subjects.unwrap_or_default();
-    assert_eq!(subjects.len(), 1, "{subjects:?}");
-    assert_eq!(subjects[0].kind, "ServiceAccount");
-    assert_eq!(subjects[0].name, "nodeward");
-    assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
+    assert_binds_the_agent(binding.subjects);
     let _: ServiceAccount = parse_exact("ServiceAccount", &object("ServiceAccount", "nodeward"));
     let pod = daemonset()
         .spec
@@ -363,6 +409,65 @@ fn rbac_grants_exactly_what_the_agent_uses() {
         .spec
         .expect("pod spec");
     assert_eq!(pod.service_account_name.as_deref(), Some("nodeward"));
+}
+
+#[test]
+fn rbac_reads_only_the_mesh_config_of_the_root_namespace() {
+    // The agent's root namespace: the ConfigMap's setting, else the flag's default.
+    let root = config()
+        .get("NODEWARD_ROOT_NAMESPACE")
+        .cloned()
+        .unwrap_or_else(|| "istio-system".to_owned());
+    let role: Role = parse_exact(
+        "Role nodeward-mesh-config",
+        &object("Role", "nodeward-mesh-config"),
+    );
+    assert_eq!(
+        role.metadata.namespace.as_deref(),
+        Some(root.as_str()),
+        "the Role must be in the agent's root namespace"
+    );
+    let needed = AGENT_ROOT_NAMESPACE_ACCESS
+        .iter()
+        .flat_map(|(group, resource, name, verbs)| {
+            verbs.iter().map(|verb| {
+                (
+                    (*group).to_owned(),
+                    (*resource).to_owned(),
+                    (*name).to_owned(),
+                    (*verb).to_owned(),
+                )
+            })
+        })
+        .collect();
+    assert_exactly(
+        "Role nodeward-mesh-config",
+        &grants(role.rules.as_deref().unwrap_or_default()),
+        &needed,
+    );
+
+    let binding: RoleBinding = parse_exact(
+        "RoleBinding nodeward-mesh-config",
+        &object("RoleBinding", "nodeward-mesh-config"),
+    );
+    assert_eq!(binding.metadata.namespace.as_deref(), Some(root.as_str()));
+    assert_eq!(binding.role_ref.kind, "Role");
+    assert_eq!(binding.role_ref.name, "nodeward-mesh-config");
+    assert_binds_the_agent(binding.subjects);
+
+    // The agent's other objects all live in its own namespace: the Role and its binding are
+    // the only ones in Istio's.
+    for (origin, doc) in manifests() {
+        if origin.starts_with("deploy/examples") || origin.starts_with("deploy/crds") {
+            continue;
+        }
+        let namespace = doc["metadata"]["namespace"].as_str().unwrap_or_default();
+        if doc["kind"] == "Role" || doc["kind"] == "RoleBinding" {
+            assert_eq!(namespace, root, "{origin}");
+        } else if !namespace.is_empty() {
+            assert_eq!(namespace, NAMESPACE, "{origin}");
+        }
+    }
 }
 
 fn daemonset() -> DaemonSet {

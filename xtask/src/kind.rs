@@ -156,6 +156,13 @@ fn quick_start(root: &Path, image: &str, keep: bool) -> Result<()> {
     )?;
     run_cmd(Command::new("kind").args(["load", "docker-image", image, "--name", CLUSTER]))?;
 
+    // The root namespace, before the agent: its Role for ConfigMap `istio` lives there and the
+    // examples' mesh-wide policy too; removed again at the end only if this run created it.
+    let created_root_namespace =
+        output(kubectl(root).args(["get", "namespace", "istio-system", "-o", "name"])).is_err();
+    if created_root_namespace {
+        run_cmd(kubectl(root).args(["create", "namespace", "istio-system"]))?;
+    }
     println!("==> installing nodeward (kubectl apply -k deploy/)");
     run_cmd(kubectl(root).args(["apply", "-k", "deploy/"]))?;
     run_cmd(kubectl(root).args([
@@ -168,12 +175,6 @@ fn quick_start(root: &Path, image: &str, keep: bool) -> Result<()> {
     ]))?;
 
     println!("==> sample workloads and policies (deploy/examples)");
-    // The root namespace; removed again at the end only if this run created it.
-    let created_root_namespace =
-        output(kubectl(root).args(["get", "namespace", "istio-system", "-o", "name"])).is_err();
-    if created_root_namespace {
-        run_cmd(kubectl(root).args(["create", "namespace", "istio-system"]))?;
-    }
     run_cmd(kubectl(root).args(["apply", "-k", "deploy/examples"]))?;
     run_cmd(kubectl(root).args([
         "wait",

@@ -1,7 +1,8 @@
 //! Kubernetes Events (`events.k8s.io/v1`) on objects that fail validation: reason
-//! `InvalidPolicy`, the note naming the field and the problem. Published off the watchers'
-//! path by one task; the source sends a report only when an object's problem changes (a
-//! resync or a relist of the same invalid object sends nothing).
+//! `InvalidPolicy` on a policy, `InvalidMeshConfig` on the `ConfigMap` holding the
+//! `MeshConfig`, the note naming the field and the problem. Published off the watchers' path
+//! by one task; the source sends a report only when an object's problem changes (a resync or
+//! a relist of the same invalid object sends nothing).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,8 +16,10 @@ use tracing::{debug, warn};
 
 use super::health::Health;
 
-/// The Event reason.
-pub const REASON: &str = "InvalidPolicy";
+/// The Event reason on an invalid policy.
+pub const INVALID_POLICY: &str = "InvalidPolicy";
+/// The Event reason on a `MeshConfig` that does not parse, or has invalid extension providers.
+pub const INVALID_MESH_CONFIG: &str = "InvalidMeshConfig";
 /// The reporting controller.
 pub const CONTROLLER: &str = "nodeward";
 /// Notes are at most 1 kB (the API's limit).
@@ -26,6 +29,8 @@ const MAX_NOTE: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct Report {
     pub reference: ObjectReference,
+    /// [`INVALID_POLICY`] or [`INVALID_MESH_CONFIG`].
+    pub reason: &'static str,
     /// `field: problem` (several joined with `; `).
     pub note: String,
 }
@@ -59,7 +64,7 @@ pub async fn publish(
         };
         let event = Event {
             type_: EventType::Warning,
-            reason: REASON.to_owned(),
+            reason: report.reason.to_owned(),
             note: Some(truncate(&report.note)),
             action: "Validate".to_owned(),
             secondary: None,
@@ -72,11 +77,11 @@ pub async fn publish(
         match recorder.publish(&event, &report.reference).await {
             Ok(()) => {
                 health.events_published.fetch_add(1, Ordering::Relaxed);
-                debug!(object, "InvalidPolicy event published");
+                debug!(object, reason = report.reason, "event published");
             }
             Err(e) => {
                 health.events_failed.fetch_add(1, Ordering::Relaxed);
-                warn!(object, error = %e, "cannot publish the InvalidPolicy event (check the events.k8s.io create permission); the problem is in the log and /debug/state");
+                warn!(object, reason = report.reason, error = %e, "cannot publish the event (check the events.k8s.io create permission); the problem is in the log and /debug/state");
             }
         }
     }

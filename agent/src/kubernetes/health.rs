@@ -1,6 +1,12 @@
 //! How fresh the Kubernetes state is: per watcher, whether its initial list is done, when it
 //! last had a successful list/watch event, and whether it is failing now. Read by `/readyz`
 //! (one named check per watcher) and `/metrics`.
+//!
+//! The watchers of [`WATCHERS`] are required: nothing is published and the agent is not ready
+//! until each has listed once. The `MeshConfig` watcher ([`MESH_CONFIG`]) is optional: a
+//! cluster without the `ConfigMap`, or an agent not allowed to read it, still enforces every
+//! policy but CUSTOM ones (which then deny, as Istio's undefined provider does); its check
+//! always passes and says what is missing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,7 +26,9 @@ pub const CLUSTER_PODS: &str = "pods";
 pub const SERVICES: &str = "services";
 pub const AUTHORIZATION_POLICIES: &str = "authorizationpolicies";
 pub const REQUEST_AUTHENTICATIONS: &str = "requestauthentications";
-/// Every watcher, in readiness order.
+/// The `MeshConfig` (`ConfigMap` `istio` of the root namespace): optional.
+pub const MESH_CONFIG: &str = "meshconfig";
+/// Every required watcher, in readiness order.
 pub const WATCHERS: [&str; 5] = [
     LOCAL_PODS,
     CLUSTER_PODS,
@@ -40,18 +48,30 @@ struct WatchState {
     errors: u64,
 }
 
+/// Whether the agent waits for a watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Not ready, nothing published, until its initial list is complete.
+    Required,
+    /// Its state is used when there is one; readiness and publishing do not wait for a list
+    /// that fails. Says what the agent does without it.
+    Optional { without: &'static str },
+}
+
 /// One watcher's health.
 #[derive(Debug)]
 pub struct WatchHealth {
     name: &'static str,
+    need: Need,
     started: Instant,
     state: Mutex<WatchState>,
 }
 
 impl WatchHealth {
-    fn new(name: &'static str) -> Self {
+    fn new(name: &'static str, need: Need) -> Self {
         Self {
             name,
+            need,
             started: Instant::now(),
             state: Mutex::new(WatchState {
                 synced: false,
@@ -96,6 +116,15 @@ impl WatchHealth {
         self.lock().synced
     }
 
+    /// Whether a publication may go ahead without more from this watcher: required watchers
+    /// once their initial list is complete; optional ones also once their list has failed
+    /// (the snapshot then goes without their state, and gets it when the list succeeds).
+    #[must_use]
+    pub fn settled(&self) -> bool {
+        let state = self.lock();
+        state.synced || (matches!(self.need, Need::Optional { .. }) && state.errors > 0)
+    }
+
     /// Seconds the state may have missed changes: 0 while the watcher is healthy, else the
     /// time since its last success (since start when it never had one).
     #[must_use]
@@ -111,18 +140,25 @@ impl WatchHealth {
             .as_secs_f64()
     }
 
-    /// The readiness check: fails until the initial list is done; afterwards passes (the last
-    /// known state keeps being enforced) and says how stale it is.
+    /// The readiness check: a required watcher fails until the initial list is done;
+    /// afterwards it passes (the last known state keeps being enforced) and says how stale it
+    /// is. An optional watcher always passes and says the same.
     pub fn check(&self) -> Result<String, String> {
         let age = self.stale_seconds();
         let state = self.lock();
-        match (&state.failing, state.synced) {
+        let result = match (&state.failing, state.synced) {
             (None, true) => Ok("synced, watching".to_owned()),
             (Some(error), true) => Ok(format!(
                 "serving the last known state, {age:.0}s stale; watch failing: {error}"
             )),
             (None, false) => Err("waiting for the initial list".to_owned()),
             (Some(error), false) => Err(format!("initial list failing: {error}")),
+        };
+        match self.need {
+            Need::Required => result,
+            Need::Optional { without } => Ok(result.unwrap_or_else(|why| {
+                format!("{why} (not required; until it succeeds {without})")
+            })),
         }
     }
 
@@ -151,24 +187,31 @@ impl Health {
         Self {
             watchers: WATCHERS
                 .iter()
-                .map(|name| Arc::new(WatchHealth::new(name)))
+                .map(|name| Arc::new(WatchHealth::new(name, Need::Required)))
+                .chain([Arc::new(WatchHealth::new(
+                    MESH_CONFIG,
+                    Need::Optional {
+                        without: "no extension provider is defined: CUSTOM policies deny the requests they match",
+                    },
+                ))])
                 .collect(),
             events_published: AtomicU64::new(0),
             events_failed: AtomicU64::new(0),
         }
     }
 
-    /// The watcher named `name` (one of [`WATCHERS`]).
+    /// The watcher named `name` (one of [`WATCHERS`], or [`MESH_CONFIG`]).
     #[must_use]
     pub fn watcher(&self, name: &str) -> Arc<WatchHealth> {
         let found = self.watchers.iter().find(|w| w.name == name);
         Arc::clone(found.unwrap_or(&self.watchers[0]))
     }
 
-    /// Every initial list is complete.
+    /// Every initial list is complete (an optional watcher's may have failed instead; see
+    /// [`WatchHealth::settled`]).
     #[must_use]
     pub fn all_synced(&self) -> bool {
-        self.watchers.iter().all(|w| w.is_synced())
+        self.watchers.iter().all(|w| w.settled())
     }
 
     /// Adds one readiness check per watcher, `kubernetes-<watcher>`.

@@ -5,7 +5,8 @@
 //! | [`pods`] | Pod → projection: this node's steerable pods, every pod's source identity |
 //! | [`services`] | Service → projection; the port protocols the Services selecting a pod declare (Istio's rules) |
 //! | [`policies`] | discovery of `security.istio.io` (`v1`, else `v1beta1`), object → policy model |
-//! | [`events`] | `InvalidPolicy` Events on objects that fail validation |
+//! | [`mesh`] | the `MeshConfig` (`mesh` key of `ConfigMap` `istio` in the root namespace) → the extension providers CUSTOM policies call; last good kept on a bad edit |
+//! | [`events`] | `InvalidPolicy` and `InvalidMeshConfig` Events on objects that fail validation |
 //! | [`health`] | per-watcher sync and staleness for `/readyz` and `/metrics` |
 //! | [`source`] | the watchers, the mirror of projections, publishing through the state store |
 //!
@@ -14,6 +15,7 @@
 
 pub mod events;
 pub mod health;
+pub mod mesh;
 pub mod pods;
 pub mod policies;
 pub mod services;

@@ -1,10 +1,14 @@
-//! The Kubernetes source of truth: five watchers (pods of this node, every pod, every Service,
-//! both policy kinds) mirror what the agent needs into a [`Cache`] of projections, and one loop
-//! publishes snapshots from it through the same [`Publisher`] as standalone mode.
+//! The Kubernetes source of truth: six watchers (pods of this node, every pod, every Service,
+//! both policy kinds, the `MeshConfig`'s `ConfigMap`) mirror what the agent needs into a
+//! [`Cache`] of projections, and one loop publishes snapshots from it through the same
+//! [`Publisher`] as standalone mode.
 //!
 //! - Nothing is published until every initial list is complete: a snapshot without the
 //!   policies would unprotect pods (the datapath keeps what a previous run pinned meanwhile),
-//!   one without the Services would sniff ports they declare.
+//!   one without the Services would sniff ports they declare. The `MeshConfig`'s list is
+//!   awaited too unless it fails (a cluster may not let the agent read it): then snapshots go
+//!   without extension providers, CUSTOM policies deny, and the providers come with the first
+//!   list that succeeds ([`super::mesh`]).
 //! - A local pod's declared port protocols are computed when a snapshot is built, from the
 //!   Services mirrored then ([`services::declared_ports`]): a Service added, edited or deleted
 //!   changes the mirror, which rebuilds and republishes like any other change.
@@ -26,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
@@ -38,6 +42,7 @@ use tracing::{debug, info, warn};
 
 use super::events::{self, Report, Reports};
 use super::health::{self, Health, WatchHealth};
+use super::mesh::{self, MeshEntry};
 use super::pods::{self, ClusterPod, LocalPod};
 use super::policies::{self, Policy, PolicyApis};
 use super::services::{self, ServiceProjection};
@@ -170,6 +175,8 @@ pub struct Cache {
     pub services: Mirror<ServiceProjection>,
     pub authorization: Mirror<PolicyEntry>,
     pub authentication: Mirror<PolicyEntry>,
+    /// The `MeshConfig`'s `ConfigMap` (at most one).
+    pub mesh: Mirror<MeshEntry>,
 }
 
 impl Cache {
@@ -189,6 +196,11 @@ impl Cache {
                 Some(Policy::Authentication(p)) => inputs.authn.push(p.clone()),
                 None => {}
             }
+            inputs.errors.extend(entry.errors.iter().cloned());
+        }
+        // No ConfigMap: Istio's default MeshConfig, without extension providers.
+        if let Some(entry) = self.mesh.values().next() {
+            inputs.mesh = Arc::clone(&entry.in_force);
             inputs.errors.extend(entry.errors.iter().cloned());
         }
         let mut by_namespace: HashMap<&str, Vec<&ServiceProjection>> = HashMap::new();
@@ -284,6 +296,7 @@ pub fn project_policy(
                 }
                 reports.push(Report {
                     reference: object.object_ref(resource),
+                    reason: events::INVALID_POLICY,
                     note: format!("{} {id} is not enforced as written: {note}", resource.kind),
                 });
             }
@@ -404,6 +417,19 @@ impl Kubernetes {
                 projected
             },
         ));
+        let root = self.config.root_namespace.clone();
+        tasks.spawn(follow(
+            Api::<ConfigMap>::namespaced(self.client.clone(), &self.config.root_namespace),
+            mesh::watcher_config(),
+            self.health.watcher(health::MESH_CONFIG),
+            shared.clone(),
+            |cache| &mut cache.mesh,
+            move |config_map: &ConfigMap,
+                  previous: Option<&MeshEntry>,
+                  reports: &mut Vec<Report>| {
+                mesh::project(config_map, &root, previous, reports)
+            },
+        ));
         tasks.spawn(watch_policies(
             self.client.clone(),
             Arc::clone(&self.health),
@@ -503,6 +529,10 @@ async fn follow<K, V>(
             Err(e) => {
                 warn!(watcher = health.name(), error = %e, "watch failed; retrying with backoff, the last known state keeps serving");
                 health.error(e.to_string());
+                if !health.is_synced() {
+                    // An optional watcher's failed first list lets the publication go ahead.
+                    shared.wake.notify_one();
+                }
             }
         }
     }

@@ -4,10 +4,11 @@
 //!
 //! - discovery: `GET /apis` and `GET /apis/security.istio.io/<v>` (serving `v1` and `v1beta1`,
 //!   or only `v1beta1`, or nothing);
-//! - `GET /api/v1/pods`, `GET /api/v1/services` and `GET /apis/security.istio.io/<v>/<plural>`:
-//!   a list (JSON with `metadata.resourceVersion`; `fieldSelector=spec.nodeName=<node>`
-//!   honoured) or, with `watch=true`, newline-delimited JSON watch events from the given
-//!   `resourceVersion`;
+//! - `GET /api/v1/<pods|services|configmaps>` (also under `/namespaces/<ns>/`) and
+//!   `GET /apis/security.istio.io/<v>/<plural>`: a list (JSON with `metadata.resourceVersion`;
+//!   a `fieldSelector` of `spec.nodeName`, `metadata.name` and `metadata.namespace` equalities
+//!   honoured, any other field refused with 400 as the API server refuses it) or, with
+//!   `watch=true`, newline-delimited JSON watch events from the given `resourceVersion`;
 //! - `POST`/`PATCH /apis/events.k8s.io/v1/namespaces/<ns>/events[/<name>]`, recorded;
 //! - faults on demand: the next N list/watch requests answer 500, or every one of a collection
 //!   until it is released; open watches end with a `410 Gone` ERROR event (the client must
@@ -44,6 +45,7 @@ pub const PODS: &str = "pods";
 pub const SERVICES: &str = "services";
 pub const AUTHZ: &str = "authorizationpolicies";
 pub const AUTHN: &str = "requestauthentications";
+pub const CONFIGMAPS: &str = "configmaps";
 
 /// One stored change, for watches resuming from a resourceVersion.
 #[derive(Debug, Clone)]
@@ -53,9 +55,60 @@ struct Change {
     object: Value,
 }
 
+/// Which objects of a collection a list or watch asked for: the namespace of its path and the
+/// equalities of its `fieldSelector`.
+#[derive(Debug, Clone, Default)]
+struct Selector {
+    namespace: Option<String>,
+    fields: Vec<(String, String)>,
+}
+
+impl Selector {
+    /// The namespace from the path, the fields from the query; `Err` names a field selector
+    /// the stand-in (like the API server for most kinds) does not support.
+    fn parse(namespace: Option<&str>, query: &HashMap<String, String>) -> Result<Self, String> {
+        let mut fields = Vec::new();
+        for term in query
+            .get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|t| !t.is_empty())
+        {
+            let (field, value) = term
+                .split_once("==")
+                .or_else(|| term.split_once('='))
+                .ok_or_else(|| format!("unsupported field selector term {term:?}"))?;
+            if !["spec.nodeName", "metadata.name", "metadata.namespace"].contains(&field) {
+                return Err(format!("field label not supported: {field}"));
+            }
+            fields.push((field.to_owned(), value.to_owned()));
+        }
+        Ok(Self {
+            namespace: namespace.map(str::to_owned),
+            fields,
+        })
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let namespace = object["metadata"]["namespace"].as_str();
+        if self.namespace.is_some() && self.namespace.as_deref() != namespace {
+            return false;
+        }
+        self.fields.iter().all(|(field, value)| {
+            let actual = match field.as_str() {
+                "spec.nodeName" => node_of(object),
+                "metadata.name" => object["metadata"]["name"].as_str(),
+                _ => namespace,
+            };
+            actual.unwrap_or_default() == value
+        })
+    }
+}
+
 struct Watch {
     collection: String,
-    node: Option<String>,
+    selector: Selector,
     sender: mpsc::UnboundedSender<Bytes>,
 }
 
@@ -309,20 +362,16 @@ impl Drop for ApiStandIn {
 impl Inner {
     fn record(&mut self, collection: &str, rv: u64, kind: &'static str, object: Value) {
         let event = line(&json!({"type": kind, "object": &object}));
-        let node = node_of(&object).map(str::to_owned);
-        self.history
-            .entry(collection.to_owned())
-            .or_default()
-            .push(Change { rv, kind, object });
         self.watches.retain(|w| {
-            if w.collection != collection {
-                return true;
-            }
-            if w.node.is_some() && w.node != node {
+            if w.collection != collection || !w.selector.matches(&object) {
                 return true;
             }
             w.sender.send(event.clone()).is_ok()
         });
+        self.history
+            .entry(collection.to_owned())
+            .or_default()
+            .push(Change { rv, kind, object });
     }
 }
 
@@ -348,6 +397,7 @@ fn collection_of(object: &Value) -> String {
         Some("Service") => SERVICES.into(),
         Some("AuthorizationPolicy") => AUTHZ.into(),
         Some("RequestAuthentication") => AUTHN.into(),
+        Some("ConfigMap") => CONFIGMAPS.into(),
         other => panic!("the stand-in does not serve kind {other:?}"),
     }
 }
@@ -451,10 +501,7 @@ async fn handle(inner: &Mutex<Inner>, request: Request<Incoming>) -> Response<Bo
                                       resource(AUTHN, "requestauthentication", "RequestAuthentication")]}),
             )
         }
-        (&Method::GET, ["api", "v1", "pods"]) => collection(inner, &request, PODS, "v1", "PodList"),
-        (&Method::GET, ["api", "v1", "services"]) => {
-            collection(inner, &request, SERVICES, "v1", "ServiceList")
-        }
+        (&Method::GET, ["api", "v1", rest @ ..]) => core(inner, &request, rest),
         (&Method::GET, ["apis", "security.istio.io", version, plural @ (AUTHZ | AUTHN)]) => {
             if !lock(inner).versions.contains(version) {
                 return status(StatusCode::NOT_FOUND, "NotFound", "version not served");
@@ -467,6 +514,7 @@ async fn handle(inner: &Mutex<Inner>, request: Request<Incoming>) -> Response<Bo
             collection(
                 inner,
                 &request,
+                None,
                 plural,
                 &format!("security.istio.io/{version}"),
                 list,
@@ -489,27 +537,49 @@ async fn handle(inner: &Mutex<Inner>, request: Request<Incoming>) -> Response<Bo
             };
             full(code, &event)
         }
-        _ => status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "the stand-in does not serve this",
-        ),
+        _ => not_served(),
     }
 }
 
-/// A list, or a watch from a resourceVersion.
+fn not_served() -> Response<Body> {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "the stand-in does not serve this",
+    )
+}
+
+/// The core group's collections, of every namespace (`/api/v1/<plural>`) or of one
+/// (`/api/v1/namespaces/<ns>/<plural>`).
+fn core(inner: &Mutex<Inner>, request: &Request<Incoming>, rest: &[&str]) -> Response<Body> {
+    let (namespace, plural) = match rest {
+        [plural] => (None, *plural),
+        ["namespaces", namespace, plural] => (Some(*namespace), *plural),
+        _ => return not_served(),
+    };
+    let list_kind = match plural {
+        PODS => "PodList",
+        SERVICES => "ServiceList",
+        CONFIGMAPS => "ConfigMapList",
+        _ => return not_served(),
+    };
+    collection(inner, request, namespace, plural, "v1", list_kind)
+}
+
+/// A list, or a watch from a resourceVersion, of `name` (in `namespace` only when given).
 fn collection(
     inner: &Mutex<Inner>,
     request: &Request<Incoming>,
+    namespace: Option<&str>,
     name: &str,
     api_version: &str,
     list_kind: &str,
 ) -> Response<Body> {
     let query = query(request);
-    let node = query
-        .get("fieldSelector")
-        .and_then(|f| f.strip_prefix("spec.nodeName="))
-        .map(str::to_owned);
+    let selector = match Selector::parse(namespace, &query) {
+        Ok(selector) => selector,
+        Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
+    };
     let mut state = lock(inner);
     if state.withheld.iter().any(|c| c == name) {
         return status(
@@ -526,7 +596,7 @@ fn collection(
             "the stand-in was told to fail",
         );
     }
-    let selected = |object: &Value| node.is_none() || node.as_deref() == node_of(object);
+    let selected = |object: &Value| selector.matches(object);
     let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     if !watching {
         let items: Vec<Value> = state
@@ -559,7 +629,7 @@ fn collection(
         }
         state.watches.push(Watch {
             collection: name.to_owned(),
-            node,
+            selector,
             sender,
         });
     }
