@@ -522,7 +522,15 @@ pub fn after_custom(
                 headers.clone(),
             ));
         }
-        (CheckOutcome::Error(_), Some(Some(status))) => {
+        (CheckOutcome::ErrorAnswer { headers, body, .. }, Some(Some(status))) => {
+            verdict.reason = Reason::ProviderError;
+            verdict.answer = Some(answer(
+                status,
+                String::from_utf8_lossy(body).into_owned().into(),
+                headers.clone(),
+            ));
+        }
+        (_, Some(Some(status))) => {
             verdict.reason = Reason::ProviderError;
             verdict.answer = Some(answer(status, Cow::Borrowed(""), Vec::new()));
         }
@@ -720,7 +728,7 @@ pub fn tcp_after_custom(
             verdict.reason = Reason::DeniedByProvider;
             false
         }
-        (CheckOutcome::Error(_), Some(Some(_))) => {
+        (_, Some(Some(_))) => {
             verdict.reason = Reason::ProviderError;
             false
         }

@@ -104,7 +104,7 @@ pub struct Enforcer {
 
 /// Logs a failed external authorizer check (the access log line carries every result).
 fn log_check(result: &crate::extauthz::CheckResult, info: ConnectionInfo) {
-    if let crate::extauthz::Outcome::Error(e) = &result.outcome {
+    if let Some(e) = result.outcome.error() {
         tracing::warn!(
             provider = %result.provider,
             source = %info.peer,

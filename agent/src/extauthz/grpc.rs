@@ -10,8 +10,9 @@
 //!
 //! The `CheckResponse`: status OK allows, with the `ok_response` changes (headers to set, to
 //! append, to remove, headers for the client, query parameters); any other status denies with
-//! `denied_response` (status, default 403; headers; body); an `error_response` or a failed RPC
-//! is an error.
+//! `denied_response` (status, default 403; headers; body); a failed RPC is an error, and an
+//! `error_response` is an error whose status (default `statusOnError`), headers and body the
+//! client gets unless `failOpen`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -182,8 +183,24 @@ pub fn interpret(response: CheckResponse) -> Outcome {
     let code = response.status.as_ref().map_or(OK, |s| s.code);
     match response.http_response {
         Some(HttpResponse::ErrorResponse(e)) => {
-            let status = e.status.map(|s| s.code).unwrap_or_default();
-            return Outcome::Error(format!("the provider answered an error (status {status})"));
+            // Envoy: an error (`failure_mode_allow` applies); the client gets its status, or
+            // `status_on_error` when it has none, with its headers and body.
+            let status = e
+                .status
+                .and_then(|s| u16::try_from(s.code).ok())
+                .filter(|c| *c != 0)
+                .and_then(|c| StatusCode::from_u16(c).ok());
+            return Outcome::ErrorAnswer {
+                message: format!(
+                    "the provider answered an error_response{}",
+                    status
+                        .map(|s| format!(" ({})", s.as_u16()))
+                        .unwrap_or_default()
+                ),
+                status,
+                headers: e.headers.iter().filter_map(header).collect(),
+                body: Bytes::from(e.body),
+            };
         }
         _ if code != OK => {}
         Some(HttpResponse::OkResponse(ok)) => {
@@ -245,5 +262,117 @@ pub fn interpret(response: CheckResponse) -> Outcome {
         status,
         headers,
         body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Rows from Envoy's `external_auth.proto` (`CheckResponse`, `DeniedHttpResponse`,
+    //! `error_response`) and `ext_authz_grpc_impl_test.cc`.
+    use envoy_types::pb::envoy::config::core::v3::HeaderValue as PbHeader;
+    use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+    use envoy_types::pb::envoy::service::auth::v3::{DeniedHttpResponse, OkHttpResponse};
+    use envoy_types::pb::google::rpc::Status;
+
+    use super::*;
+
+    fn option(key: &str, value: &str) -> HeaderValueOption {
+        HeaderValueOption {
+            header: Some(PbHeader {
+                key: key.into(),
+                value: value.into(),
+                ..PbHeader::default()
+            }),
+            ..HeaderValueOption::default()
+        }
+    }
+
+    fn denied(code: i32) -> DeniedHttpResponse {
+        DeniedHttpResponse {
+            status: Some(HttpStatus { code }),
+            headers: vec![option("x-ext-authz-check-result", "denied")],
+            body: "denied by ext_authz".into(),
+        }
+    }
+
+    fn response(code: i32, http: Option<HttpResponse>) -> CheckResponse {
+        CheckResponse {
+            status: Some(Status {
+                code,
+                ..Status::default()
+            }),
+            http_response: http,
+            ..CheckResponse::default()
+        }
+    }
+
+    #[test]
+    fn ok_status_allows_with_its_header_changes() {
+        let ok = OkHttpResponse {
+            headers: vec![option("x-ext-authz-check-result", "allowed")],
+            headers_to_remove: vec!["x-remove-me".into()],
+            ..OkHttpResponse::default()
+        };
+        let Outcome::Allowed(a) = interpret(response(0, Some(HttpResponse::OkResponse(ok)))) else {
+            panic!("allowed expected");
+        };
+        assert_eq!(a.upstream_set.len(), 1);
+        assert_eq!(a.upstream_remove[0].as_str(), "x-remove-me");
+    }
+
+    #[test]
+    fn a_denied_status_without_http_attributes_is_403() {
+        // google.rpc.Code PERMISSION_DENIED = 7.
+        let out = interpret(response(7, None));
+        assert!(matches!(out, Outcome::Denied { status, .. } if status == StatusCode::FORBIDDEN));
+    }
+
+    #[test]
+    fn a_denied_response_gives_its_status_headers_and_body() {
+        let out = interpret(response(7, Some(HttpResponse::DeniedResponse(denied(401)))));
+        let Outcome::Denied {
+            status,
+            headers,
+            body,
+        } = out
+        else {
+            panic!("denied expected");
+        };
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(headers[0].1, "denied");
+        assert_eq!(&body[..], b"denied by ext_authz");
+    }
+
+    #[test]
+    fn an_error_response_is_an_error_carrying_the_answer() {
+        let out = interpret(response(13, Some(HttpResponse::ErrorResponse(denied(503)))));
+        let Outcome::ErrorAnswer {
+            status,
+            headers,
+            body,
+            ..
+        } = &out
+        else {
+            panic!("an error with an answer expected: {out:?}");
+        };
+        assert_eq!(*status, Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(headers.len(), 1);
+        assert_eq!(&body[..], b"denied by ext_authz");
+        assert!(out.error().is_some());
+    }
+
+    #[test]
+    fn an_error_response_without_status_falls_back_to_status_on_error() {
+        let out = interpret(response(13, Some(HttpResponse::ErrorResponse(denied(0)))));
+        let result = |fail_open| crate::extauthz::CheckResult {
+            provider: "p".into(),
+            outcome: out.clone(),
+            elapsed: std::time::Duration::ZERO,
+            fail_open,
+            status_on_error: StatusCode::BAD_GATEWAY,
+        };
+        assert_eq!(result(false).failure(), Some(Some(StatusCode::BAD_GATEWAY)));
+        assert_eq!(result(true).failure(), Some(None));
+        assert_eq!(result(false).label(), "error");
     }
 }

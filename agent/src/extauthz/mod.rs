@@ -87,6 +87,26 @@ pub enum Outcome {
     },
     /// The check failed (timeout, connection, 5xx, RPC error); says what.
     Error(String),
+    /// The provider reported its own failure with an answer for the client (gRPC
+    /// `error_response`): a failed check for `failOpen`; without it the client gets this
+    /// status (else `statusOnError`), these headers and this body, as Envoy sends them.
+    ErrorAnswer {
+        message: String,
+        status: Option<StatusCode>,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Bytes,
+    },
+}
+
+impl Outcome {
+    /// What failed, for a failed check.
+    #[must_use]
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Self::Error(e) | Self::ErrorAnswer { message: e, .. } => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// One check: which provider, what it said, how long it took.
@@ -108,7 +128,7 @@ impl CheckResult {
         match self.outcome {
             Outcome::Allowed(_) => "allowed",
             Outcome::Denied { .. } => "denied",
-            Outcome::Error(_) => "error",
+            Outcome::Error(_) | Outcome::ErrorAnswer { .. } => "error",
         }
     }
 
@@ -116,9 +136,12 @@ impl CheckResult {
     /// client gets (Envoy answers `status_on_error` with an empty body).
     #[must_use]
     pub fn failure(&self) -> Option<Option<StatusCode>> {
-        match self.outcome {
-            Outcome::Error(_) if self.fail_open => Some(None),
+        match &self.outcome {
+            Outcome::Error(_) | Outcome::ErrorAnswer { .. } if self.fail_open => Some(None),
             Outcome::Error(_) => Some(Some(self.status_on_error)),
+            Outcome::ErrorAnswer { status, .. } => {
+                Some(Some(status.unwrap_or(self.status_on_error)))
+            }
             _ => None,
         }
     }
@@ -362,6 +385,17 @@ impl CheckResult {
                 r.headers_to_client = lines(headers);
             }
             Outcome::Error(e) => r.error = Some(e.clone()),
+            Outcome::ErrorAnswer {
+                message,
+                status,
+                headers,
+                body,
+            } => {
+                r.error = Some(message.clone());
+                r.status = status.map(|s| s.as_u16());
+                r.body = Some(String::from_utf8_lossy(body).into_owned());
+                r.headers_to_client = lines(headers);
+            }
         }
         r
     }
@@ -377,7 +411,7 @@ impl CheckResult {
                 self.provider,
                 status.as_u16()
             ),
-            Outcome::Error(e) => format!(
+            Outcome::Error(e) | Outcome::ErrorAnswer { message: e, .. } => format!(
                 "provider {} failed: {e} ({ms:.1} ms); {}",
                 self.provider,
                 match self.failure() {
