@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the README's main job. Sets up, builds, and starts a demo node like the
 //! end-to-end harness's: a `node` network namespace running the agent with its kernel data path
 //! (`nodeward run --policies examples/policies --workloads examples/workloads.yaml`, in-pod
-//! steering), pod namespaces for the workloads of `examples/workloads.yaml` each running a real
+//! steering; with Istio's CUSTOM task from `examples/custom/`, the tests' ext-authz server in
+//! the node namespace as its provider), pod namespaces for the workloads of `examples/workloads.yaml` each running a real
 //! HTTP server behind a Service (kube-proxy's iptables rules: ClusterIP `10.96.0.<n>:8000`),
 //! and client pods. Each of Istio's reference scenarios is a real HTTP request (curl) from a
 //! client pod to the Service, the way Istio's tasks reach `httpbin.foo:8000`, steered by the
@@ -39,6 +40,8 @@ struct Scenario {
 enum Token {
     File(&'static str),
     Text(&'static str),
+    /// Not a token: a request header, `Name: value` (the CUSTOM task's `x-ext-authz`).
+    Header(&'static str),
 }
 
 const fn s(
@@ -132,6 +135,20 @@ const SCENARIOS: &[Scenario] = &[
         403,
     ),
     s(
+        "custom: ext-authz (HTTP)",
+        "GET /headers, x-ext-authz: allow",
+        (SLEEP, "httpbin", "GET", "/headers"),
+        Some(Token::Header("x-ext-authz: allow")),
+        200,
+    ),
+    s(
+        "custom: ext-authz (HTTP)",
+        "GET /headers, x-ext-authz: deny",
+        (SLEEP, "httpbin", "GET", "/headers"),
+        Some(Token::Header("x-ext-authz: deny")),
+        403,
+    ),
+    s(
         "mesh-wide deny-admin",
         "GET /public/../admin",
         (SLEEP, "httpbin-get", "GET", "/public/../admin"),
@@ -175,27 +192,8 @@ pub fn run() -> Result<()> {
     // (`sock_ops`, on by default) attaches there, not to this machine's root cgroup.
     let cgroup = node.use_cgroup();
     let pin_dir = "/sys/fs/bpf/nodeward-demo";
-    let policies = root.join("examples/policies");
-    let workloads = root.join("examples/workloads.yaml");
-    println!("==> nodeward run --policies examples/policies --workloads examples/workloads.yaml (in the node namespace, in-pod steering and the fast path; --netns-dir: the demo pods' namespaces, --cgroup: the node's own)");
     let node_ns = node.netns.clone();
-    let agent = node.spawn(
-        &node_ns,
-        &nodeward,
-        &[
-            "run",
-            "--policies",
-            policies.to_str().context("policies path is not UTF-8")?,
-            "--workloads",
-            workloads.to_str().context("workloads path is not UTF-8")?,
-            "--bpf-pin-dir",
-            pin_dir,
-            "--netns-dir",
-            netns_dir.to_str().context("netns path is not UTF-8")?,
-            "--cgroup",
-            cgroup.to_str().context("cgroup path is not UTF-8")?,
-        ],
-    );
+    let agent = start_agent(&mut node, &root, &target, pin_dir, &netns_dir, &cgroup)?;
     wait_ready(&node)?;
 
     println!("\nIstio's reference scenarios: real requests from client pods to the Services, steered by the kernel in each pod to the agent:\n");
@@ -255,6 +253,50 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// Starts the CUSTOM task's external authorizer and the agent in the node namespace; returns
+/// the agent's pid.
+fn start_agent(
+    node: &mut TestNode,
+    root: &Path,
+    target: &Path,
+    pin_dir: &str,
+    netns_dir: &Path,
+    cgroup: &Path,
+) -> Result<u32> {
+    let utf8 = |p: &Path| -> Result<String> {
+        p.to_str()
+            .map(str::to_owned)
+            .with_context(|| format!("{} is not UTF-8", p.display()))
+    };
+    let node_ns = node.netns.clone();
+    println!("==> nw-ext-authz --http 127.0.0.1:8000 --grpc 127.0.0.1:9000 (in the node namespace: the external authorizer of Istio's CUSTOM task, answering as its ext-authz sample)");
+    node.spawn(
+        &node_ns,
+        &target.join("nw-ext-authz"),
+        &["--http", "127.0.0.1:8000", "--grpc", "127.0.0.1:9000"],
+    );
+    println!("==> nodeward run --policies examples/policies --policies examples/custom/policy.yaml --workloads examples/workloads.yaml --mesh-config examples/custom/mesh-config.yaml (in the node namespace, in-pod steering and the fast path; --netns-dir: the demo pods' namespaces, --cgroup: the node's own)");
+    let args = [
+        "run".to_owned(),
+        "--policies".into(),
+        utf8(&root.join("examples/policies"))?,
+        "--policies".into(),
+        utf8(&root.join("examples/custom/policy.yaml"))?,
+        "--mesh-config".into(),
+        utf8(&root.join("examples/custom/mesh-config.yaml"))?,
+        "--workloads".into(),
+        utf8(&root.join("examples/workloads.yaml"))?,
+        "--bpf-pin-dir".into(),
+        pin_dir.into(),
+        "--netns-dir".into(),
+        utf8(netns_dir)?,
+        "--cgroup".into(),
+        utf8(cgroup)?,
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Ok(node.spawn(&node_ns, &target.join("nodeward"), &args))
+}
+
 /// The demo node: a pod per entry of [`PODS`], servers on 8000 with a Service each (ClusterIP
 /// `10.96.0.<n>:8000`, kube-proxy's iptables rules).
 fn demo_node(pod_server: &Path) -> (TestNode, Vec<Pod>) {
@@ -306,7 +348,7 @@ fn ask(node: &TestNode, pods: &[Pod], sc: &Scenario, root: &Path) -> Result<(u16
     let pod = |name: &str| pods.iter().find(|p| p.name == name).context("demo pod");
     let (from, to) = (pod(sc.from)?, pod(sc.to)?);
     let token = match sc.token {
-        None => None,
+        None | Some(Token::Header(_)) => None,
         Some(Token::Text(text)) => Some(text.to_owned()),
         Some(Token::File(file)) => {
             let path = root.join("testdata/istio-samples").join(file);
@@ -318,7 +360,10 @@ fn ask(node: &TestNode, pods: &[Pod], sc: &Scenario, root: &Path) -> Result<(u16
             )
         }
     };
-    let header = token.map(|t| format!("Authorization: Bearer {t}"));
+    let header = match sc.token {
+        Some(Token::Header(line)) => Some(line.to_owned()),
+        _ => token.map(|t| format!("Authorization: Bearer {t}")),
+    };
     let headers: Vec<&str> = header.iter().map(String::as_str).collect();
     // The pod's Service (ClusterIP 10.96.0.<n>, as the demo installs them), as Istio's tasks
     // call `httpbin.foo:8000`. --path-as-is: the request carries the path as written; the agent
@@ -352,9 +397,14 @@ fn ask(node: &TestNode, pods: &[Pod], sc: &Scenario, root: &Path) -> Result<(u16
 fn describe(status: u16, body: &str) -> String {
     match serde_json::from_str::<serde_json::Value>(body) {
         Ok(seen) => format!(
-            "pod answered; it received {} {}",
+            "pod answered; it received {} {}{}",
             seen["method"].as_str().unwrap_or("?"),
-            seen["uri"].as_str().unwrap_or("?")
+            seen["uri"].as_str().unwrap_or("?"),
+            // What an allowing external authorizer added to the request.
+            seen["headers"]["x-ext-authz-check-result"]
+                .as_str()
+                .map(|v| format!(" with x-ext-authz-check-result: {v}"))
+                .unwrap_or_default()
         ),
         Err(_) if status == 0 => "no answer".into(),
         Err(_) => format!("agent: {}", body.trim()),
