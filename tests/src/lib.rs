@@ -91,6 +91,13 @@ pub fn pod_server_bin() -> PathBuf {
     sibling_bin("nw-pod-server", "cargo build -p nodeward-tests")
 }
 
+/// The external authorizers as a process (`target/<profile>/nw-ext-authz`, this crate's
+/// binary), for a provider running as a pod.
+#[must_use]
+pub fn ext_authz_bin() -> PathBuf {
+    sibling_bin("nw-ext-authz", "cargo build -p nodeward-tests")
+}
+
 /// Runs `nodeward` with `args` from the repository root.
 #[must_use]
 pub fn nodeward(args: &[&str]) -> Output {
