@@ -66,12 +66,15 @@ pub const OVERRIDE_GRPC_VALUE: &str = "grpc-additional-header-override-value";
 /// The sample's denial body.
 pub const DENY_BODY: &str =
     "denied by ext_authz for not found header `x-ext-authz: allow` in the request";
+/// The body of a failure's answer ([`Failure::Status`]), with `x-ext-authz-check-result: error`.
+pub const FAILURE_BODY: &str = "ext_authz failure on purpose";
 /// Envoy's header by which an HTTP provider names request headers to remove on allow.
 pub const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
 
 /// gRPC status codes used here (google.rpc.Code).
 const GRPC_OK: i32 = 0;
 const GRPC_PERMISSION_DENIED: i32 = 7;
+const GRPC_INTERNAL: i32 = 13;
 
 /// The most body a check may carry that is recorded.
 const MAX_BODY: usize = 1 << 20;
@@ -79,8 +82,9 @@ const MAX_BODY: usize = 1 << 20;
 /// A way to fail a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// HTTP: answers this status with a short body (a 5xx is an error to Envoy); gRPC: a
-    /// `CheckResponse` whose `error_response` carries this status.
+    /// HTTP: answers this status (a 5xx is an error to Envoy); gRPC: a `CheckResponse` with
+    /// status `INTERNAL` and an `error_response` of this status. Either answer has the body
+    /// [`FAILURE_BODY`] and `x-ext-authz-check-result: error`.
     Status(u16),
     /// HTTP: closes the connection without an answer; gRPC: fails the RPC with `UNAVAILABLE`.
     Close,
@@ -560,7 +564,9 @@ async fn http_check(
     match behavior.failure {
         Some(Failure::Close) => return Err(Closed),
         Some(Failure::Status(status)) => {
-            return Ok(response(status, "ext_authz failure on purpose"));
+            let mut r = response(status, FAILURE_BODY);
+            add_header(&mut r, RESULT_HEADER, "error");
+            return Ok(r);
         }
         None => {}
     }
@@ -699,19 +705,20 @@ impl Authorization for Grpc {
         let received = check.received();
         let answer = match behavior.failure {
             Some(Failure::Close) => {
-                return Err(tonic::Status::unavailable("ext_authz failure on purpose"));
+                return Err(tonic::Status::unavailable(FAILURE_BODY));
             }
             Some(Failure::Status(status)) => CheckResponse {
                 status: Some(RpcStatus {
-                    code: 13,
-                    message: "ext_authz failure on purpose".into(),
+                    code: GRPC_INTERNAL,
+                    message: FAILURE_BODY.into(),
                     ..RpcStatus::default()
                 }),
                 http_response: Some(HttpResponse::ErrorResponse(DeniedHttpResponse {
                     status: Some(HttpStatus {
                         code: i32::from(status),
                     }),
-                    ..DeniedHttpResponse::default()
+                    headers: vec![option(RESULT_HEADER, "error", None)],
+                    body: FAILURE_BODY.into(),
                 })),
                 ..CheckResponse::default()
             },

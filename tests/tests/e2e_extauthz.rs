@@ -27,7 +27,7 @@ use nodeward_tests::e2e::{
     bearer, raw_tcp, request_authn, sample, seen, start_on, url, Env, PodSpec,
 };
 use nodeward_tests::extauthz::{
-    bind_in, read_checks, Behavior, Check, ExtAuthz, Failure, Protocol, DENY_BODY,
+    bind_in, read_checks, Behavior, Check, ExtAuthz, Failure, Protocol, DENY_BODY, FAILURE_BODY,
     OVERRIDE_GRPC_VALUE, OVERRIDE_HEADER, RECEIVED_HEADER, RESULT_HEADER,
 };
 use nodeward_tests::netns::{pod_ip, TestNode};
@@ -212,9 +212,9 @@ fn start(node: TestNode, cgroup: &str, mesh: &Path, pods: &[PodSpec], policies: 
     )
 }
 
-/// The agent's access log lines that contain every one of `needles`, once there is one (the
-/// log is written every 100 ms).
-fn access_lines(env: &Env, needles: &[&str]) -> Vec<String> {
+/// The agent's access log lines that contain every one of `needles`, once there are `count`
+/// (the log is written every 100 ms) or after 3 s.
+fn access_lines(env: &Env, needles: &[&str], count: usize) -> Vec<String> {
     let matching = || -> Vec<String> {
         env.log()
             .lines()
@@ -222,7 +222,7 @@ fn access_lines(env: &Env, needles: &[&str]) -> Vec<String> {
             .map(str::to_owned)
             .collect()
     };
-    eventually(Duration::from_secs(3), || !matching().is_empty());
+    eventually(Duration::from_secs(3), || matching().len() >= count);
     matching()
 }
 
@@ -430,6 +430,22 @@ fn providers_on_loopback(task: &Task) {
     assert_eq!(c.http_protocol, "HTTP/2", "{c:#?}");
     assert_eq!(c.header(":authority"), Some(target.as_str()), "{c:#?}");
 
+    // The provider gets the normalized path (Istio's path normalization comes before every
+    // filter), which the CUSTOM rule matched.
+    let as_is = Call {
+        curl: &["--path-as-is"],
+        ..GET
+    };
+    let got = as_is
+        .send(env, "loop-grpc", "/a/../headers", &[ALLOW])
+        .seen();
+    assert_eq!(got["uri"], "/headers", "{got}");
+    let c = task.lo_grpc.last().expect("a gRPC check");
+    assert_eq!(
+        (c.path.as_str(), c.header(":path")),
+        ("/headers", Some("/headers"))
+    );
+
     let got = get(env, "loop-http", "/headers", &[ALLOW]).seen();
     assert_eq!(got["headers"][RESULT_HEADER], "allowed", "{got}");
     let asked = task.lo_http.count();
@@ -507,11 +523,13 @@ fn counters_and_access_log(env: &Env) {
         "provider_result=\"denied\"",
         "status=403",
     ];
-    let lines = access_lines(env, &denied);
-    assert!(!lines.is_empty(), "{}", env.log());
+    // Two HTTP requests (the TCP connection's line has no status).
+    let lines = access_lines(env, &denied, 2);
+    assert_eq!(lines.len(), 2, "{}", env.log());
     assert!(lines[0].contains(" provider_us="), "{}", lines[0]);
-    let lines = access_lines(env, &["path=/ip ", "provider=\"-\""]);
-    assert_eq!(lines.len(), 2, "/ip was never checked: {}", env.log());
+    // httpbin, httpbin-http and unknown.
+    let lines = access_lines(env, &["path=/ip ", "provider=\"-\""], 3);
+    assert_eq!(lines.len(), 3, "/ip was never checked: {}", env.log());
 }
 
 /// The answers of one failure phase on `/headers`, `/deny-after`, `/other`: status and body
@@ -519,10 +537,11 @@ fn counters_and_access_log(env: &Env) {
 type Answers = [(u16, Option<&'static str>); 3];
 
 /// Envoy's failure handling for each way a check can fail (no answer within `timeout`, a
-/// refused connection, a 5xx or a closed connection from an HTTP provider, a failed RPC or an
-/// `error_response` from a gRPC one): `failOpen: false` answers `statusOnError` (default 403)
-/// with an empty body; `failOpen: true` lets the request go on to DENY and ALLOW. The mesh
-/// config is edited between the three phases (the agent watches it).
+/// refused connection, a 5xx or a closed connection from an HTTP provider, a failed RPC from a
+/// gRPC one): `failOpen: false` answers `statusOnError` (default 403) with an empty body (the
+/// 5xx answer's body and headers are not the client's); `failOpen: true` lets the request go on
+/// to DENY and ALLOW. The mesh config is edited between the three phases (the agent watches
+/// it).
 #[test]
 fn failed_checks_follow_fail_open_and_status_on_error() {
     let (node, cgroup, files) = node("xa-fail");
@@ -543,7 +562,6 @@ fn failed_checks_follow_fail_open_and_status_on_error() {
         ("status-500", "Http", failing(Failure::Status(500))),
         ("closed-http", "Http", failing(Failure::Close)),
         ("rpc-error", "Grpc", failing(Failure::Close)),
-        ("error-response", "Grpc", failing(Failure::Status(503))),
     ]
     .map(|(name, kind, behavior)| (name, kind, authorizer(kind, behavior)));
     // Bound, then closed at once: nothing listens there.
@@ -619,6 +637,7 @@ fn failed_checks_follow_fail_open_and_status_on_error() {
             }
         }
     }
+    mesh_config_edits(&env, &mesh, refused);
     // Every failing provider received each request and each was counted as an error.
     for (name, _, authorizer) in &failures {
         assert_eq!(authorizer.count(), 9, "{name}");
@@ -629,7 +648,43 @@ fn failed_checks_follow_fail_open_and_status_on_error() {
         "provider_result=\"error\"",
         "status=503",
     ];
-    assert_eq!(access_lines(&env, &error).len(), 3, "{}", env.log());
+    assert_eq!(access_lines(&env, &error, 3).len(), 3, "{}", env.log());
+}
+
+/// Edits of the mesh config after the `failOpen: true` phase. A file that is not a
+/// `MeshConfig` is reported and the last good providers keep serving; a provider that fails
+/// validation (a port out of range) makes the CUSTOM policies naming it deny what they match,
+/// as Istio does, while the other providers serve.
+fn mesh_config_edits(env: &Env, mesh: &Path, refused: u16) {
+    let errors = || env.agent().metric("nodeward_config_errors");
+    assert_eq!(errors(), 0, "{}", env.log());
+    let good = std::fs::read_to_string(mesh).expect("mesh config");
+    std::fs::write(mesh, "extensionProviders: [\n").expect("write mesh config");
+    let reported = eventually(Duration::from_secs(10), || errors() > 0);
+    assert!(
+        reported,
+        "a broken mesh config was not reported: {}",
+        env.log()
+    );
+    for pod in ["refused-http", "refused-grpc"] {
+        let r = get(env, pod, "/headers", &[ALLOW]);
+        assert_eq!(r.status, 200, "{pod}, last good (failOpen): {r:?}");
+    }
+    let from = format!(
+        "- name: refused-http\n  envoyExtAuthzHttp:\n    service: 127.0.0.1\n    port: {refused}\n"
+    );
+    assert!(good.contains(&from), "{good}");
+    let to = from.replace(&format!("port: {refused}"), "port: 70000");
+    std::fs::write(mesh, good.replace(&from, &to)).expect("write mesh config");
+    let applied = eventually(Duration::from_secs(10), || {
+        get(env, "refused-http", "/headers", &[ALLOW]).status == 403
+    });
+    assert!(applied, "the invalid provider still serves: {}", env.log());
+    let r = get(env, "refused-http", "/headers", &[ALLOW]);
+    assert_eq!(r.answer(), (403, DENIED), "{r:?}");
+    let r = get(env, "refused-grpc", "/headers", &[ALLOW]);
+    assert_eq!(r.status, 200, "the other providers serve: {r:?}");
+    assert!(errors() > 0, "the invalid provider is reported");
 }
 
 /// The node of the header and body rows: one authorizer per provider on the node's loopback.
@@ -901,6 +956,33 @@ fn request_bodies(changes: &Changes) {
     assert_eq!(c.size, 100);
     assert_eq!(partial(&c).as_deref(), Some("true"));
 
+    // Beyond 1 KiB curl waits for `100 Continue`, which the enforcer gives when it reads the
+    // body for the check.
+    let huge = "0123456789abcdef".repeat(250);
+    let r = post("body-partial", &huge);
+    assert_eq!(pod_body(&r), 4000, "{r:?}");
+    let c = changes.body_http.last().expect("a check");
+    assert_eq!(c.body, &huge.as_bytes()[..16]);
+    assert_eq!(post("body-strict", &huge).status, 413);
+    // A chunked body (no Content-Length) within the limit.
+    let chunked = Call {
+        curl: &["-H", "Transfer-Encoding: chunked"],
+        method: "POST",
+        data: Some(small),
+        ..GET
+    };
+    let r = chunked.send(env, "body-strict", "/post", &[ALLOW]);
+    assert_eq!(pod_body(&r), 10, "{r:?}");
+    let c = changes.body_http.last().expect("a check");
+    assert_eq!(c.body, small.as_bytes());
+    assert_eq!(partial(&c).as_deref(), Some("false"));
+    // A provider without `includeRequestBodyInCheck`: an empty check, the body to the pod.
+    let r = post("hdr-http", small);
+    assert_eq!(pod_body(&r), 10, "{r:?}");
+    let c = changes.hdr_http.last().expect("a check");
+    assert!(c.body.is_empty(), "{c:#?}");
+    assert_eq!(c.header("content-length"), Some("0"));
+
     let r = get(env, "body-strict", "/headers", &[ALLOW]);
     assert_eq!(pod_body(&r), 0, "{r:?}");
     let c = changes.body_http.last().expect("a check");
@@ -946,4 +1028,41 @@ fn a_verified_token_is_not_forwarded_to_the_provider() {
         let seen = c.header("authorization");
         assert!(seen.is_none(), "{pod}: the provider saw the token: {c:#?}");
     }
+}
+
+/// A gRPC provider's `error_response`, as Envoy's `CheckResponse` documents it: "When
+/// `error_response` is set, the `ext_authz` filter increments the `ext_authz_error` stat and
+/// respects the `failure_mode_allow` configuration. The HTTP status code, headers, and body are
+/// taken from the `DeniedHttpResponse` message. If the status field is not set, Envoy sends the
+/// status code configured via `status_on_error`". So with `failOpen: false` the client gets the
+/// provider's 502, body and headers, not `statusOnError` with an empty body; with
+/// `failOpen: true` the request goes on.
+#[test]
+#[ignore = "the agent answers statusOnError with an empty body to an error_response"]
+fn a_grpc_error_response_is_the_clients_answer_unless_fail_open() {
+    let (node, cgroup, files) = node("xa-err");
+    let failing = Behavior {
+        failure: Some(Failure::Status(502)),
+        ..Behavior::default()
+    };
+    let grpc = on_loopback(&node, true, failing);
+    let mesh = files.join("mesh.yaml");
+    let port = grpc.grpc_addr().port();
+    let text = format!(
+        "extensionProviders:\n- name: error-closed\n  envoyExtAuthzGrpc:\n    service: 127.0.0.1\n    port: {port}\n- name: error-open\n  envoyExtAuthzGrpc:\n    service: 127.0.0.1\n    port: {port}\n    failOpen: true\n"
+    );
+    std::fs::write(&mesh, text).expect("write mesh config");
+    let policies = [
+        custom("error-closed", "error-closed", &["/headers"]),
+        custom("error-open", "error-open", &["/headers"]),
+    ]
+    .concat();
+    let names = ["error-closed", "error-open"];
+    let env = start(node, &cgroup, &mesh, &pods(&names), &policies);
+    let r = get(&env, "error-open", "/headers", &[ALLOW]);
+    assert_eq!(r.seen()["uri"], "/headers", "failOpen: the request goes on");
+    let r = get(&env, "error-closed", "/headers", &[ALLOW]);
+    assert_eq!(checks_total(&env, "error-closed", "error"), 1);
+    assert_eq!(r.answer(), (502, FAILURE_BODY), "{r:?}");
+    assert_eq!(r.header(RESULT_HEADER), Some("error"), "{r:?}");
 }
