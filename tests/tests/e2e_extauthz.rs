@@ -976,6 +976,18 @@ fn request_bodies(changes: &Changes) {
     let c = changes.body_http.last().expect("a check");
     assert_eq!(c.body, small.as_bytes());
     assert_eq!(partial(&c).as_deref(), Some("false"));
+    // The same over h2c: the body read from the stream for the check, then sent on whole.
+    let h2 = Call {
+        curl: &["--http2-prior-knowledge"],
+        method: "POST",
+        data: Some(&large),
+        ..GET
+    };
+    let r = h2.send(env, "body-partial", "/post", &[ALLOW]);
+    assert_eq!(pod_body(&r), 100, "{r:?}");
+    let c = changes.body_http.last().expect("a check");
+    assert_eq!(c.body, &large.as_bytes()[..16]);
+    assert_eq!(h2.send(env, "body-strict", "/post", &[ALLOW]).status, 413);
     // A provider without `includeRequestBodyInCheck`: an empty check, the body to the pod.
     let r = post("hdr-http", small);
     assert_eq!(pod_body(&r), 10, "{r:?}");
