@@ -522,6 +522,7 @@ fn counters_and_access_log(env: &Env) {
         "provider=\"sample-ext-authz-grpc\"",
         "provider_result=\"denied\"",
         "status=403",
+        "reason=denied_by_provider",
     ];
     // Two HTTP requests (the TCP connection's line has no status).
     let lines = access_lines(env, &denied, 2);
@@ -647,6 +648,7 @@ fn failed_checks_follow_fail_open_and_status_on_error() {
         "provider=\"timeout-grpc\"",
         "provider_result=\"error\"",
         "status=503",
+        "reason=provider_error",
     ];
     assert_eq!(access_lines(&env, &error, 3).len(), 3, "{}", env.log());
 }
@@ -708,34 +710,40 @@ const CLIENT_HEADERS: [&str; 6] = [
     "authorization: Basic dXNlcjpwYXNz",
 ];
 
+/// The header rows' authorizers: more headers on allow (for the pod, to remove, for the
+/// client), query changes (gRPC), and a 401 denial with its own headers and body.
+fn changes_behavior() -> Behavior {
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    Behavior {
+        upstream_on_allow: pairs(&[
+            ("x-up-user", "alice"),
+            ("x-not-listed", "no"),
+            ("x-replace", "new"),
+        ]),
+        append_on_allow: pairs(&[("x-append", "two")]),
+        remove_on_allow: vec!["x-remove-me".into()],
+        downstream_on_allow: pairs(&[("x-down-allow", "yes")]),
+        query_set: pairs(&[("added", "yes")]),
+        query_remove: vec!["drop".into()],
+        deny_status: 401,
+        deny_headers: pairs(&[
+            ("x-down-deny", "yes"),
+            ("x-other-deny", "no"),
+            ("www-authenticate", "Basic realm=\"ext\""),
+        ]),
+        deny_body: "custom denial".into(),
+        ..Behavior::default()
+    }
+}
+
 impl Changes {
     fn start() -> Self {
         let (node, cgroup, files) = node("xa-hdr");
-        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
-            list.iter()
-                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-                .collect()
-        };
-        let changes = Behavior {
-            upstream_on_allow: pairs(&[
-                ("x-up-user", "alice"),
-                ("x-not-listed", "no"),
-                ("x-replace", "new"),
-            ]),
-            append_on_allow: pairs(&[("x-append", "two")]),
-            remove_on_allow: vec!["x-remove-me".into()],
-            downstream_on_allow: pairs(&[("x-down-allow", "yes")]),
-            query_set: pairs(&[("added", "yes")]),
-            query_remove: vec!["drop".into()],
-            deny_status: 401,
-            deny_headers: pairs(&[
-                ("x-down-deny", "yes"),
-                ("x-other-deny", "no"),
-                ("www-authenticate", "Basic realm=\"ext\""),
-            ]),
-            deny_body: "custom denial".into(),
-            ..Behavior::default()
-        };
+        let changes = changes_behavior();
         let hdr_http = on_loopback(&node, false, changes.clone());
         let hdr_grpc = on_loopback(&node, true, changes);
         let body_http = on_loopback(&node, false, Behavior::default());
@@ -861,6 +869,24 @@ fn http_provider_headers(changes: &Changes) {
 
     let r = get(env, "hdr-http", "/deny-alice", &[ALLOW]);
     assert_eq!(r.answer(), (403, DENIED), "{r:?}");
+
+    // A login redirect (oauth2-proxy's way): the 302 and its Location reach the client, which
+    // `headersToDownstreamOnDeny` does not need to list.
+    let redirect = Behavior {
+        deny_status: 302,
+        deny_headers: vec![("location".into(), "https://login.example/?rd=/".into())],
+        deny_body: String::new(),
+        ..Behavior::default()
+    };
+    changes.hdr_http.set_behavior(redirect);
+    let r = get(env, "hdr-http", "/headers", &[DENY]);
+    changes.hdr_http.set_behavior(changes_behavior());
+    assert_eq!(r.status, 302, "{r:?}");
+    assert_eq!(
+        r.header("location"),
+        Some("https://login.example/?rd=/"),
+        "{r:?}"
+    );
 }
 
 /// The gRPC check carries every client header; `ok_response` headers are set (replacing) or
