@@ -11,6 +11,8 @@
 //! - [`agent`]: the real `nodeward` binary as a process ([`agent::Agent`]): readiness, admin
 //!   GETs, its log, signals;
 //! - [`e2e`]: a node with pods, policies and a running agent, for the end-to-end scenarios;
+//! - `extauthz` (feature `ext-authz`): real external authorizers for the CUSTOM action, HTTP
+//!   and gRPC, behaving like Istio's ext-authz sample and recording every check they receive;
 //! - [`TempDir`], [`eventually`], [`free_port`], and the paths of the binaries and example files.
 //!
 //! This crate does not depend on the `nodeward` crate (the agent's tests depend on it), so it
@@ -19,6 +21,8 @@
 pub mod agent;
 pub mod cluster;
 pub mod e2e;
+#[cfg(feature = "ext-authz")]
+pub mod extauthz;
 pub mod netns;
 pub mod privilege;
 
@@ -85,6 +89,13 @@ pub fn nodeward_bin() -> PathBuf {
 #[must_use]
 pub fn pod_server_bin() -> PathBuf {
     sibling_bin("nw-pod-server", "cargo build -p nodeward-tests")
+}
+
+/// The external authorizers as a process (`target/<profile>/nw-ext-authz`, this crate's
+/// binary), for a provider running as a pod.
+#[must_use]
+pub fn ext_authz_bin() -> PathBuf {
+    sibling_bin("nw-ext-authz", "cargo build -p nodeward-tests")
 }
 
 /// Runs `nodeward` with `args` from the repository root.
