@@ -1032,7 +1032,6 @@ fn request_bodies(changes: &Changes) {
 /// token, `forwardOriginalToken: false` by default) before `ext_authz`, so neither an HTTP
 /// provider (to which Envoy always sends `Authorization`) nor a gRPC one sees the token.
 #[test]
-#[ignore = "pending the authn rewrite before the check"]
 fn a_verified_token_is_not_forwarded_to_the_provider() {
     let (node, cgroup, files) = node("xa-jwt");
     let http = on_loopback(&node, false, Behavior::default());
@@ -1076,7 +1075,6 @@ fn a_verified_token_is_not_forwarded_to_the_provider() {
 /// provider's 502, body and headers, not `statusOnError` with an empty body; with
 /// `failOpen: true` the request goes on.
 #[test]
-#[ignore = "the agent answers statusOnError with an empty body to an error_response"]
 fn a_grpc_error_response_is_the_clients_answer_unless_fail_open() {
     let (node, cgroup, files) = node("xa-err");
     let failing = Behavior {
