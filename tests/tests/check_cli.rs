@@ -620,3 +620,250 @@ fn failing_jwks_server_fails_closed_for_tokens_only() {
         "a request without a token is not affected: {json}"
     );
 }
+
+/// `--mesh-config`: the CUSTOM provider is asked for real (Istio's CUSTOM task, with the tests'
+/// ext-authz servers answering as Istio's sample does), and its answer is shown.
+mod custom {
+    use std::net::TcpListener;
+
+    use nodeward_tests::extauthz::{Behavior, ExtAuthz, Protocol, DENY_BODY};
+    use nodeward_tests::{nodeward, TempDir};
+    use serde_json::Value;
+
+    const TOKEN_FILE: &str = "testdata/istio-samples/demo.jwt";
+
+    fn listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").expect("bind on loopback")
+    }
+
+    /// The task's policy on `foo/httpbin` `/headers`, naming `provider`, and a mesh config with
+    /// an HTTP and a gRPC provider at `authz`, plus one pointing at a closed port.
+    fn files(dir: &TempDir, authz: &ExtAuthz, closed: u16) -> (String, String) {
+        let policy = dir.path().join("custom.yaml");
+        let mut yaml = String::new();
+        for (name, provider) in [
+            ("ext-authz-http", "sample-http"),
+            ("ext-authz-grpc", "sample-grpc"),
+            ("ext-authz-down", "down"),
+        ] {
+            let app = name.trim_start_matches("ext-authz-");
+            yaml.push_str(&format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                 metadata: {{name: {name}, namespace: foo}}\n\
+                 spec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  action: CUSTOM\n\
+                 \x20 provider: {{name: {provider}}}\n  rules:\n  - to:\n    - operation:\n\
+                 \x20       paths: [\"/headers\"]\n---\n"
+            ));
+        }
+        std::fs::write(&policy, yaml).expect("write policy");
+        let mesh = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &mesh,
+            format!(
+                "extensionProviders:\n\
+                 - name: sample-http\n  envoyExtAuthzHttp:\n    service: 127.0.0.1\n    port: {}\n\
+                 \x20   includeRequestHeadersInCheck: [x-ext-authz]\n\
+                 \x20   headersToUpstreamOnAllow: [x-ext-authz-check-result]\n\
+                 \x20   headersToDownstreamOnDeny: [x-ext-authz-check-result]\n\
+                 - name: sample-grpc\n  envoyExtAuthzGrpc:\n    service: 127.0.0.1\n    port: {}\n\
+                 - name: down\n  envoyExtAuthzHttp:\n    service: 127.0.0.1\n    port: {closed}\n\
+                 \x20   statusOnError: \"503\"\n",
+                authz.http_addr().port(),
+                authz.grpc_addr().port(),
+            ),
+        )
+        .expect("write mesh config");
+        (policy.display().to_string(), mesh.display().to_string())
+    }
+
+    fn check(policy: &str, mesh: &str, extra: &[&str]) -> (i32, Value) {
+        let mut args = vec![
+            "check",
+            "--policies",
+            "examples/policies",
+            "--policies",
+            policy,
+            "--mesh-config",
+            mesh,
+            "--namespace",
+            "foo",
+            "--path",
+            "/headers",
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let out = nodeward(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {stdout}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().expect("exit code"), json)
+    }
+
+    #[test]
+    fn the_provider_is_asked_and_its_answer_shown() {
+        let dir = TempDir::new("check-custom");
+        let authz = ExtAuthz::start(Some(listener()), Some(listener()), Behavior::default());
+        let closed = listener().local_addr().expect("addr").port();
+        let (policy, mesh) = files(&dir, &authz, closed);
+
+        // Istio's task: `x-ext-authz: allow` is allowed, with the header the pod would get.
+        let (code, json) = check(
+            &policy,
+            &mesh,
+            &["--labels", "app=http", "-H", "x-ext-authz: allow"],
+        );
+        assert_eq!((code, &json["decision"]), (0, &"allow".into()), "{json}");
+        assert_eq!(json["provider"]["provider"], "sample-http");
+        assert_eq!(json["provider"]["result"], "allowed");
+        assert!(
+            json["provider"]["headers_to_upstream"]
+                .to_string()
+                .contains("x-ext-authz-check-result: allowed"),
+            "{json}"
+        );
+        let seen = authz.last().expect("the HTTP provider was asked");
+        assert_eq!(
+            (seen.protocol, seen.path.as_str()),
+            (Protocol::Http, "/headers")
+        );
+
+        // Anything else: the provider's 403 and body, as the client would get them.
+        let (code, json) = check(
+            &policy,
+            &mesh,
+            &["--labels", "app=http", "-H", "x-ext-authz: deny"],
+        );
+        assert_eq!((code, &json["status"]), (1, &403.into()), "{json}");
+        assert_eq!(json["reason_code"], "denied_by_provider");
+        assert_eq!(json["body"], DENY_BODY);
+        assert_eq!(json["provider"]["result"], "denied");
+
+        // gRPC, the same answers.
+        let (code, json) = check(
+            &policy,
+            &mesh,
+            &["--labels", "app=grpc", "-H", "x-ext-authz: allow"],
+        );
+        assert_eq!(
+            (code, &json["provider"]["result"]),
+            (0, &"allowed".into()),
+            "{json}"
+        );
+        assert_eq!(authz.last().expect("asked").protocol, Protocol::Grpc);
+        let (code, json) = check(&policy, &mesh, &["--labels", "app=grpc"]);
+        assert_eq!((code, &json["status"]), (1, &403.into()), "{json}");
+
+        // A path the CUSTOM rule does not match: the provider is not asked.
+        let before = authz.count();
+        let out = nodeward(&[
+            "check",
+            "--policies",
+            "examples/policies",
+            "--policies",
+            &policy,
+            "--mesh-config",
+            &mesh,
+            "--namespace",
+            "foo",
+            "--labels",
+            "app=http",
+            "--path",
+            "/ip",
+            "--output",
+            "json",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("\"provider\": {"));
+        assert_eq!(authz.count(), before, "the provider was asked for /ip");
+
+        // A provider that cannot be reached: statusOnError, and the text says why.
+        let (code, json) = check(&policy, &mesh, &["--labels", "app=down"]);
+        assert_eq!((code, &json["status"]), (1, &503.into()), "{json}");
+        assert_eq!(json["reason_code"], "provider_error");
+        assert_eq!(json["provider"]["result"], "error");
+        let text = nodeward(&[
+            "check",
+            "--policies",
+            "examples/policies",
+            "--policies",
+            &policy,
+            "--mesh-config",
+            &mesh,
+            "--namespace",
+            "foo",
+            "--labels",
+            "app=down",
+            "--path",
+            "/headers",
+        ]);
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(text.contains("provider:  provider down failed"), "{text}");
+        assert!(text.contains("failOpen is off: 503"), "{text}");
+    }
+
+    #[test]
+    fn a_verified_token_is_not_sent_to_the_provider() {
+        // examples/policies' jwt-example (RequestAuthentication on app=httpbin in foo) with
+        // forwardOriginalToken unset: Envoy's jwt_authn removes the token before ext_authz.
+        let dir = TempDir::new("check-custom-token");
+        let authz = ExtAuthz::start(Some(listener()), Some(listener()), Behavior::default());
+        let (_, mesh) = files(&dir, &authz, 1);
+        let policy = dir.path().join("httpbin.yaml");
+        std::fs::write(
+            &policy,
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {name: ext-authz, namespace: foo}\n\
+             spec:\n  selector: {matchLabels: {app: httpbin}}\n  action: CUSTOM\n\
+             \x20 provider: {name: sample-http}\n  rules:\n  - to:\n    - operation:\n\
+             \x20       paths: [\"/headers\"]\n",
+        )
+        .expect("write policy");
+        let token = std::fs::read_to_string(nodeward_tests::repo_root().join(TOKEN_FILE))
+            .expect("the sample token");
+        let bearer = format!("Authorization: Bearer {}", token.trim());
+        let (code, json) = check(
+            &policy.display().to_string(),
+            &mesh,
+            &[
+                "--labels",
+                "app=httpbin",
+                "-H",
+                &bearer,
+                "-H",
+                "x-ext-authz: allow",
+            ],
+        );
+        assert_eq!(code, 0, "{json}");
+        assert_eq!(json["authn"]["result"], "authenticated", "{json}");
+        let seen = authz.last().expect("the provider was asked");
+        assert_eq!(
+            seen.header("authorization"),
+            None,
+            "the verified token reached the provider"
+        );
+    }
+
+    #[test]
+    fn a_mesh_config_that_is_not_one_is_bad_input() {
+        let dir = TempDir::new("check-custom-bad");
+        let mesh = dir.path().join("mesh.yaml");
+        std::fs::write(&mesh, "extensionProviders: {not: a list}\n").expect("write");
+        let out = nodeward(&[
+            "check",
+            "--policies",
+            "examples/policies",
+            "--mesh-config",
+            &mesh.display().to_string(),
+            "--namespace",
+            "foo",
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--mesh-config"), "{stderr}");
+    }
+}

@@ -88,6 +88,10 @@ async fn authorize(
         policy = verdict.policy.as_deref().unwrap_or("-"),
         provider = verdict.check.as_ref().map_or("-", |c| c.provider.as_str()),
         provider_result = verdict.check.as_ref().map_or("-", |c| c.label()),
+        provider_us = verdict
+            .check
+            .as_ref()
+            .map_or(0, |c| u64::try_from(c.elapsed.as_micros()).unwrap_or(u64::MAX)),
         latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
     );
     verdict.allow
