@@ -624,6 +624,7 @@ fn failing_jwks_server_fails_closed_for_tokens_only() {
 /// `--mesh-config`: the CUSTOM provider is asked for real (Istio's CUSTOM task, with the tests'
 /// ext-authz servers answering as Istio's sample does), and its answer is shown.
 mod custom {
+    use std::fmt::Write as _;
     use std::net::TcpListener;
 
     use nodeward_tests::extauthz::{Behavior, ExtAuthz, Protocol, DENY_BODY};
@@ -647,13 +648,14 @@ mod custom {
             ("ext-authz-down", "down"),
         ] {
             let app = name.trim_start_matches("ext-authz-");
-            yaml.push_str(&format!(
+            let _ = write!(
+                yaml,
                 "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
                  metadata: {{name: {name}, namespace: foo}}\n\
                  spec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  action: CUSTOM\n\
                  \x20 provider: {{name: {provider}}}\n  rules:\n  - to:\n    - operation:\n\
                  \x20       paths: [\"/headers\"]\n---\n"
-            ));
+            );
         }
         std::fs::write(&policy, yaml).expect("write policy");
         let mesh = dir.path().join("mesh.yaml");
