@@ -287,9 +287,13 @@ pub fn render(status: &Status) -> String {
         let policies: Vec<String> = c.policies.iter().map(|p| p.display().to_string()).collect();
         let _ = writeln!(
             out,
-            "           policies {}; workloads {}",
+            "           policies {}; workloads {}{}",
             policies.join(", "),
-            c.workloads.as_deref().unwrap_or(Path::new("")).display()
+            c.workloads.as_deref().unwrap_or(Path::new("")).display(),
+            c.mesh_config
+                .as_ref()
+                .map(|m| format!("; mesh config {}", m.display()))
+                .unwrap_or_default()
         );
     }
     if s.errors.is_empty() {
