@@ -18,7 +18,12 @@ fn check_json(extra: &[&str]) -> (i32, Value) {
         "json",
     ];
     args.extend_from_slice(extra);
-    let out = nodeward(&args);
+    run_json(&args)
+}
+
+/// Runs `nodeward args` whose stdout must be JSON: (exit code, JSON).
+fn run_json(args: &[&str]) -> (i32, Value) {
+    let out = nodeward(args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!(
@@ -695,15 +700,7 @@ mod custom {
             "json",
         ];
         args.extend_from_slice(extra);
-        let out = nodeward(&args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-            panic!(
-                "not JSON ({e}): {stdout}\nstderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (out.status.code().expect("exit code"), json)
+        super::run_json(&args)
     }
 
     #[test]

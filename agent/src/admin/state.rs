@@ -78,11 +78,7 @@ fn provider_states(mesh: &crate::extauthz::MeshProviders) -> Vec<ProviderState> 
                     }
                     .to_owned(),
                 ),
-                service: Some(if p.host.contains(':') {
-                    format!("[{}]:{}", p.host, p.port)
-                } else {
-                    format!("{}:{}", p.host, p.port)
-                }),
+                service: Some(crate::extauthz::authority(&p.host, p.port)),
                 timeout: Some(humantime::format_duration(p.timeout).to_string()),
                 fail_open: p.fail_open,
                 status_on_error: Some(p.status_on_error.as_u16()),

@@ -332,12 +332,16 @@ impl HttpVerdict {
     pub fn rewrite(&mut self, rules: &JwtRules, headers: &mut HeaderMap, h2: bool) -> String {
         self.rewrite_authn(rules, headers);
         authority::set(headers, h2, self.authority.as_deref());
-        let path = self.path.as_ref();
-        let path_str = path.map_or("/", |p| p.path.as_str());
-        match path.and_then(|p| p.query.as_deref()) {
-            Some(q) => format!("{path_str}?{q}"),
-            None => path_str.to_owned(),
-        }
+        self.target()
+    }
+
+    /// The judged path and query (after authentication's rewrite, once done), `/` when there
+    /// is none.
+    #[must_use]
+    pub fn target(&self) -> String {
+        self.path
+            .as_ref()
+            .map_or_else(|| "/".to_owned(), NormalizedPath::path_and_query)
     }
 }
 

@@ -438,13 +438,7 @@ impl Enforcer {
         if let Some(view) = view {
             verdict.rewrite_authn(&view.authn, req.headers_mut());
         }
-        let target = verdict.path.as_ref().map_or_else(
-            || "/".to_owned(),
-            |p| match &p.query {
-                Some(q) => format!("{}?{q}", p.path),
-                None => p.path.clone(),
-            },
-        );
+        let target = verdict.target();
         let size = match &check_body {
             Some((b, false)) => i64::try_from(b.len()).unwrap_or(-1),
             _ => req

@@ -433,23 +433,22 @@ impl CheckResult {
                     .build();
                 match runtime {
                     Ok(rt) => rt.block_on(client.check(provider, input)),
-                    Err(e) => Self {
-                        provider: provider.name.clone(),
-                        outcome: Outcome::Error(format!("cannot start a runtime: {e}")),
-                        elapsed: Duration::ZERO,
-                        fail_open: provider.fail_open,
-                        status_on_error: provider.status_on_error,
-                    },
+                    Err(e) => Self::failed(provider, format!("cannot start a runtime: {e}")),
                 }
             })
             .join()
-            .unwrap_or_else(|_| Self {
-                provider: provider.name.clone(),
-                outcome: Outcome::Error("the check panicked".into()),
-                elapsed: Duration::ZERO,
-                fail_open: provider.fail_open,
-                status_on_error: provider.status_on_error,
-            })
+            .unwrap_or_else(|_| Self::failed(provider, "the check panicked".into()))
         })
+    }
+
+    /// A check that failed before `provider` could be asked.
+    fn failed(provider: &ProviderConfig, message: String) -> Self {
+        Self {
+            provider: provider.name.clone(),
+            outcome: Outcome::Error(message),
+            elapsed: Duration::ZERO,
+            fail_open: provider.fail_open,
+            status_on_error: provider.status_on_error,
+        }
     }
 }

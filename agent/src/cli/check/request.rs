@@ -499,9 +499,7 @@ impl<'a> Asking<'a> {
         };
         CheckResult::blocking(&crate::extauthz::Client::new(), &call.provider, &input)
     }
-}
 
-impl Asking<'_> {
     /// Asks for an HTTP request as the enforcer does: after authentication's rewrite (the
     /// token the pod would not get is not sent), with the provider's headers applied before
     /// DENY/ALLOW.
@@ -515,13 +513,7 @@ impl Asking<'_> {
     ) -> HttpVerdict {
         let mut headers = request.headers.clone();
         verdict.rewrite_authn(rules, &mut headers);
-        let target = verdict.path.as_ref().map_or_else(
-            || "/".to_owned(),
-            |p| match &p.query {
-                Some(q) => format!("{}?{q}", p.path),
-                None => p.path.clone(),
-            },
-        );
+        let target = verdict.target();
         let empty = bytes::Bytes::new();
         let http = HttpInput {
             method: request.method.as_str(),
