@@ -23,14 +23,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nodeward_tests::cluster::{
+    install_hostport, install_services, service_ip, service_ip6, ProxyMode, Service,
+};
 use nodeward_tests::e2e::{
-    bearer, raw_tcp, request_authn, sample, seen, start_on, url, Env, PodSpec,
+    bearer, raw_tcp, request_authn, sample, seen, start_on, url, Env, PodSpec, SHORT,
 };
 use nodeward_tests::extauthz::{
     bind_in, read_checks, Behavior, Check, ExtAuthz, Failure, Protocol, DENY_BODY, FAILURE_BODY,
     OVERRIDE_GRPC_VALUE, OVERRIDE_HEADER, RECEIVED_HEADER, RESULT_HEADER,
 };
-use nodeward_tests::netns::{pod_ip, TestNode};
+use nodeward_tests::netns::{pod_ip, Cni, NodeOptions, TestNode};
 use nodeward_tests::{eventually, ext_authz_bin, TempDir};
 use serde_json::Value;
 
@@ -1101,4 +1104,130 @@ fn a_grpc_error_response_is_the_clients_answer_unless_fail_open() {
     assert_eq!(checks_total(&env, "error-closed", "error"), 1);
     assert_eq!(r.answer(), (502, FAILURE_BODY), "{r:?}");
     assert_eq!(r.header(RESULT_HEADER), Some("error"), "{r:?}");
+}
+
+/// CUSTOM holds on every path a kind node has into the pod, not only its address: a dual-stack
+/// node (routed veths) with kube-proxy's iptables Service rules and portmap's hostPort rules,
+/// the provider asked for the `ClusterIP` (both families), the `NodePort`, the hostPort (also
+/// from the node's `127.0.0.1`, portmap's 0x2000 mark), and the pod's IPv6 address, from a
+/// registered pod, an unregistered one and the node. Each answer is the provider's (Istio's
+/// task: `deny` gets the sample's 403 and body, `allow` reaches the pod with the sample's
+/// header), and each check names the pod's own address after every NAT as the destination.
+#[test]
+fn custom_holds_on_every_path_into_the_pod() {
+    let mut node = TestNode::with_options(
+        "xa-paths",
+        NodeOptions {
+            cni: Cni::Routed,
+            dual_stack: true,
+            index: 0,
+        },
+    );
+    let cgroup = node.use_cgroup().to_str().expect("utf-8").to_owned();
+    let files = TempDir::new("xa-paths");
+    let grpc = on_loopback(&node, true, Behavior::default());
+    let mesh = files.join("mesh.yaml");
+    let text = format!(
+        "extensionProviders:\n- name: paths-grpc\n  envoyExtAuthzGrpc:\n    service: 127.0.0.1\n    port: {}\n",
+        grpc.grpc_addr().port()
+    );
+    std::fs::write(&mesh, text).expect("write mesh config");
+    let policies = custom("web", "paths-grpc", &["/headers"]);
+    let specs = [("web", 12, Some("web")), ("stranger", 21, None)];
+    let mut env = start(node, &cgroup, &mesh, &specs, &policies);
+    let web = env.pod("web").clone();
+    let (web4, web6) = (web.ip, web.ip6.expect("dual-stack"));
+    // The harness serves IPv4 only.
+    let server = nodeward_tests::pod_server_bin();
+    env.node
+        .spawn(&web.netns, &server, &[&format!("[{web6}]:8000")]);
+    let service = Service::new("foo/web:http", service_ip(12), 80, 8000, &[&web])
+        .with_node_port(30080)
+        .with_cluster_ip6(service_ip6(12));
+    install_services(&env.node, ProxyMode::Iptables, &[service]);
+    install_hostport(&env.node, &web, 18000, 8000);
+    let node_addr = env.node.addr();
+
+    let (svc4, svc6) = (service_ip(12), service_ip6(12));
+    let rows = [
+        ("sleep", format!("http://{svc4}/headers"), web4.to_string()),
+        (
+            "stranger",
+            format!("http://{svc4}/headers"),
+            web4.to_string(),
+        ),
+        ("node", format!("http://{svc4}/headers"), web4.to_string()),
+        ("web", format!("http://{svc4}/headers"), web4.to_string()),
+        (
+            "sleep",
+            format!("http://[{svc6}]/headers"),
+            format!("[{web6}]"),
+        ),
+        (
+            "stranger",
+            format!("http://{node_addr}:30080/headers"),
+            web4.to_string(),
+        ),
+        (
+            "stranger",
+            format!("http://{node_addr}:18000/headers"),
+            web4.to_string(),
+        ),
+        (
+            "node",
+            "http://127.0.0.1:18000/headers".to_owned(),
+            web4.to_string(),
+        ),
+        (
+            "stranger",
+            format!("http://[{web6}]:8000/headers"),
+            format!("[{web6}]"),
+        ),
+        (
+            "node",
+            format!("http://[{web6}]:8000/headers"),
+            format!("[{web6}]"),
+        ),
+    ];
+    for (from, url, destination) in &rows {
+        provider_answers(&env, &grpc, from, url, destination);
+    }
+}
+
+/// `from` (a pod's name, or `node`) → `url`: the provider denies `deny` and allows `allow`,
+/// one check each, for the pod's address `destination` (`ip` or `[ip6]`) port 8000.
+fn provider_answers(env: &Env, grpc: &ExtAuthz, from: &str, url: &str, destination: &str) {
+    let netns = if from == "node" {
+        env.node.netns.clone()
+    } else {
+        env.pod(from).netns.clone()
+    };
+    let asked = grpc.count();
+    let (status, body) = env.node.curl_within(SHORT + 1, &netns, "GET", url, &[DENY]);
+    assert_eq!(
+        (status, body.as_str()),
+        (403, DENY_BODY),
+        "{from} -> {url}: not the provider's denial\n{}",
+        env.log()
+    );
+    assert_eq!(grpc.count(), asked + 1, "{from} -> {url}: one check");
+    let c = grpc.last().expect("a check");
+    let to = c.destination.as_ref().map(|d| d.address.as_str());
+    assert_eq!(
+        to,
+        Some(format!("{destination}:8000").as_str()),
+        "{from} -> {url}: the destination after NAT: {c:#?}"
+    );
+    assert_eq!(c.path, "/headers", "{from} -> {url}");
+
+    let (status, body) = env
+        .node
+        .curl_within(SHORT + 1, &netns, "GET", url, &[ALLOW]);
+    assert_eq!(status, 200, "{from} -> {url}: {body}\n{}", env.log());
+    let got = seen(&body);
+    assert_eq!(
+        got["headers"][RESULT_HEADER], "allowed",
+        "{from} -> {url}: {got}"
+    );
+    assert_eq!(grpc.count(), asked + 2, "{from} -> {url}: one check each");
 }
