@@ -1231,3 +1231,81 @@ fn provider_answers(env: &Env, grpc: &ExtAuthz, from: &str, url: &str, destinati
     );
     assert_eq!(grpc.count(), asked + 2, "{from} -> {url}: one check each");
 }
+
+/// One HTTP/1.1 answer read from `stream` (head and a `Content-Length` body); what came when
+/// the peer closes or stays silent for 2 s.
+fn read_answer(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read as _;
+    let mut got = Vec::new();
+    let mut buf = [0_u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return text,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A keep-alive connection opened before a CUSTOM policy existed: its next request is checked
+/// by the provider, as Envoy evaluates every request of a connection with the configuration in
+/// force (Istio pushes a new filter chain; the old connection's requests are not grandfathered).
+#[test]
+fn a_connection_from_before_the_custom_policy_is_checked() {
+    use std::io::Write as _;
+    let (node, cgroup, files) = node("xa-old");
+    let grpc = on_loopback(&node, true, Behavior::default());
+    let mesh = files.join("mesh.yaml");
+    let text = format!(
+        "extensionProviders:\n- name: later-grpc\n  envoyExtAuthzGrpc:\n    service: 127.0.0.1\n    port: {}\n",
+        grpc.grpc_addr().port()
+    );
+    std::fs::write(&mesh, text).expect("write mesh config");
+    // `web` is protected from the start (an ALLOW policy everyone matches), without CUSTOM.
+    let allow_all = policy("allow-all", "web", "ALLOW", "", &["*"], "");
+    let env = start(node, &cgroup, &mesh, &pods(&["web"]), &allow_all);
+    let web = env.pod("web").ip;
+    let request = format!("GET /headers HTTP/1.1\r\nHost: {web}:8000\r\n{DENY}\r\n\r\n");
+    let mut stream = nodeward_tests::netns::in_netns(&env.pod("sleep").netns, || {
+        std::net::TcpStream::connect((web, 8000)).expect("connect to web")
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("write");
+    let answer = read_answer(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(grpc.count(), 0, "no CUSTOM policy yet");
+
+    let current = std::fs::read_to_string(env.policy_file()).expect("policies");
+    let with_custom = format!("{current}{}", custom("web", "later-grpc", &["/headers"]));
+    std::fs::write(env.policy_file(), with_custom).expect("write policies");
+    let applied = eventually(Duration::from_secs(10), || {
+        get(&env, "web", "/headers", &[DENY]).status == 403
+    });
+    assert!(applied, "the CUSTOM policy applies\n{}", env.log());
+
+    let asked = grpc.count();
+    let sent = stream.write_all(request.as_bytes());
+    let answer = if sent.is_ok() {
+        read_answer(&mut stream)
+    } else {
+        String::new()
+    };
+    assert!(
+        answer.starts_with("HTTP/1.1 403") && answer.ends_with(DENY_BODY),
+        "the old connection's request was not the provider's to decide: {answer:?}"
+    );
+    assert_eq!(grpc.count(), asked + 1, "the provider was asked");
+}
